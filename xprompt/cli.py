@@ -1,0 +1,253 @@
+"""The command line: parse, build a config, call one library function, print.
+
+This is the one place where a domain error (``XPromptError``) becomes a one-line message and a
+non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .config import DType, TrainConfig
+from .errors import XPromptError
+from .prompts import Method
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot cross-lingual prompt tuning.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "xprompt"
+
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder holding run directories.")]
+DataDir = Annotated[
+    Optional[Path],
+    typer.Option("--data-dir", help="Data root laid out as <task>/<split>.<lang>.jsonl[.gz]; searched before the bundled copy."),
+]
+TasksDir = Annotated[Optional[Path], typer.Option("--tasks-dir", help="Folder of task cards (default: the bundled tasks/).")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone is cached.")]
+
+
+def command(name: str | None = None):
+    """Register a command whose domain errors print one red line and exit 1 (tracebacks with --debug)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except XPromptError as e:
+                if _state["debug"]:
+                    raise
+                err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+
+        return app.command(name)(wrapper)
+
+    return decorate
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+):
+    import datasets
+
+    datasets.disable_progress_bars()
+    _state["debug"] = debug
+
+
+def _load_task(name: str, tasks_dir: Optional[Path]):
+    from .tasks import DEFAULT_TASKS_DIR, load_task
+
+    return load_task(name, tasks_dir or DEFAULT_TASKS_DIR)
+
+
+def _data_dirs(data_dir: Optional[Path]) -> list[Path]:
+    if data_dir is None:
+        return []
+    if not data_dir.is_dir():
+        raise XPromptError(f"--data-dir {data_dir} is not a folder")
+    return [data_dir]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@command("tasks")
+def tasks_cmd(tasks_dir: TasksDir = None):
+    """List the tasks, their languages and splits."""
+    from .tasks import DEFAULT_TASKS_DIR, task_names
+
+    table = Table(title="tasks")
+    for column in ("task", "labels", "languages", "splits"):
+        table.add_column(column)
+    for name in task_names(tasks_dir or DEFAULT_TASKS_DIR):
+        task = _load_task(name, tasks_dir)
+        splits = "; ".join(
+            f"{s} ({', '.join(task.split_languages(s))})" if s == "train" else s for s in task.splits
+        )
+        table.add_row(name, ", ".join(task.labels), " ".join(task.language_codes), splits)
+    console.print(table)
+
+
+@command()
+def train(
+    task: Annotated[str, typer.Option(help="Task card name.")] = "xnli",
+    lang: Annotated[str, typer.Option(help="Source language to train on.")] = "en",
+    backbone: Annotated[str, typer.Option(help="'e5-small' (embedded), a local folder or a Hugging Face id.")] = "e5-small",
+    method: Annotated[Method, typer.Option(help="soft: input prompt (Lester); deep: a prompt in every layer (P-tuning v2).")] = Method.DEEP,
+    prompt_length: Annotated[int, typer.Option(help="Prompt vectors (per layer for deep).")] = TrainConfig.prompt_length,
+    readout: Annotated[str, typer.Option(help="State the verbalizer reads: mask or mean.")] = TrainConfig.readout,
+    shots: Annotated[Optional[int], typer.Option(help="K training examples per class (default: the whole pool).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; 0 means use --epochs.")] = TrainConfig.max_steps,
+    epochs: Annotated[float, typer.Option(help="Passes over the data when --max-steps is 0.")] = TrainConfig.epochs,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = TrainConfig.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
+    dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
+    eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
+    run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    data_dir: DataDir = None,
+    tasks_dir: TasksDir = None,
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Train one prompt on the source language; select on held-out source-language rows only."""
+    from .backbones import load_backbone
+    from .store import default_run_name, new_run_dir, write_json
+    from .training import train as run_training
+
+    try:
+        cfg = TrainConfig(
+            task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
+            readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
+            batch_size=batch_size, seed=seed, dtype=dtype, eval_every=eval_every,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    spec = _load_task(task, tasks_dir)
+    spec.check_languages([lang], "train")
+    dirs = _data_dirs(data_dir)
+    with console.status(f"loading backbone {backbone}"):
+        bb = load_backbone(backbone, cache_dir)
+    run_dir = new_run_dir(runs_dir, run_name or default_run_name(task, lang, cfg.method.value, seed))
+    write_json(run_dir / "config.json", {
+        "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
+        "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
+        "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
+    })
+    console.print(f"run [bold]{run_dir}[/bold]: {task}/{lang}, {cfg.method.value} prompt x{cfg.prompt_length}, {bb.name}")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task("train", total=None, info="")
+
+        def on_step(step, total, loss, rate):
+            progress.update(bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s")
+
+        summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
+    console.print(
+        f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
+        f"{summary['data']}; best step {summary['best_step']} with {100 * summary['select_accuracy']:.1f} "
+        f"held-out {lang} accuracy; prompt saved to {run_dir / 'prompt'}"
+    )
+
+
+@command("eval")
+def evaluate_cmd(
+    langs: Annotated[str, typer.Option(help="Comma-separated languages, or 'all'.")] = "all",
+    run: Annotated[Optional[Path], typer.Option(help="Run directory (default: the latest under --runs-dir).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task to evaluate on (default: the run's task).")] = None,
+    split: Annotated[str, typer.Option(help="dev or test (test files carry no labels: predictions only).")] = "dev",
+    limit: Annotated[Optional[int], typer.Option(help="At most N rows per language.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone (default: the run's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
+    dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    runs_dir: RunsDir = Path("runs"),
+    data_dir: DataDir = None,
+    tasks_dir: TasksDir = None,
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Apply a run's prompt unchanged to each language; print and store the results."""
+    from .backbones import load_backbone
+    from .evaluation import evaluate_languages, load_run_model
+    from .reports import language_rows, summarize
+    from .store import latest_run, load_prompt, read_json, write_json, write_text
+
+    if split not in ("dev", "test", "train"):
+        raise typer.BadParameter(f"unknown split '{split}'; known: dev, test")
+    if limit is not None and limit < 1:
+        raise typer.BadParameter("--limit must be at least 1")
+    run_dir = run or latest_run(runs_dir)
+    _, card = load_prompt(run_dir)
+    spec = _load_task(task or card["task"], tasks_dir)
+    wanted = spec.split_languages(split) if langs == "all" else [x.strip() for x in langs.split(",") if x.strip()]
+    spec.check_languages(wanted, split)
+    dirs = _data_dirs(data_dir)
+    with console.status(f"loading backbone {backbone or card['backbone']}"):
+        bb = load_backbone(backbone or card["backbone"], cache_dir)
+    model, card = load_run_model(run_dir, bb, spec)
+    source = card.get("train_language", spec.source_language)
+
+    def on_language(lang, result):
+        if not as_json:
+            acc = f"{100 * result['accuracy']:.1f}" if result["labeled"] else "no labels"
+            err_console.print(f"  {lang}: {result['n']} rows, {acc}, {result['pairs_per_s']} pairs/s")
+
+    results = evaluate_languages(
+        model, spec, bb.tokenizer, wanted, split, dirs, limit, batch_size, dtype=dtype, on_language=on_language
+    )
+    for lang, result in results.items():
+        lines = ["id\tprediction"] + [f"{i}\t{p}" for i, p in zip(result.pop("ids"), result.pop("predictions"))]
+        write_text(run_dir / "predictions" / f"{spec.name}.{split}.{lang}.tsv", "\n".join(lines) + "\n")
+    metrics_path = run_dir / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    entry = metrics.setdefault("eval", {}).setdefault(spec.name, {}).setdefault(split, {})
+    for lang, result in results.items():
+        entry[lang] = {**result, "limit": limit, "dtype": dtype.value}
+    summary = summarize(results, source)
+    write_json(metrics_path, metrics)
+    if as_json:
+        print(json.dumps({"run": str(run_dir), "task": spec.name, "split": split, "results": results,
+                          "summary": summary}, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{spec.name} {split}: prompt of {run_dir.name} (trained on {source}), unchanged")
+    for column in ("language", "n", "accuracy", "macro-F1"):
+        table.add_column(column, justify="left" if column == "language" else "right")
+    for row in language_rows(results, source):
+        table.add_row(*row)
+    console.print(table)
+    unlabeled = [lang for lang, r in results.items() if not r["labeled"]]
+    if unlabeled:
+        console.print(f"no labels found in the {split} files of {', '.join(unlabeled)}: predictions written only")
+    console.print(f"predictions: {run_dir / 'predictions'}/{spec.name}.{split}.<lang>.tsv")
+
+
+def main() -> None:
+    app()

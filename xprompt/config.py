@@ -1,0 +1,64 @@
+"""Configs as dataclasses: defaults, help texts, cross-field checks, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+
+from .prompts import Method
+
+
+class DType(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+@dataclass
+class TrainConfig:
+    task: str = field(default="xnli", metadata={"help": "task card name under tasks/"})
+    lang: str = field(default="en", metadata={"help": "source language to train on"})
+    backbone: str = field(default="e5-small", metadata={"help": "'e5-small', a local folder or a HF id"})
+    method: Method = field(default=Method.DEEP, metadata={"help": "prompt method"})
+    prompt_length: int = field(default=16, metadata={"help": "number of prompt vectors"})
+    readout: str = field(default="mask", metadata={"help": "state read by the verbalizer: mask or mean"})
+    shots: int | None = field(default=None, metadata={"help": "K examples per class (None: the whole pool)"})
+    seed: int = field(default=42, metadata={"help": "seed for init, sampling and data order"})
+    max_steps: int | None = field(default=1100, metadata={"help": "optimizer steps (overrides epochs)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training data when max_steps is None"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW)"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "linear warm-up share of the steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_length: int = field(default=128, metadata={"help": "max tokens per example (before the prompt)"})
+    select_size: int = field(default=500, metadata={"help": "source-language rows held out for model selection"})
+    eval_every: int = field(default=200, metadata={"help": "steps between selection evaluations"})
+    init_examples: int = field(default=256, metadata={"help": "examples whose class-mean <mask> states initialise the verbalizer"})
+    dtype: DType = field(default=DType.BF16, metadata={"help": "compute dtype of the frozen backbone (autocast)"})
+
+    def __post_init__(self):
+        self.method = Method(self.method)
+        self.dtype = DType(self.dtype)
+        if self.prompt_length < 1:
+            raise ValueError(f"prompt_length must be >= 1, got {self.prompt_length}")
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"shots must be >= 1, got {self.shots}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.readout not in ("mask", "mean"):
+            raise ValueError(f"readout must be 'mask' or 'mean', got {self.readout!r}")
+
+    def to_dict(self) -> dict:
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

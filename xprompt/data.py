@@ -1,0 +1,268 @@
+"""Data: load a split of a task in a language, sample K shots, tokenise through a template, batch.
+
+A split is looked for, in order, under the user's ``--data-dir``, in the copy the repository
+carries (``tasks/data``), and finally on the Hugging Face hub through ``datasets`` (online users).
+Rows come back as a ``datasets.Dataset`` with the task's fields, ``id`` and ``label`` (the label's
+index in the task, or -1 where the file carries no labels, as our test files).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from .errors import XPromptError
+from .tasks import TaskSpec, template_parts
+
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "tasks" / "data"
+NO_LABEL = -1
+
+
+def _candidates(root: Path, relative: str) -> list[Path]:
+    path = root / relative
+    if path.suffix == ".gz":
+        return [path, path.with_suffix("")]
+    return [path, path.with_name(path.name + ".gz")]
+
+
+def find_split_file(task: TaskSpec, lang: str, split: str, data_dirs: list[Path]) -> Path | None:
+    """The first existing file for (task, lang, split) under the given roots, or None."""
+    source = task.splits.get(split)
+    if source is None:
+        return None
+    relative = source.path_for(lang)
+    for root in data_dirs:
+        for path in _candidates(Path(root), relative):
+            if path.is_file():
+                return path
+    return None
+
+
+def read_jsonl(path: Path, task: TaskSpec) -> Dataset:
+    """Read a JSON-lines file (optionally gzipped); every error names the file and line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows: list[dict] = []
+    labeled: bool | None = None
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise XPromptError(f"{where}: malformed JSON ({e.msg}); fix or remove the line") from None
+                if not isinstance(obj, dict):
+                    raise XPromptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                row = {"id": str(obj.get("id", len(rows)))}
+                for name in task.fields:
+                    value = obj.get(name)
+                    if not isinstance(value, str):
+                        problem = "missing" if value is None else f"not a string ({type(value).__name__})"
+                        raise XPromptError(f"{where}: field '{name}' is {problem}")
+                    row[name] = value
+                has_label = obj.get("label") is not None
+                if labeled is None:
+                    labeled = has_label
+                elif labeled != has_label:
+                    raise XPromptError(f"{where}: some rows carry a 'label' and some do not")
+                row["label"] = task.label_id(obj["label"], where) if has_label else NO_LABEL
+                rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise XPromptError(f"{path}: cannot read ({e}); check the file is complete JSON lines") from None
+    if not rows:
+        raise XPromptError(f"{path}: the split is empty")
+    return Dataset.from_list(rows)
+
+
+def _load_from_hub(task: TaskSpec, lang: str, split: str) -> Dataset:
+    hub = task.hub or {}
+    hub_split = (hub.get("splits") or {}).get(split)
+    if not hub.get("path") or not hub_split:
+        raise XPromptError(f"task {task.name} declares no hub source for its {split} split")
+    import datasets
+
+    name = hub.get("name")
+    try:
+        ds = datasets.load_dataset(hub["path"], name.format(lang=lang) if name else None, split=hub_split)
+    except Exception as e:  # network, unknown config, ...: one line for the user
+        raise XPromptError(
+            f"no local file for {task.name}/{split}/{lang} and the hub ({hub['path']}) failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass --data-dir with "
+            f"<task>/<split>.<lang>.jsonl[.gz] files"
+        ) from None
+    feature = ds.features.get("label")
+    names = getattr(feature, "names", None)
+
+    def convert(row: dict, index: int) -> dict:
+        out = {"id": str(row.get("id", index))}
+        out.update({f: row[f] for f in task.fields})
+        value = row.get("label")
+        if value is None or (isinstance(value, int) and value < 0):
+            out["label"] = NO_LABEL
+        else:
+            out["label"] = task.label_id(names[value] if names else value, f"{hub['path']}[{index}]")
+        return out
+
+    return Dataset.from_list([convert(row, i) for i, row in enumerate(ds)])
+
+
+def load_split(
+    task: TaskSpec,
+    lang: str,
+    split: str,
+    data_dirs: list[Path] | None = None,
+    use_hub: bool = True,
+) -> Dataset:
+    """Load one split of a task in one language (see the module doc for the search order)."""
+    if split not in task.splits:
+        raise XPromptError(f"task {task.name} has no {split} split (has: {', '.join(task.splits)})")
+    task.check_languages([lang], split)
+    roots = [*(data_dirs or []), BUNDLED_DATA_DIR]
+    path = find_split_file(task, lang, split, roots)
+    if path is not None:
+        return read_jsonl(path, task)
+    if use_hub:
+        return _load_from_hub(task, lang, split)
+    wanted = task.splits[split].path_for(lang)
+    raise XPromptError(
+        f"no file {wanted} under {', '.join(str(r) for r in roots)}; pass --data-dir DIR holding it"
+    )
+
+
+def sample_shots(ds: Dataset, shots: int, seed: int, num_labels: int, exclude: set[int] | None = None) -> list[int]:
+    """Row indices of ``shots`` examples per class, drawn with ``seed`` (sorted, reproducible)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {c: [] for c in range(num_labels)}
+    for i, label in enumerate(ds["label"]):
+        if label != NO_LABEL and (not exclude or i not in exclude):
+            by_class[label].append(i)
+    chosen: list[int] = []
+    for label, rows in by_class.items():
+        if len(rows) < shots:
+            raise XPromptError(
+                f"--shots {shots} asks for more examples than class {label} has ({len(rows)}); lower --shots"
+            )
+        chosen.extend(rng.sample(rows, shots))
+    return sorted(chosen)
+
+
+def holdout_split(ds: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
+    """Split off ``size`` rows (seeded) for model selection; returns (train, held_out)."""
+    if size >= len(ds):
+        raise XPromptError(f"cannot hold out {size} of {len(ds)} rows for selection; lower --select-size")
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:size])
+    keep = sorted(order[size:])
+    return ds.select(keep), ds.select(held)
+
+
+class TemplateEncoder:
+    """Tokenise rows through a template: ``<s> parts... </s>`` with the ``<mask>`` position recorded.
+
+    Literal text and each field are tokenised separately, so the ``<mask>`` token is always one
+    token, and when a row is too long the longest field is cut from its end first.
+    """
+
+    def __init__(self, template: str, tokenizer, max_length: int = 128):
+        if tokenizer.mask_token_id is None:
+            raise XPromptError("the backbone's tokenizer has no <mask> token, which the template needs")
+        self.parts = template_parts(template)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._literal = {
+            text: tokenizer(text, add_special_tokens=False)["input_ids"]
+            for kind, text in self.parts
+            if kind == "text"
+        }
+        fixed = 2 + 1 + sum(len(ids) for ids in self._literal.values())
+        if fixed >= max_length:
+            raise XPromptError(f"the template alone needs {fixed} tokens; raise --max-length")
+
+    def __call__(self, batch: dict) -> dict:
+        tok = self.tokenizer
+        fields = [name for kind, name in self.parts if kind == "field"]
+        encoded = {
+            name: tok(batch[name], add_special_tokens=False)["input_ids"] for name in set(fields)
+        }
+        out_ids, out_mask = [], []
+        for i in range(len(batch[fields[0]])):
+            pieces = {name: list(encoded[name][i]) for name in set(fields)}
+            budget = self.max_length - 2 - 1 - sum(len(v) for v in self._literal.values())
+            while sum(len(v) for v in pieces.values()) > budget:
+                longest = max(pieces, key=lambda n: len(pieces[n]))
+                excess = sum(len(v) for v in pieces.values()) - budget
+                second = max((len(v) for n, v in pieces.items() if n != longest), default=0)
+                cut = max(1, min(excess, len(pieces[longest]) - second))
+                del pieces[longest][-cut:]
+            ids = [tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id]
+            mask_pos = -1
+            for kind, value in self.parts:
+                if kind == "text":
+                    ids.extend(self._literal[value])
+                elif kind == "field":
+                    ids.extend(pieces[value])
+                else:
+                    mask_pos = len(ids)
+                    ids.append(tok.mask_token_id)
+            ids.append(tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
+            out_ids.append(ids)
+            out_mask.append(mask_pos)
+        return {"input_ids": out_ids, "mask_pos": out_mask, "length": [len(x) for x in out_ids]}
+
+
+def encode(ds: Dataset, template: str, tokenizer, max_length: int = 128) -> Dataset:
+    """Add ``input_ids``, ``mask_pos`` and ``length`` columns to a split."""
+    encoder = TemplateEncoder(template, tokenizer, max_length)
+    return ds.map(encoder, batched=True, batch_size=512, desc=None, load_from_cache_file=False)
+
+
+def batches(
+    ds: Dataset,
+    batch_size: int,
+    pad_id: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Iterator[dict]:
+    """Dynamically padded batches. Evaluation sorts by length (least padding); training shuffles,
+    then sorts within windows of 50 batches so each batch holds examples of similar length."""
+    cols = ds.select_columns(["input_ids", "mask_pos", "label", "length"])[:]
+    lengths = cols["length"]
+    if shuffle:
+        order = list(range(len(ds)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        window = batch_size * 50
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: lengths[j])
+        ]
+        groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        random.Random(seed * 100_003 + epoch + 1).shuffle(groups)
+    else:
+        order = sorted(range(len(ds)), key=lambda j: lengths[j])
+        groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    ids_col, mask_col, label_col = cols["input_ids"], cols["mask_pos"], cols["label"]
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            input_ids[row, : lengths[i]] = torch.tensor(ids_col[i])
+            attention[row, : lengths[i]] = 1
+        yield {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "mask_pos": torch.tensor([mask_col[i] for i in group]),
+            "labels": torch.tensor([label_col[i] for i in group]),
+            "index": torch.tensor(group),
+        }

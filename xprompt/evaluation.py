@@ -1,0 +1,117 @@
+"""Evaluation: run a PromptModel over a split for many languages; metrics through scikit-learn."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from .backbones import Backbone
+from .config import DType
+from .data import NO_LABEL, batches, encode, load_split
+from .errors import XPromptError
+from .model import PromptModel
+from .prompts import build_prompt
+from .store import load_prompt
+from .tasks import TaskSpec
+from .verbalizers import SoftVerbalizer
+
+
+def autocast(dtype: DType | str, device: str = "cpu"):
+    if DType(dtype) is DType.BF16:
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32) -> np.ndarray:
+    """Predicted label index for every row of an encoded split, in the split's order."""
+    model.eval()
+    preds = np.empty(len(encoded), dtype=np.int64)
+    device = next(model.parameters()).device
+    with autocast(dtype, device.type):
+        for batch in batches(encoded, batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            preds[batch["index"].cpu().numpy()] = model(batch).argmax(-1).cpu().numpy()
+    return preds
+
+
+def scores(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0)),
+    }
+
+
+def evaluate_languages(
+    model: PromptModel,
+    task: TaskSpec,
+    tokenizer,
+    langs: list[str],
+    split: str = "dev",
+    data_dirs: list[Path] | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    max_length: int = 128,
+    dtype: DType | str = DType.FP32,
+    on_language=None,
+) -> dict:
+    """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
+    labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only."""
+    task.check_languages(langs, split)
+    results: dict[str, dict] = {}
+    for lang in langs:
+        ds = load_split(task, lang, split, data_dirs)
+        if limit:
+            ds = ds.select(range(min(limit, len(ds))))
+        encoded = encode(ds, task.template, tokenizer, max_length)
+        start = time.perf_counter()
+        preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
+        seconds = time.perf_counter() - start
+        labels = np.asarray(ds["label"])
+        labeled = bool((labels != NO_LABEL).all())
+        result = {
+            "n": len(ds),
+            "labeled": labeled,
+            "seconds": round(seconds, 3),
+            "pairs_per_s": round(len(ds) / seconds, 2) if seconds else None,
+            "ids": list(ds["id"]),
+            "predictions": [task.labels[i] for i in preds],
+        }
+        if labeled:
+            result.update(scores(labels, preds, len(task.labels)))
+        results[lang] = result
+        if on_language:
+            on_language(lang, result)
+    return results
+
+
+def build_model(backbone: Backbone, task: TaskSpec, method: str, prompt_length: int, readout: str) -> PromptModel:
+    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers)
+    verbalizer = SoftVerbalizer(len(task.labels), backbone.hidden_size)
+    return PromptModel(backbone, prompt, verbalizer, readout)
+
+
+def load_run_model(run_dir: Path, backbone: Backbone, task: TaskSpec) -> tuple[PromptModel, dict]:
+    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone or task."""
+    tensors, card = load_prompt(run_dir)
+    where = str(Path(run_dir) / "prompt")
+    if card.get("backbone_sha256") not in (None, "unknown", backbone.sha256) and backbone.sha256 != "unknown":
+        raise XPromptError(
+            f"{where}: the prompt was trained on backbone '{card.get('backbone')}' "
+            f"(weights sha256 {str(card.get('backbone_sha256'))[:12]}), not on '{backbone.name}' "
+            f"({backbone.sha256[:12]}); pass --backbone {card.get('backbone')}"
+        )
+    if list(card.get("labels", [])) != list(task.labels):
+        raise XPromptError(
+            f"{where}: the prompt's labels {card.get('labels')} differ from task {task.name}'s "
+            f"{list(task.labels)}; evaluate it on the task it was trained for"
+        )
+    model = build_model(backbone, task, card["method"], int(card["prompt_length"]), card.get("readout", "mask"))
+    model.prompt.load_tensors(tensors, where)
+    model.verbalizer.load_tensors(tensors, where)
+    return model, card

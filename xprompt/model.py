@@ -1,0 +1,85 @@
+"""PromptModel: frozen backbone + prompt + verbalizer; ``forward(batch) -> logits``.
+
+The prompt's vectors go in after ``<s>`` through ``inputs_embeds``; the state read out is the
+final hidden state at ``<mask>`` (``readout="mask"``) or the mean over the input's tokens
+(``readout="mean"``, the e5 sentence-embedding convention). It never branches on the method.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .prompts import PROMPT_OFFSET, SoftPrompt
+from .verbalizers import SoftVerbalizer
+
+READOUTS = ("mask", "mean")
+
+
+class PromptModel(nn.Module):
+    def __init__(self, backbone: Backbone, prompt: SoftPrompt, verbalizer: SoftVerbalizer, readout: str = "mask"):
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        self.backbone = backbone.model
+        self.embed = backbone.input_embeddings()
+        self.prompt = prompt
+        self.verbalizer = verbalizer
+        self.readout = readout
+        self._layers = backbone.layers()
+        self._hooks = prompt.install(self._layers)
+
+    def train(self, mode: bool = True) -> "PromptModel":
+        """Only the prompt and verbalizer switch modes: the frozen backbone stays in eval mode
+        (no dropout), so training sees the same function that evaluation will."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in [*self.prompt.parameters(), *self.verbalizer.parameters()] if p.requires_grad]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""
+        batch = input_ids.shape[0]
+        words = self.embed(input_ids)
+        prompt = self.prompt.embeddings.to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
+        inputs = torch.cat([words[:, :PROMPT_OFFSET], prompt, words[:, PROMPT_OFFSET:]], dim=1)
+        ones = attention_mask.new_ones(batch, self.prompt.length)
+        mask = torch.cat([attention_mask[:, :PROMPT_OFFSET], ones, attention_mask[:, PROMPT_OFFSET:]], dim=1)
+        return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+
+    def states(self, batch: dict) -> torch.Tensor:
+        """The (batch, hidden) states that the verbalizer scores."""
+        hidden = self.encode(batch["input_ids"], batch["attention_mask"])
+        if self.readout == "mask":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, batch["mask_pos"] + self.prompt.length]
+        tokens = hidden[:, PROMPT_OFFSET + self.prompt.length :]
+        mask = batch["attention_mask"][:, PROMPT_OFFSET:].unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.verbalizer(self.states(batch))
+
+    @torch.no_grad()
+    def layer_prompt_states(self, bos_id: int, eos_id: int) -> list[torch.Tensor]:
+        """Inputs of layers 1..L-1 at the prompt positions for a bare ``<s> prompt </s>`` input."""
+        captured: list[torch.Tensor] = []
+        handles = []
+        for layer in list(self._layers)[1:]:
+            handles.append(layer.register_forward_pre_hook(
+                lambda module, args, kwargs: captured.append(
+                    (args[0] if args else kwargs["hidden_states"])[0, PROMPT_OFFSET : PROMPT_OFFSET + self.prompt.length].clone()
+                ), with_kwargs=True))
+        for handle in self._hooks:  # measure the input prompt alone, without the deep overwrite
+            handle.remove()
+        try:
+            tok = torch.tensor([[bos_id, eos_id]], device=self.prompt.embeddings.device)
+            self.encode(tok, torch.ones_like(tok))
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._hooks = self.prompt.install(self._layers)
+        return captured

@@ -1,0 +1,213 @@
+"""Tasks are data: one YAML card per task under ``tasks/``, validated on load.
+
+A card names the input fields, the ordered labels, the languages, one language-agnostic template
+with ``<mask>`` (the default for every language), per-language cloze templates and native label
+words (for backbones with an LM head), and where each split comes from.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import XPromptError
+
+MASK = "<mask>"
+SPLITS = ("train", "dev", "test")
+DEFAULT_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """Where one split lives, relative to a data root: ``file`` with ``{lang}``, or per-language ``files``."""
+
+    file: str
+    files: dict[str, str] = field(default_factory=dict)
+    languages: tuple[str, ...] | None = None  # None: every language of the task
+
+    def path_for(self, lang: str) -> str:
+        return self.files.get(lang) or self.file.format(lang=lang)
+
+
+@dataclass(frozen=True)
+class LanguageSpec:
+    template: str
+    label_words: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    version: int
+    fields: tuple[str, ...]
+    labels: tuple[str, ...]
+    template: str
+    source_language: str
+    languages: dict[str, LanguageSpec]
+    splits: dict[str, SplitSource]
+    hub: dict | None = None
+    metric: str = "accuracy"
+    description: str = ""
+    label_names: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def language_codes(self) -> list[str]:
+        return list(self.languages)
+
+    def split_languages(self, split: str) -> list[str]:
+        source = self.splits.get(split)
+        if source is None:
+            return []
+        return list(source.languages) if source.languages else self.language_codes
+
+    def label_id(self, value, where: str) -> int:
+        """The index of a label as it appears in a data file (strings or ints)."""
+        key = str(value)
+        try:
+            return self.labels.index(key)
+        except ValueError:
+            raise XPromptError(
+                f"{where}: label {value!r} is not a label of task {self.name} "
+                f"(known: {', '.join(self.labels)})"
+            ) from None
+
+    def check_languages(self, langs: list[str], split: str | None = None) -> None:
+        known = self.split_languages(split) if split else self.language_codes
+        unknown = [lang for lang in langs if lang not in known]
+        if unknown:
+            what = f"the {split} split of {self.name}" if split else f"task {self.name}"
+            raise XPromptError(
+                f"unknown language(s) for {what}: {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+
+
+def template_parts(template: str) -> list[tuple[str, str]]:
+    """Split a template into ``("text", s)``, ``("field", name)`` and ``("mask", "")`` parts.
+
+    Fields use ``str.format`` syntax and are parsed with ``string.Formatter``: nothing is evaluated.
+    """
+    parts: list[tuple[str, str]] = []
+    for literal, name, spec, conv in string.Formatter().parse(template):
+        for i, chunk in enumerate(literal.split(MASK)):
+            if i:
+                parts.append(("mask", ""))
+            if chunk:
+                parts.append(("text", chunk))
+        if name is not None:
+            if not name.isidentifier() or spec or conv:
+                raise ValueError(f"template field {{{name}}} must be a plain field name")
+            parts.append(("field", name))
+    return parts
+
+
+def validate_template(template: str, fields: tuple[str, ...], where: str) -> None:
+    try:
+        parts = template_parts(template)
+    except ValueError as e:
+        raise XPromptError(f"{where}: bad template {template!r}: {e}") from None
+    masks = sum(kind == "mask" for kind, _ in parts)
+    if masks != 1:
+        raise XPromptError(f"{where}: template {template!r} must contain exactly one {MASK} (has {masks})")
+    used = [name for kind, name in parts if kind == "field"]
+    missing = [f for f in fields if f not in used]
+    unknown = [f for f in used if f not in fields]
+    if missing:
+        raise XPromptError(f"{where}: template {template!r} lacks field(s) {{{'}, {'.join(missing)}}}")
+    if unknown:
+        raise XPromptError(
+            f"{where}: template {template!r} uses unknown field(s) {', '.join(unknown)}; "
+            f"the task's fields are {', '.join(fields)}"
+        )
+
+
+def _require(card: dict, key: str, where: str):
+    if key not in card:
+        raise XPromptError(f"{where}: missing required key '{key}'")
+    return card[key]
+
+
+def parse_task(card: dict, where: str) -> TaskSpec:
+    """Build and validate a TaskSpec from a parsed YAML card."""
+    if not isinstance(card, dict):
+        raise XPromptError(f"{where}: a task card must be a YAML mapping")
+    name = str(_require(card, "name", where))
+    fields = tuple(_require(card, "fields", where))
+    labels = tuple(str(label) for label in _require(card, "labels", where))
+    if len(set(labels)) != len(labels) or len(labels) < 2:
+        raise XPromptError(f"{where}: 'labels' must hold at least two distinct labels")
+    template = str(_require(card, "template", where))
+    validate_template(template, fields, f"{where}: template")
+    languages: dict[str, LanguageSpec] = {}
+    for lang, spec in (_require(card, "languages", where) or {}).items():
+        lw = {str(k): str(v) for k, v in (spec.get("label_words") or {}).items()}
+        here = f"{where}: languages.{lang}"
+        missing = [label for label in labels if label not in lw]
+        if missing:
+            raise XPromptError(f"{here}: label_words lacks label(s) {', '.join(missing)}")
+        extra = [k for k in lw if k not in labels]
+        if extra:
+            raise XPromptError(f"{here}: label_words has unknown label(s) {', '.join(extra)}")
+        words = list(lw.values())
+        dupes = sorted({w for w in words if words.count(w) > 1})
+        if dupes:
+            raise XPromptError(f"{here}: label word(s) {', '.join(dupes)} used for more than one label")
+        lang_template = str(spec.get("template", template))
+        validate_template(lang_template, fields, f"{here}.template")
+        languages[str(lang)] = LanguageSpec(lang_template, lw)
+    if not languages:
+        raise XPromptError(f"{where}: 'languages' is empty")
+    splits: dict[str, SplitSource] = {}
+    for split, spec in (_require(card, "splits", where) or {}).items():
+        if split not in SPLITS:
+            raise XPromptError(f"{where}: unknown split '{split}' (known: {', '.join(SPLITS)})")
+        langs = spec.get("languages")
+        if langs:
+            unknown = [lang for lang in langs if lang not in languages]
+            if unknown:
+                raise XPromptError(f"{where}: splits.{split} names unknown language(s) {unknown}")
+        splits[split] = SplitSource(
+            file=str(_require(spec, "file", f"{where}: splits.{split}")),
+            files={str(k): str(v) for k, v in (spec.get("files") or {}).items()},
+            languages=tuple(langs) if langs else None,
+        )
+    source = str(card.get("source_language", "en"))
+    if source not in languages:
+        raise XPromptError(f"{where}: source_language '{source}' is not among the languages")
+    return TaskSpec(
+        name=name,
+        version=int(card.get("version", 1)),
+        fields=fields,
+        labels=labels,
+        template=template,
+        source_language=source,
+        languages=languages,
+        splits=splits,
+        hub=card.get("hub"),
+        metric=str(card.get("metric", "accuracy")),
+        description=str(card.get("description", "")),
+        label_names={str(k): str(v) for k, v in (card.get("label_names") or {}).items()},
+    )
+
+
+def task_names(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(tasks_dir).glob("*.yaml"))
+
+
+def load_task(name: str, tasks_dir: Path = DEFAULT_TASKS_DIR) -> TaskSpec:
+    """Load ``<tasks_dir>/<name>.yaml`` (or a path to a card) and validate it."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(tasks_dir) / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(task_names(tasks_dir)) or "none"
+        raise XPromptError(f"unknown task '{name}' (no {path}); known tasks: {known}")
+    try:
+        card = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise XPromptError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    task = parse_task(card, str(path))
+    return TaskSpec(**{**task.__dict__, "path": path})

@@ -1,0 +1,184 @@
+"""Training: the loop only. Model selection uses held-out source-language rows, never target languages."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from . import __version__
+from .backbones import Backbone
+from .config import TrainConfig
+from .data import batches, encode, holdout_split, load_split, sample_shots
+from .errors import XPromptError
+from .evaluation import autocast, build_model, predict, scores
+from .model import PromptModel
+from .prompts import vocab_init
+from .store import append_jsonl, save_prompt, write_json
+from .tasks import TaskSpec
+
+
+@dataclass
+class TrainData:
+    train: object  # encoded datasets.Dataset
+    select: object
+    describe: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None) -> TrainData:
+    """The training rows and the held-out selection rows, both from the source language."""
+    task.check_languages([cfg.lang], "train")
+    pool = load_split(task, cfg.lang, "train", data_dirs)
+    if cfg.shots:
+        train_rows = sample_shots(pool, cfg.shots, cfg.seed, len(task.labels))
+        select_rows = sample_shots(pool, cfg.shots, cfg.seed + 1, len(task.labels), exclude=set(train_rows))
+        train, select = pool.select(train_rows), pool.select(select_rows)
+        describe = f"{cfg.shots} shots per class; selection on {len(select)} other {cfg.lang} rows"
+    else:
+        size = min(cfg.select_size, len(pool) // 5)
+        train, select = holdout_split(pool, size, cfg.seed)
+        describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
+    return TrainData(
+        encode(train, task.template, tokenizer, cfg.max_length),
+        encode(select, task.template, tokenizer, cfg.max_length),
+        describe,
+    )
+
+
+@torch.no_grad()
+def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg: TrainConfig) -> None:
+    """Vocabulary-sampled prompt vectors; deep layers from the states they produce; label vectors
+    from the class-mean states of (up to ``init_examples``) training rows."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.prompt.embeddings.copy_(vocab_init(backbone.input_embeddings().weight, model.prompt.length, gen))
+    if model.prompt.layer_init_needed():
+        tok = backbone.tokenizer
+        model.prompt.init_layers(model.layer_prompt_states(tok.cls_token_id, tok.sep_token_id))
+    rows = list(range(len(train)))
+    random.Random(cfg.seed).shuffle(rows)
+    sample = train.select(sorted(rows[: cfg.init_examples]))
+    states, labels = [], []
+    model.eval()
+    with autocast(cfg.dtype):
+        for batch in batches(sample, 64, backbone.tokenizer.pad_token_id):
+            states.append(model.states(batch).float())
+            labels.append(batch["labels"])
+    model.verbalizer.init_from_class_means(torch.cat(states), torch.cat(labels))
+
+
+def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dict) -> dict:
+    return {
+        "xprompt_version": __version__,
+        "method": cfg.method.value,
+        "prompt_length": cfg.prompt_length,
+        "readout": cfg.readout,
+        "task": task.name,
+        "task_version": task.version,
+        "template": task.template,
+        "labels": list(task.labels),
+        "verbalizer": "soft (nearest class vector at the readout state)",
+        "train_language": cfg.lang,
+        "backbone": backbone.name,
+        "backbone_sha256": backbone.sha256,
+        "hidden_size": backbone.hidden_size,
+        **extra,
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    backbone: Backbone,
+    task: TaskSpec,
+    run_dir: Path,
+    data_dirs: list[Path] | None = None,
+    on_step=None,
+) -> dict:
+    """Train one prompt; writes ``prompt/``, ``log.jsonl`` and ``metrics.json`` into ``run_dir``."""
+    seed_everything(cfg.seed)
+    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs)
+    model = build_model(backbone, task, cfg.method, cfg.prompt_length, cfg.readout)
+    init_prompt_and_verbalizer(model, backbone, data.train, cfg)
+    pad = backbone.tokenizer.pad_token_id
+
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    log_path = Path(run_dir) / "log.jsonl"
+
+    def select_accuracy() -> float:
+        preds = predict(model, data.select, 64, pad, cfg.dtype)
+        return scores(np.asarray(data.select["label"]), preds, len(task.labels))["accuracy"]
+
+    best = {"step": 0, "accuracy": select_accuracy(), "tensors": _state(model)}
+    append_jsonl(log_path, {"step": 0, "select_accuracy": best["accuracy"]})
+    step, epoch, seen, started = 0, 0, 0, time.perf_counter()
+    window_loss, window_n = 0.0, 0
+    while step < total:
+        for batch in batches(data.train, cfg.batch_size, pad, shuffle=True, seed=cfg.seed, epoch=epoch):
+            model.train()
+            with autocast(cfg.dtype):
+                logits = model(batch)
+            loss = loss_fn(logits.float(), batch["labels"])
+            if not torch.isfinite(loss):
+                raise XPromptError(
+                    f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
+                    f"or use --dtype fp32 (now {cfg.dtype.value})"
+                )
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(batch["labels"])
+            window_loss += loss.item()
+            window_n += 1
+            rate = seen / (time.perf_counter() - started)
+            if on_step:
+                on_step(step, total, loss.item(), rate)
+            if step % 20 == 0 or step == total:
+                append_jsonl(log_path, {"step": step, "loss": round(window_loss / window_n, 5),
+                                        "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
+                window_loss, window_n = 0.0, 0
+            if step % cfg.eval_every == 0 or step == total:
+                acc = select_accuracy()
+                append_jsonl(log_path, {"step": step, "select_accuracy": acc})
+                if acc > best["accuracy"]:
+                    best = {"step": step, "accuracy": acc, "tensors": _state(model)}
+            if step >= total:
+                break
+        epoch += 1
+
+    seconds = time.perf_counter() - started
+    summary = {
+        "train_rows": len(data.train),
+        "data": data.describe,
+        "steps": total,
+        "best_step": best["step"],
+        "select_accuracy": round(best["accuracy"], 4),
+        "train_seconds": round(seconds, 1),
+        "train_examples_per_s": round(seen / seconds, 2),
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
+    card = prompt_card(cfg, task, backbone, {"selection": summary})
+    save_prompt(run_dir, best["tensors"], card)
+    write_json(Path(run_dir) / "metrics.json", {"train": summary})
+    return summary
+
+
+def _state(model: PromptModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in {**model.prompt.tensors(), **model.verbalizer.tensors()}.items()}
