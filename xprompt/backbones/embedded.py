@@ -77,8 +77,9 @@ def _dequantize_q4(raw: bytes, count: int) -> np.ndarray:
     return out
 
 
-def read_e5s1(path: Path) -> E5File:
-    """Parse an ``E5S1`` file (all little-endian) into config, tokenizer parts and fp32 tensors."""
+def read_e5s1(path: Path, with_tensors: bool = True) -> E5File:
+    """Parse an ``E5S1`` file (all little-endian) into config, tokenizer parts and fp32 tensors
+    (``with_tensors=False`` skips dequantising the weights)."""
     data = path.read_bytes()
     if data[:4] != b"E5S1":
         raise XPromptError(f"{path}: not an E5S1 file (magic {data[:4]!r})")
@@ -119,7 +120,7 @@ def read_e5s1(path: Path) -> E5File:
     # tensors
     (n_tensors,) = take("i")
     tensors: dict[str, np.ndarray] = {}
-    for _ in range(n_tensors):
+    for _ in range(n_tensors if with_tensors else 0):
         (name_len,) = take("H")
         name = data[pos : pos + name_len].decode("ascii")
         pos += name_len
@@ -174,6 +175,11 @@ def _state_dict(e5: E5File) -> dict[str, np.ndarray]:
             sd[pre + name + ".weight"] = t[f"l{layer}.{short}.w"]
             sd[pre + name + ".bias"] = t[f"l{layer}.{short}.b"]
     return sd
+
+
+def embedded_tokenizer():
+    """The embedded backbone's tokenizer alone (no weights dequantised): for tests and tools."""
+    return build_tokenizer(read_e5s1(source_path(), with_tensors=False))
 
 
 def build_tokenizer(e5: E5File):

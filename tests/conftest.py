@@ -1,0 +1,79 @@
+"""Shared fixtures: the embedded tokenizer (real XLM-R vocabulary) and tiny random backbones."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA = ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from xprompt.backbones.embedded import embedded_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    embedded_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _tiny_bert(seed: int):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=250002, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=160, pad_token_id=1,
+    )
+    config.architectures = ["BertModel"]
+    return BertModel(config, add_pooling_layer=False)
+
+
+def save_backbone(model, tokenizer_dir: Path, folder: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random BERT with the embedded XLM-R vocabulary, saved as a local backbone folder."""
+    return save_backbone(_tiny_bert(0), tokenizer_dir, tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def other_bert_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """Same shape as tiny_bert_dir, other weights: a prompt trained on one must not load on the other."""
+    return save_backbone(_tiny_bert(1), tokenizer_dir, tmp_path_factory.mktemp("other_bert"))
+
+
+@pytest.fixture(scope="session")
+def _backbone(tiny_bert_dir, tmp_path_factory):
+    from xprompt.backbones import load_backbone
+
+    return load_backbone(str(tiny_bert_dir), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def backbone(_backbone):
+    return copy.deepcopy(_backbone)
+
+
+@pytest.fixture(scope="session")
+def xnli():
+    from xprompt.tasks import load_task
+
+    return load_task("xnli")

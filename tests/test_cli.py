@@ -1,0 +1,116 @@
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TEST_DATA
+from xprompt.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    result = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs,
+                    "--max-steps", 6, "--eval-every", 3, "--prompt-length", 4, "--batch-size", 8,
+                    "--run-name", "tiny", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    return runs / "tiny"
+
+
+def test_train_writes_a_complete_run(trained, tiny_bert_dir):
+    assert {p.name for p in trained.iterdir()} >= {"config.json", "prompt", "metrics.json", "log.jsonl"}
+    config = json.loads((trained / "config.json").read_text())
+    assert config["train"]["method"] == "deep" and config["train"]["max_steps"] == 6
+    assert len(config["backbone"]["sha256"]) == 64
+    card = json.loads((trained / "prompt" / "xprompt.json").read_text())
+    assert card["labels"] == ["entailment", "neutral", "contradiction"]
+    assert card["selection"]["train_rows"] == 96  # 120 pool rows, 24 held out for selection
+    log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "select_accuracy" in r] == [0, 3, 6]
+    assert any("loss" in r for r in log)
+
+
+def test_eval_table_metrics_and_predictions(trained):
+    result = invoke("eval", "--run", trained, "--langs", "en,zh,de", "--data-dir", TEST_DATA)
+    assert result.exit_code == 0, result.output
+    for text in ("en", "zh", "de", "avg (targets, 2)", "avg (with en)", "gap (en - targets)"):
+        assert text in result.output
+    metrics = json.loads((trained / "metrics.json").read_text())
+    dev = metrics["eval"]["xnli"]["dev"]
+    assert set(dev) == {"en", "zh", "de"} and dev["zh"]["n"] == 24
+    assert 0.0 <= dev["zh"]["accuracy"] <= 1.0 and "train" in metrics
+    rows = list(csv.reader((trained / "predictions" / "xnli.dev.zh.tsv").open(), delimiter="\t"))
+    assert rows[0] == ["id", "prediction"] and len(rows) == 25
+    ids = [json.loads(line)["id"] for line in (TEST_DATA / "xnli/dev.zh.jsonl").read_text().splitlines()]
+    assert [r[0] for r in rows[1:]] == [str(i) for i in ids]
+    assert {r[1] for r in rows[1:]} <= {"entailment", "neutral", "contradiction"}
+
+
+def test_eval_json_matches_table_numbers(trained):
+    result = invoke("eval", "--run", trained, "--langs", "en,de", "--data-dir", TEST_DATA, "--json", "--limit", 10)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["results"]["de"]["n"] == 10
+    accs = [out["results"][lang]["accuracy"] for lang in ("en", "de")]
+    assert out["summary"]["avg_all"] == pytest.approx(sum(accs) / 2)
+    assert out["summary"]["gap"] == pytest.approx(accs[0] - accs[1])
+
+
+def test_eval_latest_run_on_unlabeled_test_split(trained):
+    result = invoke("eval", "--runs-dir", trained.parent, "--langs", "zh", "--split", "test", "--data-dir", TEST_DATA)
+    assert result.exit_code == 0, result.output
+    assert "no labels found in the test files of zh" in result.output
+    rows = (trained / "predictions" / "xnli.test.zh.tsv").read_text().splitlines()
+    assert len(rows) == 13
+
+
+def test_tasks_command():
+    result = invoke("tasks")
+    assert result.exit_code == 0
+    assert "xnli" in result.output and "pawsx" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["train", "--task", "nope"], 1, "unknown task 'nope'"),
+        (["train", "--lang", "zh"], 1, "unknown language(s) for the train split of xnli: zh"),
+        (["train", "--method", "lora"], 2, "Invalid value for '--method'"),
+        (["train", "--prompt-length", "0"], 2, "prompt_length must be >= 1"),
+        (["eval", "--runs-dir", "{empty}"], 1, "no finished run under"),
+        (["eval", "--run", "{run}", "--langs", "en,xx"], 1, "unknown language(s) for the dev split of xnli: xx"),
+        (["eval", "--run", "{run}", "--split", "valid"], 2, "unknown split 'valid'"),
+        (["eval", "--run", "{run}", "--data-dir", "{missing}"], 1, "is not a folder"),
+    ],
+)
+def test_bad_input_one_line_error(trained, tmp_path, args, code, message):
+    fill = {"{run}": str(trained), "{empty}": str(tmp_path), "{missing}": str(tmp_path / "missing")}
+    result = invoke(*[fill.get(a, a) for a in args])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_prompt_from_another_backbone_is_refused(trained, other_bert_dir):
+    result = invoke("eval", "--run", trained, "--backbone", other_bert_dir, "--langs", "en",
+                    "--data-dir", TEST_DATA)
+    assert result.exit_code == 1
+    assert "the prompt was trained on backbone" in result.output
+
+
+def test_malformed_data_file_names_line(trained, tmp_path):
+    (tmp_path / "xnli").mkdir()
+    (tmp_path / "xnli" / "dev.de.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{oops\n')
+    before = sorted(p.name for p in (trained / "predictions").iterdir())
+    result = invoke("eval", "--run", trained, "--langs", "de", "--data-dir", tmp_path)
+    assert result.exit_code == 1
+    assert "dev.de.jsonl:2: malformed JSON" in result.output
+    assert sorted(p.name for p in (trained / "predictions").iterdir()) == before

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from conftest import TEST_DATA
+from xprompt.config import TrainConfig
+from xprompt.data import batches, encode, load_split
+from xprompt.errors import XPromptError
+from xprompt.evaluation import build_model, load_run_model
+from xprompt.prompts import DeepPrompt, Method, build_prompt
+from xprompt.store import save_prompt
+from xprompt.training import init_prompt_and_verbalizer, prompt_card
+from xprompt.verbalizers import SoftVerbalizer
+
+
+def _batch(xnli, tokenizer, n=6):
+    ds = encode(load_split(xnli, "en", "dev", [TEST_DATA], use_hub=False).select(range(n)), xnli.template, tokenizer)
+    return ds, next(batches(ds, n, tokenizer.pad_token_id))
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_backbone_frozen_and_gradients_reach_prompt(backbone, xnli, tokenizer, method):
+    model = build_model(backbone, xnli, method, 4, "mask")
+    ds, batch = _batch(xnli, tokenizer)
+    init_prompt_and_verbalizer(model, backbone, ds, TrainConfig(method=method, prompt_length=4, dtype="fp32"))
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    trainable = {id(p) for p in model.trainable_parameters()}
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in trainable]
+    assert frozen == []
+    assert all(not p.requires_grad for p in backbone.model.parameters())
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=0.1)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
+        loss.backward()
+        assert model.prompt.embeddings.grad is not None and model.prompt.embeddings.grad.abs().sum() > 0
+        if method is Method.DEEP:
+            assert model.prompt.layer_prompts.grad.abs().sum() > 0
+        assert model.verbalizer.weight.grad.abs().sum() > 0
+        optimizer.step()
+        optimizer.zero_grad()
+    after = backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in backbone.model.parameters())
+
+
+def test_training_mode_keeps_backbone_in_eval(backbone, xnli):
+    model = build_model(backbone, xnli, "soft", 4, "mask")
+    model.train()
+    assert model.prompt.training and not backbone.model.training
+
+
+def test_verbalizer_init_equals_class_means(backbone, xnli, tokenizer):
+    cfg = TrainConfig(method="soft", prompt_length=4, init_examples=1000, dtype="fp32")
+    model = build_model(backbone, xnli, cfg.method, cfg.prompt_length, cfg.readout)
+    ds = encode(load_split(xnli, "en", "train", [TEST_DATA], use_hub=False), xnli.template, tokenizer)
+    init_prompt_and_verbalizer(model, backbone, ds, cfg)
+    with torch.no_grad():
+        batch = next(batches(ds, len(ds), tokenizer.pad_token_id))
+        states = model.states(batch)
+    for c in range(3):
+        expected = states[batch["labels"] == c].mean(0)
+        torch.testing.assert_close(model.verbalizer.weight[c], expected, rtol=1e-4, atol=1e-5)
+    # nearest-class-mean scoring: the class whose vector is closest wins
+    v = SoftVerbalizer(2, 3)
+    v.weight.data = torch.tensor([[0.0, 0, 0], [1.0, 1, 1]])
+    assert v(torch.tensor([[0.1, 0.2, 0.0], [0.9, 0.8, 1.2]])).argmax(-1).tolist() == [0, 1]
+
+
+def test_deep_prompt_starts_as_the_soft_prompt(backbone, xnli, tokenizer):
+    """Initialised from the states the input prompt produces, the deep prompt gives the same
+    output as the input-level prompt before training; changing a layer's vectors changes it."""
+    cfg = TrainConfig(method="deep", prompt_length=3, dtype="fp32")
+    ds, batch = _batch(xnli, tokenizer)
+    deep = build_model(backbone, xnli, "deep", 3, "mask")
+    init_prompt_and_verbalizer(deep, backbone, ds, cfg)
+    soft = build_model(backbone, xnli, "soft", 3, "mask")
+    soft.prompt.embeddings.data.copy_(deep.prompt.embeddings.data)
+    soft.verbalizer.weight.data.copy_(deep.verbalizer.weight.data)
+    # deep hooks fire on a shared backbone; compute soft with them removed
+    deep_logits = deep(batch)
+    for h in deep._hooks:
+        h.remove()
+    torch.testing.assert_close(soft(batch), deep_logits, rtol=1e-4, atol=1e-4)
+    deep._hooks = deep.prompt.install(deep._layers)
+    deep.prompt.layer_prompts.data[0] += 1.0
+    assert not torch.allclose(deep(batch), deep_logits, atol=1e-4)
+
+
+def test_prompt_save_load_round_trip(backbone, xnli, tokenizer, tmp_path):
+    cfg = TrainConfig(method="deep", prompt_length=3, dtype="fp32")
+    ds, batch = _batch(xnli, tokenizer)
+    model = build_model(backbone, xnli, cfg.method, 3, "mask")
+    init_prompt_and_verbalizer(model, backbone, ds, cfg)
+    save_prompt(tmp_path, {**model.prompt.tensors(), **model.verbalizer.tensors()},
+                prompt_card(cfg, xnli, backbone, {}))
+    loaded, card = load_run_model(tmp_path, backbone, xnli)
+    for name, tensor in model.prompt.tensors().items():
+        assert torch.equal(tensor, loaded.prompt.tensors()[name])
+    assert torch.equal(model.verbalizer.weight, loaded.verbalizer.weight)
+    assert card["method"] == "deep" and card["backbone_sha256"] == backbone.sha256
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), loaded(batch))
+
+
+def test_prompt_shape_mismatch_is_refused():
+    prompt = build_prompt("soft", 4, 8, 2)
+    with pytest.raises(XPromptError, match=r"'prompt_embeddings' has shape \(5, 8\), this model needs \(4, 8\)"):
+        prompt.load_tensors({"prompt_embeddings": torch.zeros(5, 8)}, "p")
+    with pytest.raises(XPromptError, match="'layer_prompts' is missing"):
+        DeepPrompt(4, 8, 2).load_tensors({"prompt_embeddings": torch.zeros(4, 8)}, "p")
+    with pytest.raises(XPromptError, match="unknown method 'lora'; known: soft, deep"):
+        build_prompt("lora", 4, 8, 2)
