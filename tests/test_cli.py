@@ -114,3 +114,14 @@ def test_malformed_data_file_names_line(trained, tmp_path):
     assert result.exit_code == 1
     assert "dev.de.jsonl:2: malformed JSON" in result.output
     assert sorted(p.name for p in (trained / "predictions").iterdir()) == before
+
+
+def test_backbone_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("train", "--backbone", "no-such-org/no-such-model", "--runs-dir", tmp_path)
+    assert result.exit_code == 1
+    assert "cannot load backbone 'no-such-org/no-such-model'" in result.output
+    (tmp_path / "empty").mkdir()
+    result = invoke("train", "--backbone", tmp_path / "empty", "--runs-dir", tmp_path)
+    assert result.exit_code == 1 and "has no config.json" in " ".join(result.output.split())
+    assert not any(p.name != "empty" for p in tmp_path.iterdir())  # no half-made run directory

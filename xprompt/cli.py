@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -86,6 +88,19 @@ def _data_dirs(data_dir: Optional[Path]) -> list[Path]:
     return [data_dir]
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _versions() -> dict:
+    import datasets
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__}
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -130,6 +145,7 @@ def train(
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
     eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
@@ -137,29 +153,41 @@ def train(
 ):
     """Train one prompt on the source language; select on held-out source-language rows only."""
     from .backbones import load_backbone
-    from .store import default_run_name, new_run_dir, write_json
+    from .store import default_run_name, new_run_dir, read_json, write_json
     from .training import train as run_training
 
-    try:
-        cfg = TrainConfig(
-            task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
-            readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
-            batch_size=batch_size, seed=seed, dtype=dtype, eval_every=eval_every,
-        )
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    spec = _load_task(task, tasks_dir)
-    spec.check_languages([lang], "train")
+    if resume is not None:
+        saved = read_json(resume / "config.json")
+        cfg = TrainConfig.from_dict(saved["train"])
+        if (resume / "prompt" / "prompt.safetensors").is_file():
+            raise XPromptError(f"run {resume} already finished; evaluate it with 'xprompt eval --run {resume}'")
+        data_dir = Path(saved["data_dir"]) if saved.get("data_dir") else None
+    else:
+        try:
+            cfg = TrainConfig(
+                task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
+                readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
+                batch_size=batch_size, seed=seed, dtype=dtype, eval_every=eval_every,
+            )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    spec = _load_task(cfg.task, tasks_dir)
+    spec.check_languages([cfg.lang], "train")
     dirs = _data_dirs(data_dir)
-    with console.status(f"loading backbone {backbone}"):
-        bb = load_backbone(backbone, cache_dir)
-    run_dir = new_run_dir(runs_dir, run_name or default_run_name(task, lang, cfg.method.value, seed))
-    write_json(run_dir / "config.json", {
-        "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
-        "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
-        "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
-    })
-    console.print(f"run [bold]{run_dir}[/bold]: {task}/{lang}, {cfg.method.value} prompt x{cfg.prompt_length}, {bb.name}")
+    with console.status(f"loading backbone {cfg.backbone}"):
+        bb = load_backbone(cfg.backbone, cache_dir)
+    if resume is not None:
+        run_dir = resume
+        if saved["backbone"]["sha256"] != bb.sha256:
+            raise XPromptError(f"{resume}: the backbone's weights changed since the run started; start a new run")
+    else:
+        run_dir = new_run_dir(runs_dir, run_name or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
+        write_json(run_dir / "config.json", {
+            "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
+            "versions": _versions(), "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
+            "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
+        })
+    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method.value} prompt x{cfg.prompt_length}, {bb.name}")
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(),
         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
@@ -170,11 +198,19 @@ def train(
         def on_step(step, total, loss, rate):
             progress.update(bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s")
 
-        summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
+        except KeyboardInterrupt:
+            raise XPromptError(
+                f"interrupted; the checkpoint is saved: continue with 'xprompt train --resume {run_dir}'"
+            ) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     console.print(
         f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
         f"{summary['data']}; best step {summary['best_step']} with {100 * summary['select_accuracy']:.1f} "
-        f"held-out {lang} accuracy; prompt saved to {run_dir / 'prompt'}"
+        f"held-out {cfg.lang} accuracy; prompt saved to {run_dir / 'prompt'}"
     )
 
 

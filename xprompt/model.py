@@ -28,7 +28,6 @@ class PromptModel(nn.Module):
         self.verbalizer = verbalizer
         self.readout = readout
         self._layers = backbone.layers()
-        self._hooks = prompt.install(self._layers)
 
     def train(self, mode: bool = True) -> "PromptModel":
         """Only the prompt and verbalizer switch modes: the frozen backbone stays in eval mode
@@ -48,7 +47,13 @@ class PromptModel(nn.Module):
         inputs = torch.cat([words[:, :PROMPT_OFFSET], prompt, words[:, PROMPT_OFFSET:]], dim=1)
         ones = attention_mask.new_ones(batch, self.prompt.length)
         mask = torch.cat([attention_mask[:, :PROMPT_OFFSET], ones, attention_mask[:, PROMPT_OFFSET:]], dim=1)
-        return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        # The method's hooks live only for this call, so models sharing a backbone never interfere.
+        handles = self.prompt.install(self._layers)
+        try:
+            return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def states(self, batch: dict) -> torch.Tensor:
         """The (batch, hidden) states that the verbalizer scores."""
@@ -65,21 +70,22 @@ class PromptModel(nn.Module):
 
     @torch.no_grad()
     def layer_prompt_states(self, bos_id: int, eos_id: int) -> list[torch.Tensor]:
-        """Inputs of layers 1..L-1 at the prompt positions for a bare ``<s> prompt </s>`` input."""
+        """Inputs of layers 1..L-1 at the prompt positions for a bare ``<s> prompt </s>`` input,
+        computed with the input-level prompt alone (no method hooks)."""
         captured: list[torch.Tensor] = []
-        handles = []
-        for layer in list(self._layers)[1:]:
-            handles.append(layer.register_forward_pre_hook(
-                lambda module, args, kwargs: captured.append(
-                    (args[0] if args else kwargs["hidden_states"])[0, PROMPT_OFFSET : PROMPT_OFFSET + self.prompt.length].clone()
-                ), with_kwargs=True))
-        for handle in self._hooks:  # measure the input prompt alone, without the deep overwrite
-            handle.remove()
+
+        def capture(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(hidden[0, PROMPT_OFFSET : PROMPT_OFFSET + self.prompt.length].clone())
+
+        handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in list(self._layers)[1:]]
+        tok = torch.tensor([[bos_id, eos_id]], device=self.prompt.embeddings.device)
+        words = self.embed(tok)
+        inputs = torch.cat([words[:, :PROMPT_OFFSET], self.prompt.embeddings.to(words.dtype).unsqueeze(0),
+                            words[:, PROMPT_OFFSET:]], dim=1)
         try:
-            tok = torch.tensor([[bos_id, eos_id]], device=self.prompt.embeddings.device)
-            self.encode(tok, torch.ones_like(tok))
+            self.backbone(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long))
         finally:
             for handle in handles:
                 handle.remove()
-            self._hooks = self.prompt.install(self._layers)
         return captured

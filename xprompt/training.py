@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
 from . import __version__
@@ -20,7 +22,7 @@ from .errors import XPromptError
 from .evaluation import autocast, build_model, predict, scores
 from .model import PromptModel
 from .prompts import vocab_init
-from .store import append_jsonl, save_prompt, write_json
+from .store import append_jsonl, atomic_write, read_json, save_prompt, write_json
 from .tasks import TaskSpec
 
 
@@ -97,6 +99,53 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
     }
 
 
+CHECKPOINT_DIR = "checkpoint"
+
+
+def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict) -> None:
+    """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far,
+    AdamW moments (safetensors), and step, data position, scheduler and best score (JSON)."""
+    tensors = {f"model.{k}": v for k, v in _state(model).items()}
+    tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = value.detach().clone().reshape(value.shape)
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    atomic_write(folder / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    write_json(folder / "state.json", {
+        **progress,
+        "best_step": best["step"],
+        "best_accuracy": best["accuracy"],
+        "scheduler": scheduler.state_dict(),
+        "param_groups": opt["param_groups"],
+    })
+
+
+def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> tuple[dict, dict] | None:
+    """Restore a checkpoint into model, optimizer and scheduler; None when the run has none."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not (folder / "state.json").is_file():
+        return None
+    meta = read_json(folder / "state.json")
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise XPromptError(f"{folder}/state.safetensors: unreadable checkpoint ({e}); delete it to start over") from None
+    where = str(folder)
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    model.prompt.load_tensors(pick("model."), where)
+    model.verbalizer.load_tensors(pick("model."), where)
+    state: dict[int, dict] = {}
+    for key, value in pick("optim.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    best = {"step": meta["best_step"], "accuracy": meta["best_accuracy"], "tensors": pick("best.")}
+    return meta, best
+
+
 def train(
     cfg: TrainConfig,
     backbone: Backbone,
@@ -105,7 +154,9 @@ def train(
     data_dirs: list[Path] | None = None,
     on_step=None,
 ) -> dict:
-    """Train one prompt; writes ``prompt/``, ``log.jsonl`` and ``metrics.json`` into ``run_dir``."""
+    """Train one prompt; writes ``prompt/``, ``log.jsonl``, ``metrics.json`` and a ``checkpoint/``
+    (every ``eval_every`` steps and on Ctrl-C) into ``run_dir``. A run that has a checkpoint
+    resumes from it: data order, optimizer and schedule continue exactly where they stopped."""
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs)
     model = build_model(backbone, task, cfg.method, cfg.prompt_length, cfg.readout)
@@ -124,44 +175,70 @@ def train(
         preds = predict(model, data.select, 64, pad, cfg.dtype)
         return scores(np.asarray(data.select["label"]), preds, len(task.labels))["accuracy"]
 
-    best = {"step": 0, "accuracy": select_accuracy(), "tensors": _state(model)}
-    append_jsonl(log_path, {"step": 0, "select_accuracy": best["accuracy"]})
-    step, epoch, seen, started = 0, 0, 0, time.perf_counter()
+    restored = load_checkpoint(run_dir, model, optimizer, scheduler)
+    if restored:
+        progress, best = restored
+        append_jsonl(log_path, {"step": progress["step"], "resumed": True})
+    else:
+        progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0}
+        best = {"step": 0, "accuracy": select_accuracy(), "tensors": _state(model)}
+        append_jsonl(log_path, {"step": 0, "select_accuracy": best["accuracy"]})
+    step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
+    started = time.perf_counter() - progress["seconds"]
     window_loss, window_n = 0.0, 0
-    while step < total:
-        for batch in batches(data.train, cfg.batch_size, pad, shuffle=True, seed=cfg.seed, epoch=epoch):
-            model.train()
-            with autocast(cfg.dtype):
-                logits = model(batch)
-            loss = loss_fn(logits.float(), batch["labels"])
-            if not torch.isfinite(loss):
-                raise XPromptError(
-                    f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
-                    f"or use --dtype fp32 (now {cfg.dtype.value})"
-                )
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(batch["labels"])
-            window_loss += loss.item()
-            window_n += 1
-            rate = seen / (time.perf_counter() - started)
-            if on_step:
-                on_step(step, total, loss.item(), rate)
-            if step % 20 == 0 or step == total:
-                append_jsonl(log_path, {"step": step, "loss": round(window_loss / window_n, 5),
-                                        "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
-                window_loss, window_n = 0.0, 0
-            if step % cfg.eval_every == 0 or step == total:
-                acc = select_accuracy()
-                append_jsonl(log_path, {"step": step, "select_accuracy": acc})
-                if acc > best["accuracy"]:
-                    best = {"step": step, "accuracy": acc, "tensors": _state(model)}
-            if step >= total:
-                break
-        epoch += 1
+    position = progress["batch"]
+
+    def snapshot(batch_in_epoch: int) -> None:
+        progress.update(step=step, epoch=epoch, batch=batch_in_epoch, seen=seen,
+                        seconds=time.perf_counter() - started)
+        save_checkpoint(run_dir, model, optimizer, scheduler, progress, best)
+
+    try:
+        while step < total:
+            skip = progress["batch"] if epoch == progress["epoch"] else 0
+            epoch_batches = batches(data.train, cfg.batch_size, pad, shuffle=True, seed=cfg.seed, epoch=epoch)
+            for position, batch in enumerate(epoch_batches, 1):
+                if position <= skip:
+                    continue
+                model.train()
+                with autocast(cfg.dtype):
+                    logits = model(batch)
+                loss = loss_fn(logits.float(), batch["labels"])
+                if not torch.isfinite(loss):
+                    raise XPromptError(
+                        f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
+                        f"or use --dtype fp32 (now {cfg.dtype.value})"
+                    )
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seen += len(batch["labels"])
+                window_loss += loss.item()
+                window_n += 1
+                rate = seen / (time.perf_counter() - started)
+                if step % 20 == 0 or step == total:
+                    append_jsonl(log_path, {"step": step, "loss": round(window_loss / window_n, 5),
+                                            "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
+                    window_loss, window_n = 0.0, 0
+                if step % cfg.eval_every == 0 or step == total:
+                    acc = select_accuracy()
+                    append_jsonl(log_path, {"step": step, "select_accuracy": acc})
+                    if acc > best["accuracy"]:
+                        best = {"step": step, "accuracy": acc, "tensors": _state(model)}
+                    snapshot(position)
+                if on_step:
+                    on_step(step, total, loss.item(), rate)
+                if step >= total:
+                    break
+            else:
+                epoch += 1
+                continue
+            break
+    except KeyboardInterrupt:
+        snapshot(position)
+        raise
 
     seconds = time.perf_counter() - started
     summary = {

@@ -63,6 +63,16 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _hub_snapshot(name: str) -> Path | None:
+    """The local snapshot folder of a hub model that ``from_pretrained`` has just fetched."""
+    from transformers.utils import cached_file
+
+    try:
+        return Path(cached_file(name, "config.json")).parent
+    except (OSError, ValueError):
+        return None
+
+
 def _kind(config) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
@@ -107,12 +117,12 @@ def load_backbone(
     model.requires_grad_(False)
     model.eval()
     model.to(device)
-    local = Path(folder) if Path(str(folder)).is_dir() else Path(getattr(model, "name_or_path", "") or ".")
+    local = Path(folder) if Path(str(folder)).is_dir() else _hub_snapshot(str(folder))
     return Backbone(
         name=name,
-        path=local if local.is_dir() else None,
+        path=local,
         model=model,
         tokenizer=tokenizer,
         kind=kind,
-        sha256=weights_sha256(local) if local.is_dir() else "unknown",
+        sha256=weights_sha256(local) if local else "unknown",
     )
