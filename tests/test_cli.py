@@ -125,3 +125,49 @@ def test_backbone_errors_are_one_line(tmp_path, monkeypatch):
     result = invoke("train", "--backbone", tmp_path / "empty", "--runs-dir", tmp_path)
     assert result.exit_code == 1 and "has no config.json" in " ".join(result.output.split())
     assert not any(p.name != "empty" for p in tmp_path.iterdir())  # no half-made run directory
+
+
+def test_failed_training_leaves_no_run_directory(tiny_bert_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "mnli").mkdir(parents=True)
+    (data / "mnli" / "train_9k.en.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "yes"}\n')
+    runs = tmp_path / "runs"
+    result = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", data, "--runs-dir", runs)
+    assert result.exit_code == 1
+    assert "train_9k.en.jsonl:1: label 'yes' is not a label of task xnli" in " ".join(result.output.split())
+    assert list(runs.iterdir()) == []
+
+
+def test_resume_a_finished_run_is_refused(trained):
+    result = invoke("train", "--resume", trained)
+    assert result.exit_code == 1 and "already finished" in result.output
+
+
+def test_sigterm_then_resume_finishes_the_run(tiny_bert_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "xprompt", "train", "--backbone", str(tiny_bert_dir), "--data-dir", str(TEST_DATA),
+            "--runs-dir", str(runs), "--run-name", "killed", "--max-steps", "300", "--eval-every", "5",
+            "--prompt-length", "2", "--batch-size", "4", "--dtype", "fp32"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = runs / "killed" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out and "xprompt train --resume" in " ".join(out.split())
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 0 < stopped_at < 300
+    result = invoke("train", "--resume", runs / "killed")
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (runs / "killed" / "log.jsonl").read_text().splitlines()]
+    assert {"step": stopped_at, "resumed": True} in log
+    assert json.loads((runs / "killed" / "metrics.json").read_text())["train"]["steps"] == 300
+    assert os.path.isfile(runs / "killed" / "prompt" / "prompt.safetensors")

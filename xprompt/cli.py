@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,12 @@ def _data_dirs(data_dir: Optional[Path]) -> list[Path]:
     if not data_dir.is_dir():
         raise XPromptError(f"--data-dir {data_dir} is not a folder")
     return [data_dir]
+
+
+def _discard(run_dir: Path, resume: Optional[Path]) -> None:
+    """Remove a run directory that failed before its first checkpoint (never a resumed one)."""
+    if resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _interrupt(signum, frame):
@@ -202,9 +209,16 @@ def train(
         try:
             summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
         except KeyboardInterrupt:
+            if not (run_dir / "checkpoint").is_dir():
+                _discard(run_dir, resume)
+                raise XPromptError("interrupted before the first checkpoint; nothing was kept") from None
             raise XPromptError(
                 f"interrupted; the checkpoint is saved: continue with 'xprompt train --resume {run_dir}'"
             ) from None
+        except XPromptError:
+            if not (run_dir / "checkpoint").is_dir():
+                _discard(run_dir, resume)
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
     console.print(
