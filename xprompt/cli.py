@@ -43,6 +43,7 @@ DataDir = Annotated[
     typer.Option("--data-dir", help="Data root laid out as <task>/<split>.<lang>.jsonl[.gz]; searched before the bundled copy."),
 ]
 TasksDir = Annotated[Optional[Path], typer.Option("--tasks-dir", help="Folder of task cards (default: the bundled tasks/).")]
+TrustRemote = Annotated[bool, typer.Option(help="Let a hub backbone run its own Python code (off unless you ask).")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone is cached.")]
 
 
@@ -89,10 +90,13 @@ def _data_dirs(data_dir: Optional[Path]) -> list[Path]:
     return [data_dir]
 
 
-def _discard(run_dir: Path, resume: Optional[Path]) -> None:
-    """Remove a run directory that failed before its first checkpoint (never a resumed one)."""
+def _discard(run_dir: Path, resume: Optional[Path], runs_dir_is_new: bool) -> None:
+    """Remove a run directory that failed before its first checkpoint (never a resumed one),
+    and the runs folder too if this command created it."""
     if resume is None:
         shutil.rmtree(run_dir, ignore_errors=True)
+        if runs_dir_is_new:
+            shutil.rmtree(run_dir.parent, ignore_errors=True)
 
 
 def _interrupt(signum, frame):
@@ -153,6 +157,7 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
+    trust_remote_code: TrustRemote = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
@@ -160,16 +165,10 @@ def train(
 ):
     """Train one prompt on the source language; select on held-out source-language rows only."""
     from .backbones import load_backbone
-    from .store import default_run_name, new_run_dir, read_json, write_json
+    from .store import default_run_name, new_run_dir, read_json, run_lock, write_json
     from .training import train as run_training
 
-    if resume is not None:
-        saved = read_json(resume / "config.json")
-        cfg = TrainConfig.from_dict(saved["train"])
-        if (resume / "prompt" / "prompt.safetensors").is_file():
-            raise XPromptError(f"run {resume} already finished; evaluate it with 'xprompt eval --run {resume}'")
-        data_dir = Path(saved["data_dir"]) if saved.get("data_dir") else None
-    else:
+    if resume is None:
         try:
             cfg = TrainConfig(
                 task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
@@ -178,11 +177,25 @@ def train(
             )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        existing = runs_dir / run_name if run_name else None
+        if existing is not None and (existing / "config.json").is_file():
+            if read_json(existing / "config.json").get("train") != cfg.to_dict():
+                raise XPromptError(
+                    f"run {existing} exists with another config; choose another --run-name or --resume it"
+                )
+            resume = existing  # the same command again on the same run: continue it
+    if resume is not None:
+        saved = read_json(resume / "config.json")
+        cfg = TrainConfig.from_dict(saved["train"])
+        if (resume / "prompt" / "prompt.safetensors").is_file():
+            raise XPromptError(f"run {resume} already finished; evaluate it with 'xprompt eval --run {resume}'")
+        data_dir = Path(saved["data_dir"]) if saved.get("data_dir") else None
     spec = _load_task(cfg.task, tasks_dir)
     spec.check_languages([cfg.lang], "train")
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {cfg.backbone}"):
-        bb = load_backbone(cfg.backbone, cache_dir)
+        bb = load_backbone(cfg.backbone, cache_dir, trust_remote_code=trust_remote_code)
+    runs_dir_is_new = not runs_dir.exists()
     if resume is not None:
         run_dir = resume
         if saved["backbone"]["sha256"] != bb.sha256:
@@ -207,17 +220,18 @@ def train(
 
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
+            with run_lock(run_dir):
+                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
         except KeyboardInterrupt:
             if not (run_dir / "checkpoint").is_dir():
-                _discard(run_dir, resume)
+                _discard(run_dir, resume, runs_dir_is_new)
                 raise XPromptError("interrupted before the first checkpoint; nothing was kept") from None
             raise XPromptError(
                 f"interrupted; the checkpoint is saved: continue with 'xprompt train --resume {run_dir}'"
             ) from None
         except XPromptError:
             if not (run_dir / "checkpoint").is_dir():
-                _discard(run_dir, resume)
+                _discard(run_dir, resume, runs_dir_is_new)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -239,6 +253,7 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    trust_remote_code: TrustRemote = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
@@ -261,7 +276,7 @@ def evaluate_cmd(
     spec.check_languages(wanted, split)
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {backbone or card['backbone']}"):
-        bb = load_backbone(backbone or card["backbone"], cache_dir)
+        bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code)
     model, card = load_run_model(run_dir, bb, spec)
     source = card.get("train_language", spec.source_language)
 

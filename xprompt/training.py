@@ -22,7 +22,7 @@ from .errors import XPromptError
 from .evaluation import autocast, build_model, predict, scores
 from .model import PromptModel
 from .prompts import vocab_init
-from .store import append_jsonl, atomic_write, read_json, save_prompt, write_json
+from .store import append_jsonl, atomic_write, read_json, save_prompt, truncate_log, write_json
 from .tasks import TaskSpec
 
 
@@ -112,14 +112,21 @@ def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, pro
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value.detach().clone().reshape(value.shape)
     folder = Path(run_dir) / CHECKPOINT_DIR
-    atomic_write(folder / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    # The tensors go to a file named by the step and state.json, written last, points at it:
+    # a crash at any moment leaves a consistent pair (the previous one or the new one).
+    name = f"state-{progress['step']:08d}.safetensors"
+    atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)))
     write_json(folder / "state.json", {
         **progress,
+        "tensors": name,
         "best_step": best["step"],
         "best_accuracy": best["accuracy"],
         "scheduler": scheduler.state_dict(),
         "param_groups": opt["param_groups"],
     })
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> tuple[dict, dict] | None:
@@ -128,10 +135,11 @@ def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> 
     if not (folder / "state.json").is_file():
         return None
     meta = read_json(folder / "state.json")
+    path = folder / str(meta.get("tensors", ""))
     try:
-        tensors = load_file(str(folder / "state.safetensors"))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise XPromptError(f"{folder}/state.safetensors: unreadable checkpoint ({e}); delete it to start over") from None
+        raise XPromptError(f"{path}: unreadable checkpoint ({e}); delete {folder} to start over") from None
     where = str(folder)
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     model.prompt.load_tensors(pick("model."), where)
@@ -178,6 +186,7 @@ def train(
     restored = load_checkpoint(run_dir, model, optimizer, scheduler)
     if restored:
         progress, best = restored
+        truncate_log(log_path, progress["step"])  # steps after the checkpoint are run again
         append_jsonl(log_path, {"step": progress["step"], "resumed": True})
     else:
         progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0}
