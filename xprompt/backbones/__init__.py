@@ -52,7 +52,7 @@ class Backbone:
 
 def weights_sha256(folder: Path) -> str:
     """One sha256 over every weights file of a model folder (sorted by name)."""
-    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return "unknown"
     if len(files) == 1:
@@ -105,7 +105,10 @@ def load_backbone(
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code)
+        # safetensors only: a checkpoint that would need unpickling is refused, not loaded
+        model = AutoModel.from_pretrained(
+            folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
     except (OSError, ValueError) as e:
         raise XPromptError(
             f"cannot load backbone '{name}': {str(e).splitlines()[0]} "
