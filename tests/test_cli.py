@@ -171,3 +171,13 @@ def test_sigterm_then_resume_finishes_the_run(tiny_bert_dir, tmp_path):
     assert {"step": stopped_at, "resumed": True} in log
     assert json.loads((runs / "killed" / "metrics.json").read_text())["train"]["steps"] == 300
     assert os.path.isfile(runs / "killed" / "prompt" / "prompt.safetensors")
+
+
+def test_debug_shows_the_traceback():
+    from xprompt.errors import XPromptError
+
+    result = runner.invoke(app, ["--debug", "train", "--task", "nope"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, XPromptError)
+    result = runner.invoke(app, ["train", "--task", "nope"])
+    assert result.exit_code == 1 and not isinstance(result.exception, XPromptError)

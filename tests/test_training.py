@@ -47,13 +47,17 @@ def test_interrupted_run_resumes_exactly(backbone, xnli, tmp_path, stop_at):
 
 
 def test_same_seed_same_prompt_other_seed_differs(backbone, xnli, tmp_path):
-    outs = []
+    outs, summaries = [], []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         (tmp_path / name).mkdir()
-        train(_cfg(max_steps=3, seed=seed), backbone, xnli, tmp_path / name, [TEST_DATA])
+        summaries.append(train(_cfg(max_steps=3, seed=seed), backbone, xnli, tmp_path / name, [TEST_DATA]))
         outs.append((tmp_path / name / "prompt" / "prompt.safetensors").read_bytes())
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
+    same = ("select_accuracy", "best_step", "train_rows")
+    assert [summaries[0][k] for k in same] == [summaries[1][k] for k in same]
+    logs = [[line for line in (tmp_path / n / "log.jsonl").read_text().splitlines() if "loss" not in line] for n in "ab"]
+    assert logs[0] == logs[1]
 
 
 def test_nan_loss_stops_with_the_step(backbone, xnli, tmp_path):

@@ -164,6 +164,8 @@ def train(
     cache_dir: CacheDir = _default_cache(),
 ):
     """Train one prompt on the source language; select on held-out source-language rows only."""
+    import torch
+
     from .backbones import load_backbone
     from .store import default_run_name, new_run_dir, read_json, run_lock, write_json
     from .training import train as run_training
@@ -195,11 +197,16 @@ def train(
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {cfg.backbone}"):
         bb = load_backbone(cfg.backbone, cache_dir, trust_remote_code=trust_remote_code)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # repeatable runs: same seed, same bits
     runs_dir_is_new = not runs_dir.exists()
     if resume is not None:
         run_dir = resume
         if saved["backbone"]["sha256"] != bb.sha256:
             raise XPromptError(f"{resume}: the backbone's weights changed since the run started; start a new run")
+        changed = {k: (v, _versions().get(k)) for k, v in saved.get("versions", {}).items() if _versions().get(k) != v}
+        if changed:
+            err_console.print("warning: versions differ from the run's start, so the resumed prompt may not be "
+                              "bit-identical: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
         run_dir = new_run_dir(runs_dir, run_name or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
         write_json(run_dir / "config.json", {
