@@ -102,7 +102,7 @@ CASES = [
     ("eval-truncated-prompt", lambda t, c: _truncate(run_copy(t, c["finished"]) / "prompt" / "prompt.safetensors") or ["eval", "--run", str(t / "runs" / "copy")], 1, "corrupt or truncated safetensors"),
     ("eval-shape-mismatch", lambda t, c: _edit_card(run_copy(t, c["finished"]), prompt_length=5) or ["eval", "--run", str(t / "runs" / "copy")], 1, "has shape (2, 32), this model needs (5, 32)"),
     ("eval-card-not-json", lambda t, c: (run_copy(t, c["finished"]) / "prompt" / "xprompt.json").write_text("{oops") and ["eval", "--run", str(t / "runs" / "copy")], 1, "xprompt.json: not valid JSON"),
-    ("eval-other-task-labels", lambda t, c: ["eval", "--run", str(c["finished"]), "--task", "pawsx"], 1, "differ from task pawsx"),
+    ("eval-no-label-map", lambda t, c: ["eval", "--run", str(c["finished"]), "--task", "pawsx"], 1, "task pawsx declares no label map from xnli"),
     ("eval-malformed-dev", lambda t, c: ["eval", "--run", str(c["finished"]), "--langs", "de", "--data-dir", str(data_with(t, "xnli/dev.de.jsonl", [GOOD, "{"]))], 1, "dev.de.jsonl:2: malformed JSON"),
 ]
 

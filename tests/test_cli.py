@@ -181,3 +181,13 @@ def test_debug_shows_the_traceback():
     assert isinstance(result.exception, XPromptError)
     result = runner.invoke(app, ["train", "--task", "nope"])
     assert result.exit_code == 1 and not isinstance(result.exception, XPromptError)
+
+
+def test_cross_task_zero_shot_through_the_label_map(trained):
+    result = invoke("eval", "--run", trained, "--task", "ocnli", "--langs", "zh", "--data-dir", TEST_DATA, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["task"] == "ocnli" and out["results"]["zh"]["n"] == 21
+    preds = (trained / "predictions" / "ocnli.dev.zh.tsv").read_text().splitlines()[1:]
+    assert len(preds) == 21 and {p.split("\t")[1] for p in preds} <= {"entailment", "neutral", "contradiction"}
+    assert "ocnli" in json.loads((trained / "metrics.json").read_text())["eval"]

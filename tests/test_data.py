@@ -152,3 +152,12 @@ def test_batches_pad_and_sort(xnli, tokenizer):
     b = [b["index"].tolist() for b in batches(ds, 5, 1, shuffle=True, seed=1, epoch=0)]
     c = [b["index"].tolist() for b in batches(ds, 5, 1, shuffle=True, seed=1, epoch=1)]
     assert a == b and a != c
+
+
+def test_ocnli_rows_without_majority_are_dropped():
+    from xprompt.tasks import load_task
+
+    ocnli = load_task("ocnli")
+    ds = load_split(ocnli, "zh", "dev", [TEST_DATA], use_hub=False)
+    assert len(ds) == 21
+    assert len(load_split(ocnli, "zh", "dev", [], use_hub=False)) == 2950  # the bundled dev, "-" rows gone

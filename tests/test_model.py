@@ -19,7 +19,7 @@ def _batch(xnli, tokenizer, n=6):
 
 @pytest.mark.parametrize("method", list(Method))
 def test_backbone_frozen_and_gradients_reach_prompt(backbone, xnli, tokenizer, method):
-    model = build_model(backbone, xnli, method, 4, "mask")
+    model = build_model(backbone, 3, method, 4, "mask")
     ds, batch = _batch(xnli, tokenizer)
     init_prompt_and_verbalizer(model, backbone, ds, TrainConfig(method=method, prompt_length=4, dtype="fp32"))
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
@@ -43,14 +43,14 @@ def test_backbone_frozen_and_gradients_reach_prompt(backbone, xnli, tokenizer, m
 
 
 def test_training_mode_keeps_backbone_in_eval(backbone, xnli):
-    model = build_model(backbone, xnli, "soft", 4, "mask")
+    model = build_model(backbone, 3, "soft", 4, "mask")
     model.train()
     assert model.prompt.training and not backbone.model.training
 
 
 def test_verbalizer_init_equals_class_means(backbone, xnli, tokenizer):
     cfg = TrainConfig(method="soft", prompt_length=4, init_examples=1000, dtype="fp32")
-    model = build_model(backbone, xnli, cfg.method, cfg.prompt_length, cfg.readout)
+    model = build_model(backbone, 3, cfg.method, cfg.prompt_length, cfg.readout)
     ds = encode(load_split(xnli, "en", "train", [TEST_DATA], use_hub=False), xnli.template, tokenizer)
     init_prompt_and_verbalizer(model, backbone, ds, cfg)
     with torch.no_grad():
@@ -70,9 +70,9 @@ def test_deep_prompt_starts_as_the_soft_prompt(backbone, xnli, tokenizer):
     output as the input-level prompt before training; changing a layer's vectors changes it."""
     cfg = TrainConfig(method="deep", prompt_length=3, dtype="fp32")
     ds, batch = _batch(xnli, tokenizer)
-    deep = build_model(backbone, xnli, "deep", 3, "mask")
+    deep = build_model(backbone, 3, "deep", 3, "mask")
     init_prompt_and_verbalizer(deep, backbone, ds, cfg)
-    soft = build_model(backbone, xnli, "soft", 3, "mask")
+    soft = build_model(backbone, 3, "soft", 3, "mask")
     soft.prompt.embeddings.data.copy_(deep.prompt.embeddings.data)
     soft.verbalizer.weight.data.copy_(deep.verbalizer.weight.data)
     deep_logits = deep(batch)
@@ -84,11 +84,11 @@ def test_deep_prompt_starts_as_the_soft_prompt(backbone, xnli, tokenizer):
 def test_prompt_save_load_round_trip(backbone, xnli, tokenizer, tmp_path):
     cfg = TrainConfig(method="deep", prompt_length=3, dtype="fp32")
     ds, batch = _batch(xnli, tokenizer)
-    model = build_model(backbone, xnli, cfg.method, 3, "mask")
+    model = build_model(backbone, 3, cfg.method, 3, "mask")
     init_prompt_and_verbalizer(model, backbone, ds, cfg)
     save_prompt(tmp_path, {**model.prompt.tensors(), **model.verbalizer.tensors()},
                 prompt_card(cfg, xnli, backbone, {}))
-    loaded, card = load_run_model(tmp_path, backbone, xnli)
+    loaded, card = load_run_model(tmp_path, backbone)
     for name, tensor in model.prompt.tensors().items():
         assert torch.equal(tensor, loaded.prompt.tensors()[name])
     assert torch.equal(model.verbalizer.weight, loaded.verbalizer.weight)

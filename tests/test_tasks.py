@@ -6,7 +6,7 @@ import yaml
 from xprompt.errors import XPromptError
 from xprompt.tasks import DEFAULT_TASKS_DIR, load_task, parse_task, task_names, template_parts
 
-XNLI_LANGS = "en fr es de el bg ru tr ar vi th zh hi sw ur".split()
+XNLI_LANGS = "en fr es de el bg ru tr ar vi th zh hi sw ur ko".split()
 
 
 @pytest.mark.parametrize("name", task_names())
@@ -29,6 +29,27 @@ def test_xnli_and_pawsx_languages_and_labels():
     assert xnli.split_languages("train") == ["en"]
     assert pawsx.splits["test"].path_for("fr") == "pawsx/test_enproj.fr.jsonl.gz"
     assert pawsx.splits["test"].path_for("de") == "pawsx/test.de.jsonl.gz"
+    assert xnli.splits["dev"].path_for("ko") == "kornli_xnli/dev.ko.jsonl.gz"
+
+
+def test_chinese_cards_and_label_maps():
+    for name in ("ocnli", "afqmc", "bustm", "tnews", "iflytek", "csl", "eprstmt", "chnsenticorp"):
+        task = load_task(name)
+        assert task.language_codes == ["zh"] and task.source_language == "zh", name
+    assert len(load_task("iflytek").labels) == 119
+    assert len(load_task("tnews").labels) == 15 and "105" not in load_task("tnews").labels
+    ocnli, afqmc = load_task("ocnli"), load_task("afqmc")
+    assert ocnli.drop_labels == ("-",)
+    assert ocnli.bridge_from("xnli", ["entailment", "neutral", "contradiction"]) == [0, 1, 2]
+    # a source whose labels come in another order is mapped by name, not by position
+    assert ocnli.bridge_from("xnli", ["contradiction", "entailment", "neutral"]) == [2, 0, 1]
+    assert afqmc.bridge_from("pawsx", ["0", "1"]) == [0, 1]
+    with pytest.raises(XPromptError, match="task afqmc declares no label map from xnli"):
+        afqmc.bridge_from("xnli", ["entailment", "neutral", "contradiction"])
+    with pytest.raises(XPromptError, match="transfer.xnli must map every label"):
+        card = _card()
+        card["transfer"] = {"xnli": {"entailment": "entailment"}}
+        parse_task(card, "x.yaml")
 
 
 def test_template_parts_never_evaluates():

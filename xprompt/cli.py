@@ -135,7 +135,8 @@ def tasks_cmd(tasks_dir: TasksDir = None):
         splits = "; ".join(
             f"{s} ({', '.join(task.split_languages(s))})" if s == "train" else s for s in task.splits
         )
-        table.add_row(name, ", ".join(task.labels), " ".join(task.language_codes), splits)
+        labels = ", ".join(task.labels) if len(task.labels) <= 6 else f"{len(task.labels)} classes"
+        table.add_row(name, labels, " ".join(task.language_codes), splits)
     console.print(table)
 
 
@@ -284,8 +285,9 @@ def evaluate_cmd(
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {backbone or card['backbone']}"):
         bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code)
-    model, card = load_run_model(run_dir, bb, spec)
-    source = card.get("train_language", spec.source_language)
+    model, card = load_run_model(run_dir, bb)
+    bridge = spec.bridge_from(card["task"], card["labels"])
+    source = card.get("train_language", spec.source_language) if card["task"] == spec.name else None
 
     def on_language(lang, result):
         if not as_json:
@@ -293,7 +295,8 @@ def evaluate_cmd(
             err_console.print(f"  {lang}: {result['n']} rows, {acc}, {result['pairs_per_s']} pairs/s")
 
     results = evaluate_languages(
-        model, spec, bb.tokenizer, wanted, split, dirs, limit, batch_size, dtype=dtype, on_language=on_language
+        model, spec, bb.tokenizer, wanted, split, dirs, limit, batch_size, dtype=dtype, on_language=on_language,
+        bridge=bridge,
     )
     for lang, result in results.items():
         lines = ["id\tprediction"] + [f"{i}\t{p}" for i, p in zip(result.pop("ids"), result.pop("predictions"))]
@@ -309,7 +312,8 @@ def evaluate_cmd(
         print(json.dumps({"run": str(run_dir), "task": spec.name, "split": split, "results": results,
                           "summary": summary}, indent=2, sort_keys=True))
         return
-    table = Table(title=f"{spec.name} {split}: prompt of {run_dir.name} (trained on {source}), unchanged")
+    trained_on = f"{card['task']}/{card.get('train_language')}"
+    table = Table(title=f"{spec.name} {split}: prompt of {run_dir.name} (trained on {trained_on}), unchanged")
     for column in ("language", "n", "accuracy", "macro-F1"):
         table.add_column(column, justify="left" if column == "language" else "right")
     for row in language_rows(results, source):

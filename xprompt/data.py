@@ -69,6 +69,8 @@ def read_jsonl(path: Path, task: TaskSpec) -> Dataset:
                         raise XPromptError(f"{where}: field '{name}' is {problem}")
                     row[name] = value
                 has_label = obj.get("label") is not None
+                if has_label and str(obj["label"]) in task.drop_labels:
+                    continue
                 if labeled is None:
                     labeled = has_label
                 elif labeled != has_label:

@@ -59,9 +59,11 @@ def evaluate_languages(
     max_length: int = 128,
     dtype: DType | str = DType.FP32,
     on_language=None,
+    bridge: list[int] | None = None,
 ) -> dict:
     """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
-    labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only."""
+    labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only.
+    ``bridge[i]`` is the task's label index for the model's label i (a prompt from another task)."""
     task.check_languages(langs, split)
     results: dict[str, dict] = {}
     for lang in langs:
@@ -71,6 +73,8 @@ def evaluate_languages(
         encoded = encode(ds, task.template, tokenizer, max_length)
         start = time.perf_counter()
         preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
+        if bridge is not None:
+            preds = np.asarray(bridge)[preds]
         seconds = time.perf_counter() - start
         labels = np.asarray(ds["label"])
         labeled = bool((labels != NO_LABEL).all())
@@ -90,14 +94,14 @@ def evaluate_languages(
     return results
 
 
-def build_model(backbone: Backbone, task: TaskSpec, method: str, prompt_length: int, readout: str) -> PromptModel:
+def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str) -> PromptModel:
     prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers)
-    verbalizer = SoftVerbalizer(len(task.labels), backbone.hidden_size)
+    verbalizer = SoftVerbalizer(num_labels, backbone.hidden_size)
     return PromptModel(backbone, prompt, verbalizer, readout)
 
 
-def load_run_model(run_dir: Path, backbone: Backbone, task: TaskSpec) -> tuple[PromptModel, dict]:
-    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone or task."""
+def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict]:
+    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone."""
     tensors, card = load_prompt(run_dir)
     where = str(Path(run_dir) / "prompt")
     if card.get("backbone_sha256") not in (None, "unknown", backbone.sha256) and backbone.sha256 != "unknown":
@@ -106,12 +110,9 @@ def load_run_model(run_dir: Path, backbone: Backbone, task: TaskSpec) -> tuple[P
             f"(weights sha256 {str(card.get('backbone_sha256'))[:12]}), not on '{backbone.name}' "
             f"({backbone.sha256[:12]}); pass --backbone {card.get('backbone')}"
         )
-    if list(card.get("labels", [])) != list(task.labels):
-        raise XPromptError(
-            f"{where}: the prompt's labels {card.get('labels')} differ from task {task.name}'s "
-            f"{list(task.labels)}; evaluate it on the task it was trained for"
-        )
-    model = build_model(backbone, task, card["method"], int(card["prompt_length"]), card.get("readout", "mask"))
+    if not card.get("labels"):
+        raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
+    model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"))
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

@@ -5,7 +5,7 @@ from __future__ import annotations
 from statistics import mean
 
 
-def summarize(results: dict[str, dict], source_lang: str, metric: str = "accuracy") -> dict:
+def summarize(results: dict[str, dict], source_lang: str | None, metric: str = "accuracy") -> dict:
     """Average over target languages, average with the source language, and the transfer gap
     (source minus target average), over the languages that carry labels."""
     scored = {lang: r[metric] for lang, r in results.items() if r.get("labeled") and metric in r}
@@ -20,7 +20,7 @@ def summarize(results: dict[str, dict], source_lang: str, metric: str = "accurac
     return out
 
 
-def language_rows(results: dict[str, dict], source_lang: str) -> list[list[str]]:
+def language_rows(results: dict[str, dict], source_lang: str | None) -> list[list[str]]:
     """Rows of (language, n, accuracy, macro-F1) followed by the summary rows, as strings."""
 
     def pct(value) -> str:
@@ -35,7 +35,7 @@ def language_rows(results: dict[str, dict], source_lang: str) -> list[list[str]]
     n_targets = len([lang for lang in acc["languages"] if lang != source_lang])
     if "avg_target" in acc:
         rows.append([f"avg (targets, {n_targets})", "", pct(acc["avg_target"]), pct(f1.get("avg_target"))])
-    if "avg_all" in acc and n_targets:
+    if "avg_all" in acc and n_targets and source_lang in acc["languages"]:
         rows.append([f"avg (with {source_lang})", "", pct(acc["avg_all"]), pct(f1.get("avg_all"))])
     if "gap" in acc:
         rows.append([f"gap ({source_lang} - targets)", "", pct(acc["gap"]), pct(f1.get("gap"))])

@@ -52,6 +52,8 @@ class TaskSpec:
     metric: str = "accuracy"
     description: str = ""
     label_names: dict[str, str] = field(default_factory=dict)
+    drop_labels: tuple[str, ...] = ()  # rows with these labels are skipped (OCNLI's "-")
+    transfer: dict[str, dict[str, str]] = field(default_factory=dict)  # source task -> {label: source label}
     path: Path | None = None
 
     @property
@@ -74,6 +76,25 @@ class TaskSpec:
                 f"{where}: label {value!r} is not a label of task {self.name} "
                 f"(known: {', '.join(self.labels)})"
             ) from None
+
+    def bridge_from(self, source: "TaskSpec | str", source_labels: list[str]) -> list[int]:
+        """For a prompt trained on ``source``: this task's label index for each source label index,
+        through the card's declared ``transfer`` map (identity when the tasks are the same)."""
+        name = source if isinstance(source, str) else source.name
+        if name == self.name and list(source_labels) == list(self.labels):
+            return list(range(len(self.labels)))
+        mapping = self.transfer.get(name)
+        if mapping is None:
+            known = ", ".join(self.transfer) or "none"
+            raise XPromptError(
+                f"task {self.name} declares no label map from {name} (its 'transfer' covers: {known}); "
+                f"evaluate the prompt on {name} or add transfer.{name} to {self.path or self.name}"
+            )
+        back = {src: self.labels.index(own) for own, src in mapping.items()}
+        missing = [label for label in source_labels if label not in back]
+        if missing:
+            raise XPromptError(f"{self.path or self.name}: transfer.{name} lacks source label(s) {', '.join(missing)}")
+        return [back[label] for label in source_labels]
 
     def check_languages(self, langs: list[str], split: str | None = None) -> None:
         known = self.split_languages(split) if split else self.language_codes
@@ -174,6 +195,12 @@ def parse_task(card: dict, where: str) -> TaskSpec:
             files={str(k): str(v) for k, v in (spec.get("files") or {}).items()},
             languages=tuple(langs) if langs else None,
         )
+    transfer: dict[str, dict[str, str]] = {}
+    for other, mapping in (card.get("transfer") or {}).items():
+        mapping = {str(k): str(v) for k, v in (mapping or {}).items()}
+        if sorted(mapping) != sorted(labels):
+            raise XPromptError(f"{where}: transfer.{other} must map every label of {name} exactly once")
+        transfer[str(other)] = mapping
     source = str(card.get("source_language", "en"))
     if source not in languages:
         raise XPromptError(f"{where}: source_language '{source}' is not among the languages")
@@ -190,6 +217,8 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         metric=str(card.get("metric", "accuracy")),
         description=str(card.get("description", "")),
         label_names={str(k): str(v) for k, v in (card.get("label_names") or {}).items()},
+        drop_labels=tuple(str(x) for x in card.get("drop_labels") or ()),
+        transfer=transfer,
     )
 
 

@@ -167,7 +167,7 @@ def train(
     resumes from it: data order, optimizer and schedule continue exactly where they stopped."""
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs)
-    model = build_model(backbone, task, cfg.method, cfg.prompt_length, cfg.readout)
+    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout)
     init_prompt_and_verbalizer(model, backbone, data.train, cfg)
     pad = backbone.tokenizer.pad_token_id
 
