@@ -53,6 +53,11 @@ def test_eval_table_metrics_and_predictions(trained):
     ids = [json.loads(line)["id"] for line in (TEST_DATA / "xnli/dev.zh.jsonl").read_text().splitlines()]
     assert [r[0] for r in rows[1:]] == [str(i) for i in ids]
     assert {r[1] for r in rows[1:]} <= {"entailment", "neutral", "contradiction"}
+    from xprompt.registry import list_runs
+
+    (indexed,) = list_runs(trained.parent)
+    assert indexed["run_id"] == "tiny" and indexed["finished"] == 1
+    assert {(r["task"], r["lang"]) for r in indexed["results"]} >= {("xnli", "zh"), ("xnli", "de")}
 
 
 def test_eval_json_matches_table_numbers(trained):

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -168,6 +169,7 @@ def train(
     import torch
 
     from .backbones import load_backbone
+    from .registry import index_run
     from .store import default_run_name, new_run_dir, read_json, run_lock, write_json
     from .training import train as run_training
 
@@ -243,6 +245,7 @@ def train(
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+    index_run(run_dir.parent, run_dir)
     console.print(
         f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
         f"{summary['data']}; best step {summary['best_step']} with {100 * summary['select_accuracy']:.1f} "
@@ -270,6 +273,7 @@ def evaluate_cmd(
     """Apply a run's prompt unchanged to each language; print and store the results."""
     from .backbones import load_backbone
     from .evaluation import evaluate_languages, load_run_model
+    from .registry import index_run
     from .reports import language_rows, summarize
     from .store import latest_run, load_prompt, read_json, write_json, write_text
 
@@ -308,6 +312,7 @@ def evaluate_cmd(
         entry[lang] = {**result, "limit": limit, "dtype": dtype.value}
     summary = summarize(results, source)
     write_json(metrics_path, metrics)
+    index_run(run_dir.parent, run_dir)
     if as_json:
         print(json.dumps({"run": str(run_dir), "task": spec.name, "split": split, "results": results,
                           "summary": summary}, indent=2, sort_keys=True))
@@ -323,6 +328,66 @@ def evaluate_cmd(
     if unlabeled:
         console.print(f"no labels found in the {split} files of {', '.join(unlabeled)}: predictions written only")
     console.print(f"predictions: {run_dir / 'predictions'}/{spec.name}.{split}.<lang>.tsv")
+
+
+class Format(str, Enum):
+    MD = "md"
+    CSV = "csv"
+    JSON = "json"
+
+
+@command("runs")
+def runs_cmd(
+    task: Annotated[Optional[str], typer.Option(help="Only runs of this task.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Only runs of this method.")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="Only runs trained on this language.")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Recreate the index from the run folders first.")] = False,
+    runs_dir: RunsDir = Path("runs"),
+):
+    """List the runs in the registry (an SQLite index beside the run folders)."""
+    from .registry import list_runs, rebuild as rebuild_index
+
+    if rebuild:
+        console.print(f"indexed {rebuild_index(runs_dir)} runs")
+    table = Table(title=f"runs in {runs_dir}")
+    for column in ("run", "task", "lang", "method", "len", "shots", "seed", "done", "held-out acc", "evaluated"):
+        table.add_column(column)
+    for run in list_runs(runs_dir, task=task, method=method, lang=lang):
+        evaluated = sorted({f"{r['task']}/{r['split']}" for r in run["results"]})
+        acc = run["select_accuracy"]
+        table.add_row(run["run_id"], run["task"], run["lang"], run["method"], str(run["prompt_length"]),
+                      str(run["shots"] or "all"), str(run["seed"]), "yes" if run["finished"] else "no",
+                      "" if acc is None else f"{100 * acc:.1f}", ", ".join(evaluated))
+    console.print(table)
+
+
+@command("report")
+def report_cmd(
+    task: Annotated[str, typer.Option(help="Task whose evaluations to rank.")] = "xnli",
+    split: Annotated[str, typer.Option(help="dev or test (test files carry no labels here).")] = "dev",
+    fmt: Annotated[Format, typer.Option("--format", help="md, csv or json.")] = Format.MD,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report here instead of printing it.")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    tasks_dir: TasksDir = None,
+):
+    """Leaderboard over every run: sweeps (runs differing only in seed) as mean +- std per language,
+    the averages over targets and with the source language, the gap, and published reference rows.
+    Reads stored results only; never runs a model."""
+    from .registry import list_runs
+    from .reports import leaderboard, published_rows, render
+    from .store import write_text
+    from .tasks import DEFAULT_TASKS_DIR
+
+    _load_task(task, tasks_dir)
+    rows = leaderboard(list_runs(runs_dir), task, split)
+    published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published.yaml"
+    published = published_rows(published_file, task) if published_file.is_file() else []
+    text = render(rows, published, fmt.value)
+    if out:
+        write_text(out, text)
+        console.print(f"wrote {out}")
+    else:
+        print(text, end="")
 
 
 def main() -> None:

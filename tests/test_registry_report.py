@@ -1,0 +1,79 @@
+import csv
+import io
+import json
+import statistics
+
+import pytest
+
+from xprompt.registry import INDEX_FILE, index_run, list_runs, rebuild
+from xprompt.reports import leaderboard, render
+
+
+def _fake_run(runs, name, seed, scores, task="xnli", method="deep"):
+    run = runs / name
+    run.mkdir(parents=True)
+    cfg = {"task": task, "lang": "en", "backbone": "e5-small", "method": method, "prompt_length": 8,
+           "shots": 16, "seed": seed, "lr": 0.03, "max_steps": 100}
+    (run / "config.json").write_text(json.dumps({"train": cfg}))
+    dev = {lang: {"n": 10, "accuracy": acc, "macro_f1": acc - 0.1, "labeled": True} for lang, acc in scores.items()}
+    (run / "metrics.json").write_text(json.dumps({"train": {"select_accuracy": 0.5}, "eval": {task: {"dev": dev}}}))
+    index_run(runs, run)
+    return run
+
+
+def test_registry_indexes_and_rebuilds_from_folders(tmp_path):
+    _fake_run(tmp_path, "a", 13, {"en": 0.8, "de": 0.6})
+    _fake_run(tmp_path, "b", 21, {"en": 0.7, "de": 0.5}, method="soft")
+    before = list_runs(tmp_path)
+    assert [r["run_id"] for r in before] == ["a", "b"]
+    assert {(r["lang"], r["accuracy"]) for r in before[0]["results"]} == {("en", 0.8), ("de", 0.6)}
+    assert [r["run_id"] for r in list_runs(tmp_path, method="soft")] == ["b"]
+    (tmp_path / INDEX_FILE).unlink()
+    assert list_runs(tmp_path) == before  # rebuilt from the run folders on demand
+    assert rebuild(tmp_path) == 2
+
+
+def test_sweep_mean_and_std_over_seeds(tmp_path):
+    scores = [{"en": 0.8, "de": 0.6, "zh": 0.5}, {"en": 0.7, "de": 0.4, "zh": 0.5}, {"en": 0.9, "de": 0.5, "zh": 0.6}]
+    for i, s in enumerate(scores):
+        _fake_run(tmp_path, f"r{i}", [13, 21, 42][i], s)
+    _fake_run(tmp_path, "other", 13, {"en": 0.1, "de": 0.1, "zh": 0.1}, method="soft")
+    rows = leaderboard(list_runs(tmp_path), "xnli")
+    assert [r["method"] for r in rows] == ["deep", "soft"]  # best average over targets first
+    deep = rows[0]
+    assert deep["seeds"] == [13, 21, 42]
+    m, s = deep["languages"]["de"]
+    assert m == pytest.approx(0.5) and s == pytest.approx(statistics.stdev([0.6, 0.4, 0.5]))
+    per_seed_targets = [(x["de"] + x["zh"]) / 2 for x in scores]
+    assert deep["avg_target"][0] == pytest.approx(statistics.mean(per_seed_targets))
+    assert deep["avg_target"][1] == pytest.approx(statistics.stdev(per_seed_targets))
+    gaps = [x["en"] - (x["de"] + x["zh"]) / 2 for x in scores]
+    assert deep["gap"][0] == pytest.approx(statistics.mean(gaps))
+
+
+def test_render_formats_parse(tmp_path):
+    _fake_run(tmp_path, "a", 13, {"en": 0.8, "de": 0.6})
+    _fake_run(tmp_path, "b", 21, {"en": 0.6, "de": 0.4})
+    rows = leaderboard(list_runs(tmp_path), "xnli")
+    published = [{"model": "XLM-R base", "backbone": "xlm-roberta-base", "method": "full fine-tuning", "avg_all": 76.2}]
+    md = render(rows, published, "md").splitlines()
+    assert md[0].startswith("| run |") and "70.0 ± 14.1" in md[2] and md[3].startswith("| published: XLM-R base")
+    table = list(csv.reader(io.StringIO(render(rows, published, "csv"))))
+    assert table[0][5:7] == ["de", "en"] and table[1][5] == "50.0 ± 14.1" and table[2][-2] == "76.2"
+    data = json.loads(render(rows, published, "json"))
+    assert data["rows"][0]["seeds"] == [13, 21] and data["published"][0]["avg_all"] == 76.2
+
+
+def test_report_and_runs_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from xprompt.cli import app
+
+    _fake_run(tmp_path, "a", 13, {"en": 0.8, "de": 0.6})
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "--runs-dir", str(tmp_path), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[1][0] == "xnli/en x8" and any(r[0].startswith("published: XLM-R base") for r in rows)
+    result = runner.invoke(app, ["runs", "--runs-dir", str(tmp_path), "--rebuild"])
+    assert result.exit_code == 0 and "indexed 1 runs" in result.output

@@ -1,0 +1,103 @@
+"""The run registry: an SQLite index of runs and their results, kept beside the run folders.
+
+The folders are the truth; the index (``<runs-dir>/index.sqlite``, WAL mode) is a cache that
+``rebuild`` recreates from them at any time, so deleting it loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from .errors import XPromptError
+
+INDEX_FILE = "index.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, path TEXT, task TEXT, lang TEXT, backbone TEXT, method TEXT,
+    prompt_length INTEGER, shots INTEGER, seed INTEGER, lr REAL, max_steps INTEGER,
+    finished INTEGER, select_accuracy REAL, train_seconds REAL, config TEXT
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id TEXT, task TEXT, split TEXT, lang TEXT, n INTEGER, accuracy REAL, macro_f1 REAL,
+    PRIMARY KEY (run_id, task, split, lang)
+);
+"""
+
+
+def _connect(runs_dir: Path) -> sqlite3.Connection:
+    try:
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(Path(runs_dir) / INDEX_FILE, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+    except (sqlite3.Error, OSError) as e:
+        raise XPromptError(f"cannot open the run index {Path(runs_dir) / INDEX_FILE}: {e}; "
+                           f"delete it and run 'xprompt runs --rebuild'") from None
+    return db
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def index_run(runs_dir: Path, run_dir: Path) -> None:
+    """Insert or refresh one run (its config, training summary and every evaluation)."""
+    run_dir = Path(run_dir)
+    config = _read(run_dir / "config.json")
+    if "train" not in config:
+        return  # not a run folder
+    cfg, metrics = config["train"], _read(run_dir / "metrics.json")
+    train = metrics.get("train", {})
+    finished = (run_dir / "prompt" / "prompt.safetensors").is_file()
+    with closing(_connect(runs_dir)) as db, db:
+        db.execute("DELETE FROM results WHERE run_id = ?", (run_dir.name,))
+        db.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run_dir.name, str(run_dir), cfg.get("task"), cfg.get("lang"), cfg.get("backbone"), cfg.get("method"),
+             cfg.get("prompt_length"), cfg.get("shots"), cfg.get("seed"), cfg.get("lr"), cfg.get("max_steps"),
+             int(finished), train.get("select_accuracy"), train.get("train_seconds"), json.dumps(cfg, sort_keys=True)),
+        )
+        for task, splits in metrics.get("eval", {}).items():
+            for split, langs in splits.items():
+                for lang, r in langs.items():
+                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?)",
+                               (run_dir.name, task, split, lang, r.get("n"), r.get("accuracy"), r.get("macro_f1")))
+
+
+def rebuild(runs_dir: Path) -> int:
+    """Recreate the index from the run folders; returns the number of runs indexed."""
+    path = Path(runs_dir) / INDEX_FILE
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    count = 0
+    for run_dir in sorted(p for p in Path(runs_dir).iterdir() if (p / "config.json").is_file()):
+        index_run(runs_dir, run_dir)
+        count += 1
+    return count
+
+
+def list_runs(runs_dir: Path, **filters) -> list[dict]:
+    """Runs matching every given column value (``task="xnli"``, ``method="deep"`` ...), oldest first."""
+    if not (Path(runs_dir) / INDEX_FILE).is_file():
+        if not Path(runs_dir).is_dir():
+            return []
+        rebuild(runs_dir)
+    wanted = {k: v for k, v in filters.items() if v is not None}
+    columns = {"task", "lang", "backbone", "method", "shots", "seed", "finished", "prompt_length"}
+    unknown = set(wanted) - columns
+    if unknown:
+        raise XPromptError(f"unknown filter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(columns))}")
+    where = " AND ".join(f"{k} = ?" for k in wanted) or "1"
+    with closing(_connect(runs_dir)) as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute(f"SELECT * FROM runs WHERE {where} ORDER BY run_id", list(wanted.values()))]
+        for row in rows:
+            row["results"] = [dict(r) for r in db.execute(
+                "SELECT task, split, lang, n, accuracy, macro_f1 FROM results WHERE run_id = ?", (row["run_id"],))]
+    return rows
