@@ -196,3 +196,15 @@ def test_cross_task_zero_shot_through_the_label_map(trained):
     preds = (trained / "predictions" / "ocnli.dev.zh.tsv").read_text().splitlines()[1:]
     assert len(preds) == 21 and {p.split("\t")[1] for p in preds} <= {"entailment", "neutral", "contradiction"}
     assert "ocnli" in json.loads((trained / "metrics.json").read_text())["eval"]
+
+
+def test_seeds_sweep_trains_one_run_per_seed(tiny_bert_dir, tmp_path):
+    runs = tmp_path / "runs"
+    result = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs,
+                    "--max-steps", 2, "--eval-every", 2, "--prompt-length", 2, "--shots", 4, "--dtype", "fp32",
+                    "--seeds", "13,21", "--run-name", "sweep")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["sweep-s13", "sweep-s21"]
+    seeds = [json.loads((runs / n / "config.json").read_text())["train"]["seed"] for n in ("sweep-s13", "sweep-s21")]
+    assert seeds == [13, 21]
+    assert invoke("train", "--seeds", "1,x").exit_code == 2

@@ -155,6 +155,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
     eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
@@ -165,45 +166,66 @@ def train(
     tasks_dir: TasksDir = None,
     cache_dir: CacheDir = _default_cache(),
 ):
-    """Train one prompt on the source language; select on held-out source-language rows only."""
+    """Train one prompt on the source language (one per seed with --seeds); select on held-out
+    source-language rows only."""
+    from .backbones import load_backbone
+    from .store import read_json
+
+    if resume is not None:
+        saved = read_json(resume / "config.json")
+        configs = [(TrainConfig.from_dict(saved["train"]), resume)]
+        data_dir = Path(saved["data_dir"]) if saved.get("data_dir") else None
+    else:
+        try:
+            seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else [seed]
+        except ValueError:
+            raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        configs = []
+        for one in seed_list:
+            try:
+                cfg = TrainConfig(
+                    task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
+                    readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
+                    batch_size=batch_size, seed=one, dtype=dtype, eval_every=eval_every,
+                )
+            except ValueError as e:
+                raise typer.BadParameter(str(e)) from None
+            name = run_name and (f"{run_name}-s{one}" if len(seed_list) > 1 else run_name)
+            existing = runs_dir / name if name else None
+            if existing is not None and (existing / "config.json").is_file():
+                if read_json(existing / "config.json").get("train") != cfg.to_dict():
+                    raise XPromptError(
+                        f"run {existing} exists with another config; choose another --run-name or --resume it"
+                    )
+                configs.append((cfg, existing))  # the same command again on the same run: continue it
+            else:
+                configs.append((cfg, name))
+    first = configs[0][0]
+    spec = _load_task(first.task, tasks_dir)
+    spec.check_languages([first.lang], "train")
+    dirs = _data_dirs(data_dir)
+    with console.status(f"loading backbone {first.backbone}"):
+        bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code)
+    for cfg, target in configs:
+        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir)
+
+
+def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path]) -> None:
+    """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default)."""
     import torch
 
-    from .backbones import load_backbone
     from .registry import index_run
     from .store import default_run_name, new_run_dir, read_json, run_lock, write_json
     from .training import train as run_training
 
-    if resume is None:
-        try:
-            cfg = TrainConfig(
-                task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
-                readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
-                batch_size=batch_size, seed=seed, dtype=dtype, eval_every=eval_every,
-            )
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
-        existing = runs_dir / run_name if run_name else None
-        if existing is not None and (existing / "config.json").is_file():
-            if read_json(existing / "config.json").get("train") != cfg.to_dict():
-                raise XPromptError(
-                    f"run {existing} exists with another config; choose another --run-name or --resume it"
-                )
-            resume = existing  # the same command again on the same run: continue it
-    if resume is not None:
-        saved = read_json(resume / "config.json")
-        cfg = TrainConfig.from_dict(saved["train"])
-        if (resume / "prompt" / "prompt.safetensors").is_file():
-            raise XPromptError(f"run {resume} already finished; evaluate it with 'xprompt eval --run {resume}'")
-        data_dir = Path(saved["data_dir"]) if saved.get("data_dir") else None
-    spec = _load_task(cfg.task, tasks_dir)
-    spec.check_languages([cfg.lang], "train")
-    dirs = _data_dirs(data_dir)
-    with console.status(f"loading backbone {cfg.backbone}"):
-        bb = load_backbone(cfg.backbone, cache_dir, trust_remote_code=trust_remote_code)
     torch.use_deterministic_algorithms(True, warn_only=True)  # repeatable runs: same seed, same bits
     runs_dir_is_new = not runs_dir.exists()
+    resume = target if isinstance(target, Path) else None
     if resume is not None:
         run_dir = resume
+        saved = read_json(resume / "config.json")
+        if (resume / "prompt" / "prompt.safetensors").is_file():
+            raise XPromptError(f"run {resume} already finished; evaluate it with 'xprompt eval --run {resume}'")
         if saved["backbone"]["sha256"] != bb.sha256:
             raise XPromptError(f"{resume}: the backbone's weights changed since the run started; start a new run")
         changed = {k: (v, _versions().get(k)) for k, v in saved.get("versions", {}).items() if _versions().get(k) != v}
@@ -211,13 +233,14 @@ def train(
             err_console.print("warning: versions differ from the run's start, so the resumed prompt may not be "
                               "bit-identical: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
-        run_dir = new_run_dir(runs_dir, run_name or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
+        run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
         write_json(run_dir / "config.json", {
             "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
             "versions": _versions(), "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
             "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
         })
-    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method.value} prompt x{cfg.prompt_length}, {bb.name}")
+    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method.value} prompt "
+                  f"x{cfg.prompt_length}, seed {cfg.seed}, {bb.name}")
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(),
         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
@@ -380,7 +403,7 @@ def report_cmd(
 
     _load_task(task, tasks_dir)
     rows = leaderboard(list_runs(runs_dir), task, split)
-    published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published.yaml"
+    published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published" / "reference.yaml"
     published = published_rows(published_file, task) if published_file.is_file() else []
     text = render(rows, published, fmt.value)
     if out:
