@@ -77,3 +77,58 @@ def test_report_and_runs_commands(tmp_path):
     assert rows[1][0] == "xnli/en x8" and any(r[0].startswith("published: XLM-R base") for r in rows)
     result = runner.invoke(app, ["runs", "--runs-dir", str(tmp_path), "--rebuild"])
     assert result.exit_code == 0 and "indexed 1 runs" in result.output
+
+
+def test_bootstrap_interval_on_a_known_case():
+    from xprompt.reports import bootstrap_ci
+
+    low, high = bootstrap_ci(["1" * 700 + "0" * 300], samples=2000)
+    assert low < 0.7 < high
+    half_width = 1.96 * (0.7 * 0.3 / 1000) ** 0.5  # normal approximation: about 0.028
+    assert abs((high - low) / 2 - half_width) < 0.006
+    assert bootstrap_ci(["1111", "1111"]) == (1.0, 1.0)
+    assert bootstrap_ci(["11", "101"]) is None  # runs on different rows cannot be paired
+
+
+def test_html_report_escapes_data_and_has_no_script(tmp_path):
+    from html.parser import HTMLParser
+
+    run = _fake_run(tmp_path, "a", 13, {"en": 0.8, "de": 0.6})
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["backbone"] = "<script>alert('x')</script>"
+    (run / "config.json").write_text(json.dumps(cfg))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["eval"]["xnli"]["dev"]["de"]["correct"] = "1" * 6 + "0" * 4
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rebuild(tmp_path)
+    page = render(leaderboard(list_runs(tmp_path), "xnli"), [], "html", title="t <b>")
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parser = Collect()
+    parser.feed(page)
+    assert "script" not in parser.tags and "b" not in parser.tags
+    assert "<script>alert('x')</script>" in "".join(parser.text)  # shown as text, escaped in the markup
+    assert parser.tags.count("svg") == 2 and "table" in parser.tags
+    assert "60.0 [" in "".join(parser.text)  # the bootstrap interval of the cell with per-row results
+
+
+def test_xtreme_submission_files(tmp_path):
+    from xprompt.reports import xtreme_files
+
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    (run / "predictions" / "xnli.test.de.tsv").write_text("id\tprediction\n0\tneutral\n1\tentailment\n")
+    (run / "predictions" / "xnli.dev.de.tsv").write_text("id\tprediction\n0\tneutral\n")
+    written = xtreme_files(run, "xnli", tmp_path / "out")
+    assert [p.name for p in written] == ["test-de.tsv"]
+    assert (tmp_path / "out" / "xnli" / "test-de.tsv").read_text() == "neutral\nentailment\n"

@@ -357,6 +357,7 @@ class Format(str, Enum):
     MD = "md"
     CSV = "csv"
     JSON = "json"
+    HTML = "html"
 
 
 @command("runs")
@@ -388,8 +389,10 @@ def runs_cmd(
 def report_cmd(
     task: Annotated[str, typer.Option(help="Task whose evaluations to rank.")] = "xnli",
     split: Annotated[str, typer.Option(help="dev or test (test files carry no labels here).")] = "dev",
-    fmt: Annotated[Format, typer.Option("--format", help="md, csv or json.")] = Format.MD,
+    fmt: Annotated[Format, typer.Option("--format", help="md, csv, json or html (one self-contained page with charts).")] = Format.MD,
     out: Annotated[Optional[Path], typer.Option(help="Write the report here instead of printing it.")] = None,
+    xtreme: Annotated[Optional[Path], typer.Option(help="Also write XTREME submission files (<dir>/<task>/test-<lang>.tsv) from the test predictions of --run or the best row.")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="The run whose test predictions --xtreme uses.")] = None,
     runs_dir: RunsDir = Path("runs"),
     tasks_dir: TasksDir = None,
 ):
@@ -397,7 +400,7 @@ def report_cmd(
     the averages over targets and with the source language, the gap, and published reference rows.
     Reads stored results only; never runs a model."""
     from .registry import list_runs
-    from .reports import leaderboard, published_rows, render
+    from .reports import leaderboard, published_rows, render, xtreme_files
     from .store import write_text
     from .tasks import DEFAULT_TASKS_DIR
 
@@ -405,7 +408,15 @@ def report_cmd(
     rows = leaderboard(list_runs(runs_dir), task, split)
     published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published" / "reference.yaml"
     published = published_rows(published_file, task) if published_file.is_file() else []
-    text = render(rows, published, fmt.value)
+    text = render(rows, published, fmt.value, title=f"xprompt leaderboard: {task} {split}")
+    if xtreme is not None:
+        source = run or (Path(runs_dir) / rows[0]["runs"][0] if rows else None)
+        if source is None:
+            raise XPromptError(f"no evaluated run of {task} under {runs_dir}; pass --run for --xtreme")
+        written = xtreme_files(source, task, xtreme)
+        if not written:
+            raise XPromptError(f"{source} has no test predictions of {task}; run 'xprompt eval --split test' first")
+        err_console.print(f"wrote {len(written)} XTREME files under {xtreme / task} from {source.name}")
     if out:
         write_text(out, text)
         console.print(f"wrote {out}")

@@ -88,6 +88,8 @@ def evaluate_languages(
         }
         if labeled:
             result.update(scores(labels, preds, len(task.labels)))
+            # per-row correctness, for bootstrap confidence intervals in reports
+            result["correct"] = "".join("1" if ok else "0" for ok in preds == labels)
         results[lang] = result
         if on_language:
             on_language(lang, result)

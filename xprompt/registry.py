@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import XPromptError
 
 INDEX_FILE = "index.sqlite"
+SCHEMA_VERSION = 2  # bump on any schema change: an index of another version is rebuilt from the folders
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, path TEXT, task TEXT, lang TEXT, backbone TEXT, method TEXT,
@@ -21,7 +22,7 @@ CREATE TABLE IF NOT EXISTS runs (
     finished INTEGER, select_accuracy REAL, train_seconds REAL, config TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
-    run_id TEXT, task TEXT, split TEXT, lang TEXT, n INTEGER, accuracy REAL, macro_f1 REAL,
+    run_id TEXT, task TEXT, split TEXT, lang TEXT, n INTEGER, accuracy REAL, macro_f1 REAL, correct TEXT,
     PRIMARY KEY (run_id, task, split, lang)
 );
 """
@@ -33,6 +34,8 @@ def _connect(runs_dir: Path) -> sqlite3.Connection:
         db = sqlite3.connect(Path(runs_dir) / INDEX_FILE, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
+        if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except (sqlite3.Error, OSError) as e:
         raise XPromptError(f"cannot open the run index {Path(runs_dir) / INDEX_FILE}: {e}; "
                            f"delete it and run 'xprompt runs --rebuild'") from None
@@ -46,9 +49,21 @@ def _read(path: Path) -> dict:
         return {}
 
 
+def _current(runs_dir: Path) -> bool:
+    """Whether an index exists and has this version's schema."""
+    path = Path(runs_dir) / INDEX_FILE
+    if not path.is_file():
+        return False
+    with closing(sqlite3.connect(path, timeout=30)) as db:
+        return db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def index_run(runs_dir: Path, run_dir: Path) -> None:
     """Insert or refresh one run (its config, training summary and every evaluation)."""
     run_dir = Path(run_dir)
+    if (Path(runs_dir) / INDEX_FILE).is_file() and not _current(runs_dir):
+        rebuild(runs_dir)
+        return
     config = _read(run_dir / "config.json")
     if "train" not in config:
         return  # not a run folder
@@ -66,8 +81,9 @@ def index_run(runs_dir: Path, run_dir: Path) -> None:
         for task, splits in metrics.get("eval", {}).items():
             for split, langs in splits.items():
                 for lang, r in langs.items():
-                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?)",
-                               (run_dir.name, task, split, lang, r.get("n"), r.get("accuracy"), r.get("macro_f1")))
+                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",
+                               (run_dir.name, task, split, lang, r.get("n"), r.get("accuracy"), r.get("macro_f1"),
+                                r.get("correct")))
 
 
 def rebuild(runs_dir: Path) -> int:
@@ -84,7 +100,7 @@ def rebuild(runs_dir: Path) -> int:
 
 def list_runs(runs_dir: Path, **filters) -> list[dict]:
     """Runs matching every given column value (``task="xnli"``, ``method="deep"`` ...), oldest first."""
-    if not (Path(runs_dir) / INDEX_FILE).is_file():
+    if not _current(runs_dir):
         if not Path(runs_dir).is_dir():
             return []
         rebuild(runs_dir)
@@ -99,5 +115,5 @@ def list_runs(runs_dir: Path, **filters) -> list[dict]:
         rows = [dict(r) for r in db.execute(f"SELECT * FROM runs WHERE {where} ORDER BY run_id", list(wanted.values()))]
         for row in rows:
             row["results"] = [dict(r) for r in db.execute(
-                "SELECT task, split, lang, n, accuracy, macro_f1 FROM results WHERE run_id = ?", (row["run_id"],))]
+                "SELECT task, split, lang, n, accuracy, macro_f1, correct FROM results WHERE run_id = ?", (row["run_id"],))]
     return rows

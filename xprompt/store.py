@@ -20,6 +20,8 @@ from .errors import XPromptError
 PROMPT_DIR = "prompt"
 PROMPT_FILE = "prompt.safetensors"
 CARD_FILE = "xprompt.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -29,6 +31,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:
