@@ -208,3 +208,19 @@ def test_seeds_sweep_trains_one_run_per_seed(tiny_bert_dir, tmp_path):
     seeds = [json.loads((runs / n / "config.json").read_text())["train"]["seed"] for n in ("sweep-s13", "sweep-s21")]
     assert seeds == [13, 21]
     assert invoke("train", "--seeds", "1,x").exit_code == 2
+
+
+def test_target_language_few_shot_adaptation(trained):
+    result = invoke("eval", "--run", trained, "--langs", "zh", "--shots", 2, "--adapt-steps", 3,
+                    "--data-dir", TEST_DATA, "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    adapted = trained.parent / "tiny-adapt-zh-k2-s42"
+    config = json.loads((adapted / "config.json").read_text())["train"]
+    assert config["init_from"] == str(trained) and config["source_split"] == "dev" and config["lang"] == "zh"
+    metrics = json.loads((adapted / "metrics.json").read_text())
+    used = metrics["train"]["used_ids"]
+    assert len(used) == 12  # 2 train + 2 selection rows per class, all from zh dev
+    zh = metrics["eval"]["xnli"]["dev"]["zh"]
+    assert zh["n"] == 24 - 12 and zh["zero_shot"]["n"] == 12  # both on the same rest of dev
+    text = " ".join(result.output.split())
+    assert "zero-shot" in text and "2-shot" in text

@@ -69,4 +69,4 @@ def test_nan_loss_stops_with_the_step(backbone, xnli, tmp_path):
 def test_shots_train_and_selection_are_disjoint(backbone, xnli, tmp_path):
     summary = train(_cfg(shots=4, max_steps=2), backbone, xnli, tmp_path, [TEST_DATA])
     assert summary["train_rows"] == 12
-    assert summary["data"] == "4 shots per class; selection on 12 other en rows"
+    assert summary["data"] == "4 shots per class from en train; selection on 12 other en rows"

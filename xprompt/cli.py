@@ -287,13 +287,17 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
+    adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the few-shot sample and adaptation.")] = 42,
     trust_remote_code: TrustRemote = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
     cache_dir: CacheDir = _default_cache(),
 ):
-    """Apply a run's prompt unchanged to each language; print and store the results."""
+    """Apply a run's prompt unchanged to each language; print and store the results.
+    With --shots K, also adapt a copy per language on K target examples per class."""
     from .backbones import load_backbone
     from .evaluation import evaluate_languages, load_run_model
     from .registry import index_run
@@ -313,6 +317,10 @@ def evaluate_cmd(
     with console.status(f"loading backbone {backbone or card['backbone']}"):
         bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code)
     model, card = load_run_model(run_dir, bb)
+    if shots:
+        _adapt(run_dir, card, model, bb, spec, wanted, split, dirs, data_dir, shots, adapt_steps, seed,
+               limit, batch_size, dtype)
+        return
     bridge = spec.bridge_from(card["task"], card["labels"])
     source = card.get("train_language", spec.source_language) if card["task"] == spec.name else None
 
@@ -351,6 +359,54 @@ def evaluate_cmd(
     if unlabeled:
         console.print(f"no labels found in the {split} files of {', '.join(unlabeled)}: predictions written only")
     console.print(f"predictions: {run_dir / 'predictions'}/{spec.name}.{split}.<lang>.tsv")
+
+
+def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, steps, seed, limit, batch_size, dtype):
+    """Target-language few-shot: per language, continue a copy of the prompt on K examples per
+    class, then evaluate the zero-shot and the adapted prompt on the same rows."""
+    from .evaluation import evaluate_languages, load_run_model
+    from .registry import index_run
+    from .store import read_json, write_json
+
+    if card["task"] != spec.name:
+        raise XPromptError(f"--shots adapts on the run's own task ({card['task']}); drop --task {spec.name}")
+    if split != "dev":
+        raise XPromptError("--shots reports accuracies, so it needs --split dev")
+    base = read_json(run_dir / "config.json")["train"]
+    table = Table(title=f"{spec.name} {split}: zero-shot prompt of {run_dir.name} vs {shots}-shot adaptation "
+                        f"({steps} steps, seed {seed})")
+    for column in ("language", "n", "zero-shot", f"{shots}-shot", "change", "adapted from"):
+        table.add_column(column, justify="left" if column in ("language", "adapted from") else "right")
+    for lang in langs:
+        source_split = "train" if lang in spec.split_languages("train") else "dev"
+        try:
+            cfg = TrainConfig.from_dict({**base, "lang": lang, "shots": shots, "seed": seed, "max_steps": steps,
+                                         "eval_every": max(1, steps // 2), "source_split": source_split,
+                                         "init_from": str(run_dir)})
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        name = f"{run_dir.name}-adapt-{lang}-k{shots}-s{seed}"
+        adapted_dir = run_dir.parent / name
+        if not (adapted_dir / "prompt" / "prompt.safetensors").is_file():
+            _train_one(cfg, bb, spec, adapted_dir if adapted_dir.is_dir() else name, run_dir.parent, dirs, data_dir)
+        used = read_json(adapted_dir / "metrics.json")["train"].get("used_ids") or []
+        exclude = {lang: set(used)}
+        zero = evaluate_languages(model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size, dtype=dtype,
+                                  exclude_ids=exclude)[lang]
+        adapted_model, _ = load_run_model(adapted_dir, bb)
+        few = evaluate_languages(adapted_model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size,
+                                 dtype=dtype, exclude_ids=exclude)[lang]
+        metrics = read_json(adapted_dir / "metrics.json")
+        for result in (zero, few):
+            result.pop("ids")
+            result.pop("predictions")
+        entry = {**few, "zero_shot": zero, "rows": f"{split} minus the {len(used)} adaptation rows" if used else split}
+        metrics.setdefault("eval", {}).setdefault(spec.name, {}).setdefault(split, {})[lang] = entry
+        write_json(adapted_dir / "metrics.json", metrics)
+        index_run(run_dir.parent, adapted_dir)
+        table.add_row(lang, str(few["n"]), f"{100 * zero['accuracy']:.1f}", f"{100 * few['accuracy']:.1f}",
+                      f"{100 * (few['accuracy'] - zero['accuracy']):+.1f}", f"{source_split} ({name})")
+    console.print(table)
 
 
 class Format(str, Enum):

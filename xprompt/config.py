@@ -35,6 +35,8 @@ class TrainConfig:
     eval_every: int = field(default=200, metadata={"help": "steps between selection evaluations"})
     init_examples: int = field(default=256, metadata={"help": "examples whose class-mean <mask> states initialise the verbalizer"})
     dtype: DType = field(default=DType.BF16, metadata={"help": "compute dtype of the frozen backbone (autocast)"})
+    source_split: str = field(default="train", metadata={"help": "split the training rows come from (dev: target-language few-shot adaptation)"})
+    init_from: str | None = field(default=None, metadata={"help": "a run directory whose prompt and verbalizer start training"})
 
     def __post_init__(self):
         self.method = Method(self.method)
@@ -49,6 +51,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.source_split not in ("train", "dev"):
+            raise ValueError(f"source_split must be 'train' or 'dev', got {self.source_split!r}")
+        if self.source_split == "dev" and not self.shots:
+            raise ValueError("source_split='dev' needs shots (the rest of dev is kept for evaluation)")
         if self.readout not in ("mask", "mean"):
             raise ValueError(f"readout must be 'mask' or 'mean', got {self.readout!r}")
 

@@ -60,14 +60,19 @@ def evaluate_languages(
     dtype: DType | str = DType.FP32,
     on_language=None,
     bridge: list[int] | None = None,
+    exclude_ids: dict[str, set[str]] | None = None,
 ) -> dict:
     """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
     labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only.
-    ``bridge[i]`` is the task's label index for the model's label i (a prompt from another task)."""
+    ``bridge[i]`` is the task's label index for the model's label i (a prompt from another task);
+    ``exclude_ids[lang]`` are rows left out (those a few-shot adaptation trained on)."""
     task.check_languages(langs, split)
     results: dict[str, dict] = {}
     for lang in langs:
         ds = load_split(task, lang, split, data_dirs)
+        if exclude_ids and exclude_ids.get(lang):
+            left_out = exclude_ids[lang]
+            ds = ds.filter(lambda row: row["id"] not in left_out)
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         encoded = encode(ds, task.template, tokenizer, max_length)

@@ -22,7 +22,7 @@ from .errors import XPromptError
 from .evaluation import autocast, build_model, predict, scores
 from .model import PromptModel
 from .prompts import vocab_init
-from .store import append_jsonl, atomic_write, read_json, save_prompt, truncate_log, write_json
+from .store import append_jsonl, atomic_write, load_prompt, read_json, save_prompt, truncate_log, write_json
 from .tasks import TaskSpec
 
 
@@ -31,6 +31,7 @@ class TrainData:
     train: object  # encoded datasets.Dataset
     select: object
     describe: str
+    used_ids: list[str]  # ids of the rows training and selection saw (kept out of evaluation)
 
 
 def seed_everything(seed: int) -> None:
@@ -40,14 +41,16 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None) -> TrainData:
-    """The training rows and the held-out selection rows, both from the source language."""
-    task.check_languages([cfg.lang], "train")
-    pool = load_split(task, cfg.lang, "train", data_dirs)
+    """The training rows and the held-out selection rows, both from the training language and
+    ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
+    task.check_languages([cfg.lang], cfg.source_split)
+    pool = load_split(task, cfg.lang, cfg.source_split, data_dirs)
     if cfg.shots:
         train_rows = sample_shots(pool, cfg.shots, cfg.seed, len(task.labels))
         select_rows = sample_shots(pool, cfg.shots, cfg.seed + 1, len(task.labels), exclude=set(train_rows))
         train, select = pool.select(train_rows), pool.select(select_rows)
-        describe = f"{cfg.shots} shots per class; selection on {len(select)} other {cfg.lang} rows"
+        describe = (f"{cfg.shots} shots per class from {cfg.lang} {cfg.source_split}; "
+                    f"selection on {len(select)} other {cfg.lang} rows")
     else:
         size = min(cfg.select_size, len(pool) // 5)
         train, select = holdout_split(pool, size, cfg.seed)
@@ -56,6 +59,7 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
         encode(train, task.template, tokenizer, cfg.max_length),
         encode(select, task.template, tokenizer, cfg.max_length),
         describe,
+        [*train["id"], *select["id"]],
     )
 
 
@@ -97,6 +101,18 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "hidden_size": backbone.hidden_size,
         **extra,
     }
+
+
+def start_from_run(model: PromptModel, run_dir: Path, backbone: Backbone, task: TaskSpec) -> None:
+    """Overwrite the fresh prompt and verbalizer with a saved run's (same backbone, method, shape)."""
+    tensors, card = load_prompt(run_dir)
+    where = str(run_dir / "prompt")
+    if card.get("backbone_sha256") not in (None, "unknown", backbone.sha256):
+        raise XPromptError(f"{where}: trained on backbone '{card.get('backbone')}', not on '{backbone.name}'")
+    if card.get("labels") != list(task.labels):
+        raise XPromptError(f"{where}: its labels {card.get('labels')} are not task {task.name}'s {list(task.labels)}")
+    model.prompt.load_tensors(tensors, where)
+    model.verbalizer.load_tensors(tensors, where)
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -169,6 +185,8 @@ def train(
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout)
     init_prompt_and_verbalizer(model, backbone, data.train, cfg)
+    if cfg.init_from:
+        start_from_run(model, Path(cfg.init_from), backbone, task)
     pad = backbone.tokenizer.pad_token_id
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
@@ -259,6 +277,8 @@ def train(
         "train_seconds": round(seconds, 1),
         "train_examples_per_s": round(seen / seconds, 2),
         "trainable_parameters": sum(p.numel() for p in params),
+        "init_from": cfg.init_from,
+        "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
     card = prompt_card(cfg, task, backbone, {"selection": summary})
     save_prompt(run_dir, best["tensors"], card)
