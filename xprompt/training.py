@@ -72,9 +72,15 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
     if model.prompt.layer_init_needed():
         tok = backbone.tokenizer
         model.prompt.init_layers(model.layer_prompt_states(tok.cls_token_id, tok.sep_token_id))
-    rows = list(range(len(train)))
-    random.Random(cfg.seed).shuffle(rows)
-    sample = train.select(sorted(rows[: cfg.init_examples]))
+    # a stratified sample: up to init_examples / classes rows of every class, so that each class
+    # (119 in IFLYTEK) has a mean even when a plain random sample would miss it
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(train["label"]):
+        by_class.setdefault(label, []).append(i)
+    per_class = max(1, cfg.init_examples // max(1, len(by_class)))
+    rng = random.Random(cfg.seed)
+    chosen = [i for rows in by_class.values() for i in rng.sample(rows, min(per_class, len(rows)))]
+    sample = train.select(sorted(chosen))
     states, labels = [], []
     model.eval()
     with autocast(cfg.dtype):
