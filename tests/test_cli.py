@@ -224,3 +224,12 @@ def test_target_language_few_shot_adaptation(trained):
     assert zh["n"] == 24 - 12 and zh["zero_shot"]["n"] == 12  # both on the same rest of dev
     text = " ".join(result.output.split())
     assert "zero-shot" in text and "2-shot" in text
+
+
+def test_task_card_train_defaults_and_flag_override(tiny_bert_dir, tmp_path):
+    common = ["train", "--task", "pawsx", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir",
+              tmp_path, "--max-steps", 1, "--eval-every", 1, "--prompt-length", 2, "--dtype", "fp32"]
+    assert invoke(*common, "--run-name", "card").exit_code == 0
+    assert invoke(*common, "--run-name", "flag", "--lr", "0.05").exit_code == 0
+    lrs = [json.loads((tmp_path / n / "config.json").read_text())["train"]["lr"] for n in ("card", "flag")]
+    assert lrs == [0.01, 0.05]

@@ -98,3 +98,13 @@ def test_unknown_language_lists_known(xnli):
         xnli.check_languages(["de", "xx"])
     with pytest.raises(XPromptError, match="train split of xnli: zh; known: en"):
         xnli.check_languages(["zh"], "train")
+
+
+def test_train_defaults_are_validated():
+    card = _card()
+    card["train_defaults"] = {"epochs": 3}
+    with pytest.raises(XPromptError, match="train_defaults may set only lr"):
+        parse_task(card, "x.yaml")
+    card["train_defaults"] = {"lr": "fast"}
+    with pytest.raises(XPromptError, match="must be numbers"):
+        parse_task(card, "x.yaml")

@@ -152,7 +152,7 @@ def train(
     shots: Annotated[Optional[int], typer.Option(help="K training examples per class (default: the whole pool).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; 0 means use --epochs.")] = TrainConfig.max_steps,
     epochs: Annotated[float, typer.Option(help="Passes over the data when --max-steps is 0.")] = TrainConfig.epochs,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: the task card's train_defaults.lr, else {TrainConfig.lr}).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
@@ -181,6 +181,8 @@ def train(
         except ValueError:
             raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         configs = []
+        if lr is None:
+            lr = float(_load_task(task, tasks_dir).train_defaults.get("lr", TrainConfig.lr))
         for one in seed_list:
             try:
                 cfg = TrainConfig(

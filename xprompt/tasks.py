@@ -52,6 +52,7 @@ class TaskSpec:
     metric: str = "accuracy"
     description: str = ""
     label_names: dict[str, str] = field(default_factory=dict)
+    train_defaults: dict = field(default_factory=dict)  # recipe for this task, e.g. {lr: 0.01}; flags win
     drop_labels: tuple[str, ...] = ()  # rows with these labels are skipped (OCNLI's "-")
     transfer: dict[str, dict[str, str]] = field(default_factory=dict)  # source task -> {label: source label}
     path: Path | None = None
@@ -218,8 +219,20 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         description=str(card.get("description", "")),
         label_names={str(k): str(v) for k, v in (card.get("label_names") or {}).items()},
         drop_labels=tuple(str(x) for x in card.get("drop_labels") or ()),
+        train_defaults=_train_defaults(card.get("train_defaults"), where),
         transfer=transfer,
     )
+
+
+def _train_defaults(value, where: str) -> dict:
+    allowed = {"lr": float}
+    value = value or {}
+    if not isinstance(value, dict) or set(value) - set(allowed):
+        raise XPromptError(f"{where}: train_defaults may set only {', '.join(allowed)}")
+    try:
+        return {k: allowed[k](v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise XPromptError(f"{where}: train_defaults values must be numbers") from None
 
 
 def task_names(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[str]:
