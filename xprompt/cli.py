@@ -307,7 +307,7 @@ def evaluate_cmd(
     from .store import latest_run, load_prompt, read_json, write_json, write_text
 
     if split not in ("dev", "test", "train"):
-        raise typer.BadParameter(f"unknown split '{split}'; known: dev, test")
+        raise typer.BadParameter(f"unknown split '{split}'; known: dev, test, train")
     if limit is not None and limit < 1:
         raise typer.BadParameter("--limit must be at least 1")
     run_dir = run or latest_run(runs_dir)
