@@ -106,6 +106,8 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
         path = runs_dir / name
+        if path.is_dir() and not any(path.iterdir()):
+            return path  # left empty by a run killed as it started: take it over
         suffix = 1
         while path.exists():
             suffix += 1

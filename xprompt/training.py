@@ -213,6 +213,7 @@ def train(
         truncate_log(log_path, progress["step"])  # steps after the checkpoint are run again
         append_jsonl(log_path, {"step": progress["step"], "resumed": True})
     else:
+        log_path.unlink(missing_ok=True)  # a run restarted before its first checkpoint starts afresh
         progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0}
         best = {"step": 0, "accuracy": select_accuracy(), "tensors": _state(model)}
         append_jsonl(log_path, {"step": 0, "select_accuracy": best["accuracy"]})
