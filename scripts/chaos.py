@@ -10,6 +10,7 @@ training takes seconds on 2 CPU cores:
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_FLAGS = ["--max-steps", "60", "--eval-every", "4", "--prompt-length", "3", "--batch-size", "4",
+STEPS, EVERY = 300, 10
+TRAIN_FLAGS = ["--max-steps", str(STEPS), "--eval-every", str(EVERY), "--prompt-length", "3", "--batch-size", "4",
                "--dtype", "fp32", "--seed", "7"]
 
 
@@ -42,29 +44,39 @@ def train_cmd(backbone: Path, runs: Path, name: str) -> list[str]:
             str(ROOT / "tests" / "data"), "--runs-dir", str(runs), "--run-name", name, *TRAIN_FLAGS]
 
 
-def killed_then_resumed(backbone: Path, runs: Path, name: str, delay: float) -> dict:
-    """Start a run, SIGKILL it after ``delay`` seconds, then re-run the same command until done."""
+def killed_then_resumed(backbone: Path, runs: Path, name: str, kill_after_step: int, extra: float) -> dict:
+    """Start a run; once its checkpoint has passed ``kill_after_step``, wait ``extra`` seconds more
+    (so the kill lands between checkpoints, losing some steps) and SIGKILL it; then run the same
+    command again until the run is done."""
     proc = subprocess.Popen(train_cmd(backbone, runs, name), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    state = runs / name / "checkpoint" / "state.json"
+
+    def checkpoint_step() -> int | None:
+        try:
+            return json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    deadline = time.time() + 600
+    while proc.poll() is None and (checkpoint_step() or 0) < kill_after_step and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(extra)
     killed = proc.poll() is None
     if killed:
         proc.kill()
     proc.wait()
-    state = runs / name / "checkpoint" / "state.json"
-    import json
-
-    checkpoint_step = json.loads(state.read_text())["step"] if state.exists() else None
-    done = subprocess.run(train_cmd(backbone, runs, name), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"resume failed after a kill at {delay:.2f}s:\n{done.stdout}\n{done.stderr}")
-    return {"delay": round(delay, 2), "killed": killed, "checkpoint_step": checkpoint_step}
+    at = checkpoint_step()
+    if killed:  # the same command again continues the run
+        done = subprocess.run(train_cmd(backbone, runs, name), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"resume failed after a kill past step {kill_after_step}:\n{done.stdout}\n{done.stderr}")
+    return {"killed": killed, "checkpoint_step": at}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-delay", type=float, default=None, help="latest kill moment (s); default: the reference run's time")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="xprompt-chaos-"))
     try:
@@ -75,16 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         reference_seconds = time.perf_counter() - started
         reference = (runs / "reference" / "prompt" / "prompt.safetensors").read_bytes()
         rng = random.Random(args.seed)
-        latest = args.max_delay or reference_seconds
         failures = 0
-        print(f"reference run: {reference_seconds:.1f}s; killing between 2s and {latest:.1f}s")
+        print(f"reference run: {reference_seconds:.1f}s for {STEPS} steps, a checkpoint every {EVERY}")
         for i in range(args.kills):
             name = f"kill{i}"
-            info = killed_then_resumed(backbone, runs, name, rng.uniform(2.0, latest))
+            info = killed_then_resumed(backbone, runs, name, rng.randrange(EVERY, STEPS - EVERY), rng.uniform(0, 0.3))
             same = (runs / name / "prompt" / "prompt.safetensors").read_bytes() == reference
             failures += not same
-            print(f"kill {i}: SIGKILL at {info['delay']}s (killed: {info['killed']}, last checkpoint at step "
-                  f"{info['checkpoint_step']}) -> final prompt {'identical' if same else 'DIFFERENT'}")
+            print(f"kill {i}: SIGKILL {'after the checkpoint of step ' + str(info['checkpoint_step']) if info['killed'] else 'missed (run had finished)'}, "
+                  f"resumed -> final prompt {'identical' if same else 'DIFFERENT'} to the uninterrupted run's")
         print(f"{args.kills - failures} passed, {failures} failed")
         return 1 if failures else 0
     finally:
