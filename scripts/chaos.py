@@ -66,6 +66,8 @@ def killed_then_resumed(backbone: Path, runs: Path, name: str, kill_after_step: 
         proc.kill()
     proc.wait()
     at = checkpoint_step()
+    if killed and (runs / name / "prompt" / "prompt.safetensors").exists():
+        killed = False  # the kill came after the run had finished (while the process was exiting)
     if killed:  # the same command again continues the run
         done = subprocess.run(train_cmd(backbone, runs, name), capture_output=True, text=True)
         if done.returncode != 0:

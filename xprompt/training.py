@@ -288,8 +288,8 @@ def train(
         "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
     card = prompt_card(cfg, task, backbone, {"selection": summary})
-    save_prompt(run_dir, best["tensors"], card)
     write_json(Path(run_dir) / "metrics.json", {"train": summary})
+    save_prompt(run_dir, best["tensors"], card)  # last: a saved prompt marks a finished run
     return summary
 
 
