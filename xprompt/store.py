@@ -132,8 +132,8 @@ def latest_run(runs_dir: Path) -> Path:
 
 def save_prompt(run_dir: Path, tensors: dict[str, torch.Tensor], card: dict) -> None:
     folder = Path(run_dir) / PROMPT_DIR
+    write_json(folder / CARD_FILE, card)  # the tensors file comes last: its presence means "complete"
     atomic_write(folder / PROMPT_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_json(folder / CARD_FILE, card)
 
 
 def load_prompt(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
