@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference run: {reference_seconds:.1f}s for {STEPS} steps, a checkpoint every {EVERY}")
         for i in range(args.kills):
             name = f"kill{i}"
-            info = killed_then_resumed(backbone, runs, name, rng.randrange(EVERY, STEPS - EVERY), rng.uniform(0, 0.3))
+            info = killed_then_resumed(backbone, runs, name, rng.randrange(EVERY, STEPS - 4 * EVERY), rng.uniform(0, 0.3))
             same = (runs / name / "prompt" / "prompt.safetensors").read_bytes() == reference
             failures += not same
             print(f"kill {i}: SIGKILL {'after the checkpoint of step ' + str(info['checkpoint_step']) if info['killed'] else 'missed (run had finished)'}, "
