@@ -161,3 +161,17 @@ def test_ocnli_rows_without_majority_are_dropped():
     ds = load_split(ocnli, "zh", "dev", [TEST_DATA], use_hub=False)
     assert len(ds) == 21
     assert len(load_split(ocnli, "zh", "dev", [], use_hub=False)) == 2950  # the bundled dev, "-" rows gone
+
+
+def test_list_fields_are_joined_and_other_types_refused(tmp_path):
+    from xprompt.tasks import load_task
+
+    csl = load_task("csl")
+    (tmp_path / "fewclue" / "csl").mkdir(parents=True)
+    path = tmp_path / "fewclue" / "csl" / "dev_few_all.zh.jsonl"
+    path.write_text('{"id": 1, "abst": "摘要", "keyword": ["图像", "分割"], "label": "1"}\n', encoding="utf-8")
+    ds = load_split(csl, "zh", "dev", [tmp_path], use_hub=False)
+    assert ds[0]["keyword"] == "图像，分割"
+    path.write_text('{"id": 1, "abst": "摘要", "keyword": [1, 2], "label": "1"}\n', encoding="utf-8")
+    with pytest.raises(XPromptError, match="field 'keyword' is not a string"):
+        load_split(csl, "zh", "dev", [tmp_path], use_hub=False)

@@ -64,6 +64,8 @@ def read_jsonl(path: Path, task: TaskSpec) -> Dataset:
                 row = {"id": str(obj.get("id", len(rows)))}
                 for name in task.fields:
                     value = obj.get(name)
+                    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                        value = task.list_separator.join(value)  # e.g. CSL's keyword lists
                     if not isinstance(value, str):
                         problem = "missing" if value is None else f"not a string ({type(value).__name__})"
                         raise XPromptError(f"{where}: field '{name}' is {problem}")

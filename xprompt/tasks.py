@@ -52,6 +52,7 @@ class TaskSpec:
     metric: str = "accuracy"
     description: str = ""
     label_names: dict[str, str] = field(default_factory=dict)
+    list_separator: str = ", "  # joins a field given as a list of strings
     train_defaults: dict = field(default_factory=dict)  # recipe for this task, e.g. {lr: 0.01}; flags win
     drop_labels: tuple[str, ...] = ()  # rows with these labels are skipped (OCNLI's "-")
     transfer: dict[str, dict[str, str]] = field(default_factory=dict)  # source task -> {label: source label}
@@ -220,6 +221,7 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         label_names={str(k): str(v) for k, v in (card.get("label_names") or {}).items()},
         drop_labels=tuple(str(x) for x in card.get("drop_labels") or ()),
         train_defaults=_train_defaults(card.get("train_defaults"), where),
+        list_separator=str(card.get("list_separator", ", ")),
         transfer=transfer,
     )
 
