@@ -39,14 +39,19 @@ class PromptModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.prompt.parameters(), *self.verbalizer.parameters()] if p.requires_grad]
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""
+    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word embeddings with the prompt vectors inserted after ``<s>``, and the widened mask."""
         batch = input_ids.shape[0]
         words = self.embed(input_ids)
         prompt = self.prompt.embeddings.to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs = torch.cat([words[:, :PROMPT_OFFSET], prompt, words[:, PROMPT_OFFSET:]], dim=1)
         ones = attention_mask.new_ones(batch, self.prompt.length)
         mask = torch.cat([attention_mask[:, :PROMPT_OFFSET], ones, attention_mask[:, PROMPT_OFFSET:]], dim=1)
+        return inputs, mask
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""
+        inputs, mask = self._with_prompt(input_ids, attention_mask)
         # The method's hooks live only for this call, so models sharing a backbone never interfere.
         handles = self.prompt.install(self._layers)
         try:
@@ -80,11 +85,9 @@ class PromptModel(nn.Module):
 
         handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in list(self._layers)[1:]]
         tok = torch.tensor([[bos_id, eos_id]], device=self.prompt.embeddings.device)
-        words = self.embed(tok)
-        inputs = torch.cat([words[:, :PROMPT_OFFSET], self.prompt.embeddings.to(words.dtype).unsqueeze(0),
-                            words[:, PROMPT_OFFSET:]], dim=1)
+        inputs, mask = self._with_prompt(tok, torch.ones_like(tok))
         try:
-            self.backbone(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long))
+            self.backbone(inputs_embeds=inputs, attention_mask=mask)
         finally:
             for handle in handles:
                 handle.remove()
