@@ -107,16 +107,21 @@ def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length:
     return PromptModel(backbone, prompt, verbalizer, readout)
 
 
-def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict]:
-    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone."""
-    tensors, card = load_prompt(run_dir)
-    where = str(Path(run_dir) / "prompt")
+def check_backbone(card: dict, backbone: Backbone, where: str) -> None:
+    """Refuse a prompt whose card names other backbone weights than ``backbone``'s."""
     if card.get("backbone_sha256") not in (None, "unknown", backbone.sha256) and backbone.sha256 != "unknown":
         raise XPromptError(
             f"{where}: the prompt was trained on backbone '{card.get('backbone')}' "
             f"(weights sha256 {str(card.get('backbone_sha256'))[:12]}), not on '{backbone.name}' "
             f"({backbone.sha256[:12]}); pass --backbone {card.get('backbone')}"
         )
+
+
+def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict]:
+    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone."""
+    tensors, card = load_prompt(run_dir)
+    where = str(Path(run_dir) / "prompt")
+    check_backbone(card, backbone, where)
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"))

@@ -19,7 +19,7 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .data import batches, encode, holdout_split, load_split, sample_shots
 from .errors import XPromptError
-from .evaluation import autocast, build_model, predict, scores
+from .evaluation import autocast, build_model, check_backbone, predict, scores
 from .model import PromptModel
 from .prompts import vocab_init
 from .store import append_jsonl, atomic_write, load_prompt, read_json, save_prompt, truncate_log, write_json
@@ -113,8 +113,7 @@ def start_from_run(model: PromptModel, run_dir: Path, backbone: Backbone, task: 
     """Overwrite the fresh prompt and verbalizer with a saved run's (same backbone, method, shape)."""
     tensors, card = load_prompt(run_dir)
     where = str(run_dir / "prompt")
-    if card.get("backbone_sha256") not in (None, "unknown", backbone.sha256):
-        raise XPromptError(f"{where}: trained on backbone '{card.get('backbone')}', not on '{backbone.name}'")
+    check_backbone(card, backbone, where)
     if card.get("labels") != list(task.labels):
         raise XPromptError(f"{where}: its labels {card.get('labels')} are not task {task.name}'s {list(task.labels)}")
     model.prompt.load_tensors(tensors, where)
