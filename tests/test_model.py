@@ -105,3 +105,11 @@ def test_prompt_shape_mismatch_is_refused():
         DeepPrompt(4, 8, 2).load_tensors({"prompt_embeddings": torch.zeros(4, 8)}, "p")
     with pytest.raises(XPromptError, match="unknown method 'lora'; known: soft, deep"):
         build_prompt("lora", 4, 8, 2)
+
+
+def test_label_without_examples_starts_at_the_mean_of_all_states():
+    verbalizer = SoftVerbalizer(3, 2)
+    states = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    missing = verbalizer.init_from_class_means(states, torch.tensor([0, 0, 2]))
+    assert missing == [1]
+    torch.testing.assert_close(verbalizer.weight.data, torch.tensor([[2.0, 0.0], [4 / 3, 4 / 3], [0.0, 4.0]]))

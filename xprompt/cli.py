@@ -153,7 +153,9 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; 0 means use --epochs.")] = TrainConfig.max_steps,
     epochs: Annotated[float, typer.Option(help="Passes over the data when --max-steps is 0.")] = TrainConfig.epochs,
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: the task card's train_defaults.lr, else {TrainConfig.lr}).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = TrainConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(help="Examples per step, over all processes and micro-batches.")] = TrainConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step: the same result with less memory.")] = TrainConfig.grad_accum,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (under torchrun each process takes GPU LOCAL_RANK).")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
@@ -167,9 +169,14 @@ def train(
     cache_dir: CacheDir = _default_cache(),
 ):
     """Train one prompt on the source language (one per seed with --seeds); select on held-out
-    source-language rows only."""
+    source-language rows only. Runs data-parallel under torchrun or accelerate launch."""
+    from . import distributed
     from .backbones import load_backbone
     from .store import read_json
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise typer.BadParameter(f"--device must be cpu, cuda or auto, got {device!r}")
+    distributed.setup()
 
     if resume is not None:
         saved = read_json(resume / "config.json")
@@ -188,7 +195,7 @@ def train(
                 cfg = TrainConfig(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
-                    batch_size=batch_size, seed=one, dtype=dtype, eval_every=eval_every,
+                    batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,
                 )
             except ValueError as e:
                 raise typer.BadParameter(str(e)) from None
@@ -209,18 +216,25 @@ def train(
     with console.status(f"loading backbone {first.backbone}"):
         bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code)
     for cfg, target in configs:
-        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir)
+        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device)
 
 
-def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path]) -> None:
-    """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default)."""
+def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path],
+               device: str = "cpu") -> None:
+    """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default).
+    Under a launcher, rank 0 creates, locks, writes and prints; the other processes only compute."""
+    import contextlib
+
     import torch
 
+    from . import distributed
     from .registry import index_run
     from .store import default_run_name, new_run_dir, read_json, run_lock, write_json
     from .training import train as run_training
 
     torch.use_deterministic_algorithms(True, warn_only=True)  # repeatable runs: same seed, same bits
+    rank, world = distributed.rank_world()
+    main = rank == 0
     runs_dir_is_new = not runs_dir.exists()
     resume = target if isinstance(target, Path) else None
     if resume is not None:
@@ -235,18 +249,23 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
             err_console.print("warning: versions differ from the run's start, so the resumed prompt may not be "
                               "bit-identical: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
-        run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
-        write_json(run_dir / "config.json", {
-            "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
-            "versions": _versions(), "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
-            "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
-        })
-    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method.value} prompt "
-                  f"x{cfg.prompt_length}, seed {cfg.seed}, {bb.name}")
+        run_dir = None
+        if main:
+            run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
+            write_json(run_dir / "config.json", {
+                "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
+                "versions": _versions(), "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
+                "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
+            })
+        run_dir = distributed.broadcast(run_dir)
+    if main:
+        console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method.value} prompt "
+                      f"x{cfg.prompt_length}, seed {cfg.seed}, {bb.name}"
+                      + (f", {world} processes" if world > 1 else ""))
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(),
         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False, disable=not main,
     ) as progress:
         bar = progress.add_task("train", total=None, info="")
 
@@ -255,21 +274,24 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
 
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            with run_lock(run_dir):
-                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step)
+            with run_lock(run_dir) if main else contextlib.nullcontext():
+                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step, device=device)
         except KeyboardInterrupt:
             if not (run_dir / "checkpoint").is_dir():
-                _discard(run_dir, resume, runs_dir_is_new)
+                if main:
+                    _discard(run_dir, resume, runs_dir_is_new)
                 raise XPromptError("interrupted before the first checkpoint; nothing was kept") from None
             raise XPromptError(
                 f"interrupted; the checkpoint is saved: continue with 'xprompt train --resume {run_dir}'"
             ) from None
         except XPromptError:
-            if not (run_dir / "checkpoint").is_dir():
+            if main and not (run_dir / "checkpoint").is_dir():
                 _discard(run_dir, resume, runs_dir_is_new)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
+    if not main:
+        return
     index_run(run_dir.parent, run_dir)
     console.print(
         f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
@@ -281,13 +303,14 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
 @command("eval")
 def evaluate_cmd(
     langs: Annotated[str, typer.Option(help="Comma-separated languages, or 'all'.")] = "all",
-    run: Annotated[Optional[Path], typer.Option(help="Run directory (default: the latest under --runs-dir).")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the latest under --runs-dir). Under torchrun write --run-dir: its parser takes --run for its own --run-path.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task to evaluate on (default: the run's task).")] = None,
     split: Annotated[str, typer.Option(help="dev or test (test files carry no labels: predictions only).")] = "dev",
     limit: Annotated[Optional[int], typer.Option(help="At most N rows per language.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (under torchrun the languages are shared out over the processes).")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
     shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
     adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
@@ -299,7 +322,9 @@ def evaluate_cmd(
     cache_dir: CacheDir = _default_cache(),
 ):
     """Apply a run's prompt unchanged to each language; print and store the results.
-    With --shots K, also adapt a copy per language on K target examples per class."""
+    With --shots K, also adapt a copy per language on K target examples per class.
+    Under torchrun / accelerate launch the languages are shared out over the processes and merged."""
+    from . import distributed
     from .backbones import load_backbone
     from .evaluation import evaluate_languages, load_run_model
     from .registry import index_run
@@ -318,8 +343,14 @@ def evaluate_cmd(
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {backbone or card['backbone']}"):
         bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code)
+    if device not in ("cpu", "cuda", "auto"):
+        raise typer.BadParameter(f"--device must be cpu, cuda or auto, got {device!r}")
+    rank, world = distributed.setup()
     model, card = load_run_model(run_dir, bb)
+    model.to(distributed.local_device(device))
     if shots:
+        if world > 1:
+            raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
         _adapt(run_dir, card, model, bb, spec, wanted, split, dirs, data_dir, shots, adapt_steps, seed,
                limit, batch_size, dtype)
         return
@@ -331,10 +362,14 @@ def evaluate_cmd(
             acc = f"{100 * result['accuracy']:.1f}" if result["labeled"] else "no labels"
             err_console.print(f"  {lang}: {result['n']} rows, {acc}, {result['pairs_per_s']} pairs/s")
 
-    results = evaluate_languages(
-        model, spec, bb.tokenizer, wanted, split, dirs, limit, batch_size, dtype=dtype, on_language=on_language,
-        bridge=bridge,
+    mine = evaluate_languages(
+        model, spec, bb.tokenizer, wanted[rank::world], split, dirs, limit, batch_size, dtype=dtype,
+        on_language=on_language, bridge=bridge,
     )
+    merged = {lang: result for part in distributed.gather(mine) for lang, result in part.items()}
+    if rank != 0:
+        return
+    results = {lang: merged[lang] for lang in wanted}
     for lang, result in results.items():
         lines = ["id\tprediction"] + [f"{i}\t{p}" for i, p in zip(result.pop("ids"), result.pop("predictions"))]
         write_text(run_dir / "predictions" / f"{spec.name}.{split}.{lang}.tsv", "\n".join(lines) + "\n")

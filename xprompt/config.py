@@ -27,7 +27,8 @@ class TrainConfig:
     max_steps: int | None = field(default=1200, metadata={"help": "optimizer steps (overrides epochs)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training data when max_steps is None"})
     lr: float = field(default=3e-2, metadata={"help": "peak learning rate (AdamW)"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step (the global batch: over all processes and micro-batches)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step (same result, less memory)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "linear warm-up share of the steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_length: int = field(default=128, metadata={"help": "max tokens per example (before the prompt)"})
@@ -51,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.grad_accum <= self.batch_size:
+            raise ValueError(f"grad_accum must be between 1 and batch_size ({self.batch_size}), got {self.grad_accum}")
         if self.source_split not in ("train", "dev"):
             raise ValueError(f"source_split must be 'train' or 'dev', got {self.source_split!r}")
         if self.source_split == "dev" and not self.shots:

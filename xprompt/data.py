@@ -270,3 +270,12 @@ def batches(
             "labels": torch.tensor([label_col[i] for i in group]),
             "index": torch.tensor(group),
         }
+
+
+def slice_batch(batch: dict, rows: torch.Tensor) -> dict:
+    """Some rows of a padded batch, trimmed to the longest of them (a micro-batch or a process's share)."""
+    out = {k: v[rows] for k, v in batch.items()}
+    width = int(out["attention_mask"].sum(1).max())
+    out["input_ids"] = out["input_ids"][:, :width]
+    out["attention_mask"] = out["attention_mask"][:, :width]
+    return out

@@ -14,10 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
-from . import __version__
+from . import __version__, distributed
 from .backbones import Backbone
 from .config import TrainConfig
-from .data import batches, encode, holdout_split, load_split, sample_shots
+from .data import batches, encode, holdout_split, load_split, sample_shots, slice_batch
 from .errors import XPromptError
 from .evaluation import autocast, build_model, check_backbone, predict, scores
 from .model import PromptModel
@@ -64,9 +64,10 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
 
 
 @torch.no_grad()
-def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg: TrainConfig) -> None:
+def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg: TrainConfig) -> list[int]:
     """Vocabulary-sampled prompt vectors; deep layers from the states they produce; label vectors
-    from the class-mean states of (up to ``init_examples``) training rows."""
+    from the class-mean states of (up to ``init_examples``) training rows. Returns the labels that
+    had no training row (their vectors start at the mean of all states)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model.prompt.embeddings.copy_(vocab_init(backbone.input_embeddings().weight, model.prompt.length, gen))
     if model.prompt.layer_init_needed():
@@ -83,11 +84,12 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
     sample = train.select(sorted(chosen))
     states, labels = [], []
     model.eval()
-    with autocast(cfg.dtype):
+    device = model.prompt.embeddings.device
+    with autocast(cfg.dtype, device.type):
         for batch in batches(sample, 64, backbone.tokenizer.pad_token_id):
-            states.append(model.states(batch).float())
+            states.append(model.states({k: v.to(device) for k, v in batch.items()}).float().cpu())
             labels.append(batch["labels"])
-    model.verbalizer.init_from_class_means(torch.cat(states), torch.cat(labels))
+    return model.verbalizer.init_from_class_means(torch.cat(states), torch.cat(labels))
 
 
 def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dict) -> dict:
@@ -182,14 +184,22 @@ def train(
     run_dir: Path,
     data_dirs: list[Path] | None = None,
     on_step=None,
+    device: str = "cpu",
 ) -> dict:
     """Train one prompt; writes ``prompt/``, ``log.jsonl``, ``metrics.json`` and a ``checkpoint/``
     (every ``eval_every`` steps and on Ctrl-C) into ``run_dir``. A run that has a checkpoint
-    resumes from it: data order, optimizer and schedule continue exactly where they stopped."""
+    resumes from it: data order, optimizer and schedule continue exactly where they stopped.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this function: each computes
+    the gradients of its share of every global batch, one all_reduce sums them (the prompt's
+    only), and only rank 0 writes."""
+    rank, world = distributed.rank_world()
+    main = rank == 0
+    where = distributed.local_device(device)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs)
-    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout)
-    init_prompt_and_verbalizer(model, backbone, data.train, cfg)
+    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout).to(where)
+    missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg)
     if cfg.init_from:
         start_from_run(model, Path(cfg.init_from), backbone, task)
     pad = backbone.tokenizer.pad_token_id
@@ -199,23 +209,28 @@ def train(
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    loss_fn = torch.nn.CrossEntropyLoss()
     log_path = Path(run_dir) / "log.jsonl"
+    log = (lambda record: append_jsonl(log_path, record)) if main else (lambda record: None)
+    # every process scores its shard of the selection rows; the counts are summed
+    select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
 
     def select_accuracy() -> float:
-        preds = predict(model, data.select, 64, pad, cfg.dtype)
-        return scores(np.asarray(data.select["label"]), preds, len(task.labels))["accuracy"]
+        preds = predict(model, select_part, 64, pad, cfg.dtype)
+        correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
+        return correct / n
 
     restored = load_checkpoint(run_dir, model, optimizer, scheduler)
     if restored:
         progress, best = restored
-        truncate_log(log_path, progress["step"])  # steps after the checkpoint are run again
-        append_jsonl(log_path, {"step": progress["step"], "resumed": True})
+        if main:
+            truncate_log(log_path, progress["step"])  # steps after the checkpoint are run again
+        log({"step": progress["step"], "resumed": True})
     else:
-        log_path.unlink(missing_ok=True)  # a run restarted before its first checkpoint starts afresh
+        if main:
+            log_path.unlink(missing_ok=True)  # a run restarted before its first checkpoint starts afresh
         progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0}
         best = {"step": 0, "accuracy": select_accuracy(), "tensors": _state(model)}
-        append_jsonl(log_path, {"step": 0, "select_accuracy": best["accuracy"]})
+        log({"step": 0, "select_accuracy": best["accuracy"]})
     step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
     started = time.perf_counter() - progress["seconds"]
     window_loss, window_n = 0.0, 0
@@ -224,7 +239,8 @@ def train(
     def snapshot(batch_in_epoch: int) -> None:
         progress.update(step=step, epoch=epoch, batch=batch_in_epoch, seen=seen,
                         seconds=time.perf_counter() - started)
-        save_checkpoint(run_dir, model, optimizer, scheduler, progress, best)
+        if main:
+            save_checkpoint(run_dir, model, optimizer, scheduler, progress, best)
 
     try:
         while step < total:
@@ -234,15 +250,13 @@ def train(
                 if position <= skip:
                     continue
                 model.train()
-                with autocast(cfg.dtype):
-                    logits = model(batch)
-                loss = loss_fn(logits.float(), batch["labels"])
+                loss = accumulate_gradients(model, batch, cfg, where, rank, world)
+                loss = distributed.sum_gradients(params, loss)
                 if not torch.isfinite(loss):
                     raise XPromptError(
                         f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
                         f"or use --dtype fp32 (now {cfg.dtype.value})"
                     )
-                loss.backward()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -252,12 +266,12 @@ def train(
                 window_n += 1
                 rate = seen / (time.perf_counter() - started)
                 if step % 20 == 0 or step == total:
-                    append_jsonl(log_path, {"step": step, "loss": round(window_loss / window_n, 5),
+                    log({"step": step, "loss": round(window_loss / window_n, 5),
                                             "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
                     window_loss, window_n = 0.0, 0
                 if step % cfg.eval_every == 0 or step == total:
                     acc = select_accuracy()
-                    append_jsonl(log_path, {"step": step, "select_accuracy": acc})
+                    log({"step": step, "select_accuracy": acc})
                     if acc > best["accuracy"]:
                         best = {"step": step, "accuracy": acc, "tensors": _state(model)}
                     snapshot(position)
@@ -286,10 +300,35 @@ def train(
         "init_from": cfg.init_from,
         "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
-    card = prompt_card(cfg, task, backbone, {"selection": summary})
-    write_json(Path(run_dir) / "metrics.json", {"train": summary})
-    save_prompt(run_dir, best["tensors"], card)  # last: a saved prompt marks a finished run
+    if world > 1:
+        summary["processes"] = world
+    if missing:
+        summary["labels_without_train_rows"] = [task.labels[i] for i in missing]
+    if main:
+        card = prompt_card(cfg, task, backbone, {"selection": summary})
+        write_json(Path(run_dir) / "metrics.json", {"train": summary})
+        save_prompt(run_dir, best["tensors"], card)  # last: a saved prompt marks a finished run
     return summary
+
+
+def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, device, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Backward pass over this process's rows of a global batch (every ``world``-th row), in
+    ``cfg.grad_accum`` micro-batches. Each micro-batch's summed loss is divided by the global
+    batch size, so the gradients add up to the gradient of the global batch's mean loss whatever
+    the number of processes and micro-batches. Returns this process's share of that loss."""
+    size = len(batch["labels"])
+    rows = torch.arange(rank, size, world)
+    total = torch.zeros((), device=device)
+    for part in torch.tensor_split(rows, min(cfg.grad_accum, max(1, len(rows)))):
+        if len(part) == 0:
+            continue
+        piece = {k: v.to(device) for k, v in slice_batch(batch, part).items()}
+        with autocast(cfg.dtype, device.type):
+            logits = model(piece)
+        loss = torch.nn.functional.cross_entropy(logits.float(), piece["labels"], reduction="sum") / size
+        loss.backward()
+        total += loss.detach()
+    return total
 
 
 def _state(model: PromptModel) -> dict[str, torch.Tensor]:

@@ -25,12 +25,19 @@ class SoftVerbalizer(nn.Module):
         return states @ w.T - 0.5 * (w * w).sum(-1)
 
     @torch.no_grad()
-    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> None:
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Each label's vector from the mean state of its examples. A label without examples
+        (a rare class held out for selection) starts at the mean of all states; returns those labels."""
+        if len(states) == 0:
+            raise XPromptError("no training examples to initialise the label vectors from")
+        missing = []
         for c in range(self.weight.shape[0]):
             chosen = states[labels == c]
             if len(chosen) == 0:
-                raise XPromptError(f"no training example of label index {c} to initialise its label vector")
+                missing.append(c)
+                chosen = states
             self.weight[c] = chosen.float().mean(0)
+        return missing
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"verbalizer.weight": self.weight.detach().contiguous()}
