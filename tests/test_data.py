@@ -175,3 +175,18 @@ def test_list_fields_are_joined_and_other_types_refused(tmp_path):
     path.write_text('{"id": 1, "abst": "摘要", "keyword": [1, 2], "label": "1"}\n', encoding="utf-8")
     with pytest.raises(XPromptError, match="field 'keyword' is not a string"):
         load_split(csl, "zh", "dev", [tmp_path], use_hub=False)
+
+
+def test_tokenisation_is_cached_by_rows_template_and_tokenizer(tokenizer, xnli, tmp_path):
+    ds = load_split(xnli, "de", "dev", [TEST_DATA])
+    first = encode(ds, xnli.template, tokenizer, 128, tmp_path)
+    files = sorted(tmp_path.glob("encoded-*.arrow"))
+    assert len(files) == 1 and first.cache_files[0]["filename"] == str(files[0])
+    again = encode(ds, xnli.template, tokenizer, 128, tmp_path)
+    assert again.cache_files[0]["filename"] == str(files[0]) and len(list(tmp_path.glob("encoded-*.arrow"))) == 1
+    assert again["input_ids"][:] == encode(ds, xnli.template, tokenizer, 128)["input_ids"][:]
+    # another template, max_length or set of rows is another key
+    encode(ds, "{hypothesis} ? <mask> , {premise}", tokenizer, 128, tmp_path)
+    encode(ds, xnli.template, tokenizer, 64, tmp_path)
+    encode(ds.select(range(3)), xnli.template, tokenizer, 128, tmp_path)
+    assert len(list(tmp_path.glob("encoded-*.arrow"))) == 4

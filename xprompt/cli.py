@@ -27,6 +27,7 @@ from .config import DType, TrainConfig
 from .errors import XPromptError
 from .prompts import Method
 
+ENCODED = "encoded"  # subfolder of --cache-dir holding tokenised splits (Arrow)
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot cross-lingual prompt tuning.")
 console = Console()
 err_console = Console(stderr=True)
@@ -45,7 +46,7 @@ DataDir = Annotated[
 ]
 TasksDir = Annotated[Optional[Path], typer.Option("--tasks-dir", help="Folder of task cards (default: the bundled tasks/).")]
 TrustRemote = Annotated[bool, typer.Option(help="Let a hub backbone run its own Python code (off unless you ask).")]
-CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone is cached.")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone and the tokenised splits are cached.")]
 
 
 def command(name: str | None = None):
@@ -216,11 +217,11 @@ def train(
     with console.status(f"loading backbone {first.backbone}"):
         bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code)
     for cfg, target in configs:
-        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device)
+        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device, cache_dir / ENCODED)
 
 
 def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path],
-               device: str = "cpu") -> None:
+               device: str = "cpu", encoded_cache: Optional[Path] = None) -> None:
     """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default).
     Under a launcher, rank 0 creates, locks, writes and prints; the other processes only compute."""
     import contextlib
@@ -275,7 +276,7 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             with run_lock(run_dir) if main else contextlib.nullcontext():
-                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step, device=device)
+                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step, device=device, cache_dir=encoded_cache)
         except KeyboardInterrupt:
             if not (run_dir / "checkpoint").is_dir():
                 if main:
@@ -352,7 +353,7 @@ def evaluate_cmd(
         if world > 1:
             raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
         _adapt(run_dir, card, model, bb, spec, wanted, split, dirs, data_dir, shots, adapt_steps, seed,
-               limit, batch_size, dtype)
+               limit, batch_size, dtype, cache_dir / ENCODED)
         return
     bridge = spec.bridge_from(card["task"], card["labels"])
     source = card.get("train_language", spec.source_language) if card["task"] == spec.name else None
@@ -364,7 +365,7 @@ def evaluate_cmd(
 
     mine = evaluate_languages(
         model, spec, bb.tokenizer, wanted[rank::world], split, dirs, limit, batch_size, dtype=dtype,
-        on_language=on_language, bridge=bridge,
+        on_language=on_language, bridge=bridge, cache_dir=cache_dir / ENCODED,
     )
     merged = {lang: result for part in distributed.gather(mine) for lang, result in part.items()}
     if rank != 0:
@@ -398,7 +399,8 @@ def evaluate_cmd(
     console.print(f"predictions: {run_dir / 'predictions'}/{spec.name}.{split}.<lang>.tsv")
 
 
-def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, steps, seed, limit, batch_size, dtype):
+def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, steps, seed, limit, batch_size, dtype,
+           encoded_cache=None):
     """Target-language few-shot: per language, continue a copy of the prompt on K examples per
     class, then evaluate the zero-shot and the adapted prompt on the same rows."""
     from .evaluation import evaluate_languages, load_run_model
@@ -425,14 +427,15 @@ def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, 
         name = f"{run_dir.name}-adapt-{lang}-k{shots}-s{seed}"
         adapted_dir = run_dir.parent / name
         if not (adapted_dir / "prompt" / "prompt.safetensors").is_file():
-            _train_one(cfg, bb, spec, adapted_dir if adapted_dir.is_dir() else name, run_dir.parent, dirs, data_dir)
+            _train_one(cfg, bb, spec, adapted_dir if adapted_dir.is_dir() else name, run_dir.parent, dirs, data_dir,
+                       encoded_cache=encoded_cache)
         used = read_json(adapted_dir / "metrics.json")["train"].get("used_ids") or []
         exclude = {lang: set(used)}
         zero = evaluate_languages(model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size, dtype=dtype,
-                                  exclude_ids=exclude)[lang]
+                                  exclude_ids=exclude, cache_dir=encoded_cache)[lang]
         adapted_model, _ = load_run_model(adapted_dir, bb)
         few = evaluate_languages(adapted_model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size,
-                                 dtype=dtype, exclude_ids=exclude)[lang]
+                                 dtype=dtype, exclude_ids=exclude, cache_dir=encoded_cache)[lang]
         metrics = read_json(adapted_dir / "metrics.json")
         for result in (zero, few):
             result.pop("ids")

@@ -9,6 +9,7 @@ index in the task, or -1 where the file carries no labels, as our test files).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -223,10 +224,45 @@ class TemplateEncoder:
         return {"input_ids": out_ids, "mask_pos": out_mask, "length": [len(x) for x in out_ids]}
 
 
-def encode(ds: Dataset, template: str, tokenizer, max_length: int = 128) -> Dataset:
-    """Add ``input_ids``, ``mask_pos`` and ``length`` columns to a split."""
+ENCODING_VERSION = 1  # bump when TemplateEncoder's output changes: old cache files are then ignored
+_tokenizer_keys: dict[int, str] = {}
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """A hash of the tokenizer's full definition (fast tokenizers only), computed once per object."""
+    key = _tokenizer_keys.get(id(tokenizer))
+    if key is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        key = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        _tokenizer_keys[id(tokenizer)] = key
+    return key
+
+
+def encoding_key(ds: Dataset, template: str, tokenizer, max_length: int) -> str | None:
+    """The cache key of a tokenised split: its rows, the template, the tokenizer and max_length."""
+    tok = _tokenizer_key(tokenizer)
+    if tok is None:
+        return None
+    fields = sorted({name for kind, name in template_parts(template) if kind == "field"} | {"id", "label"})
+    digest = hashlib.sha256(json.dumps([ENCODING_VERSION, template, max_length, tok]).encode())
+    for name in fields:
+        digest.update(json.dumps(list(ds[name]), ensure_ascii=False).encode())
+    return digest.hexdigest()[:32]
+
+
+def encode(ds: Dataset, template: str, tokenizer, max_length: int = 128, cache_dir: Path | None = None) -> Dataset:
+    """Add ``input_ids``, ``mask_pos`` and ``length`` columns to a split. With ``cache_dir`` the
+    result is an Arrow file there, keyed by rows + template + tokenizer + max_length, so a split
+    is tokenised once and every later run or evaluation memory-maps it."""
     encoder = TemplateEncoder(template, tokenizer, max_length)
-    return ds.map(encoder, batched=True, batch_size=512, desc=None, load_from_cache_file=False)
+    key = encoding_key(ds, template, tokenizer, max_length) if cache_dir is not None else None
+    if key is None:
+        return ds.map(encoder, batched=True, batch_size=512, desc=None, load_from_cache_file=False)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return ds.map(encoder, batched=True, batch_size=512, desc=None, load_from_cache_file=True,
+                  cache_file_name=str(Path(cache_dir) / f"encoded-{key}.arrow"), new_fingerprint=key)
 
 
 def batches(

@@ -61,11 +61,13 @@ def evaluate_languages(
     on_language=None,
     bridge: list[int] | None = None,
     exclude_ids: dict[str, set[str]] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
     """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
     labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only.
     ``bridge[i]`` is the task's label index for the model's label i (a prompt from another task);
-    ``exclude_ids[lang]`` are rows left out (those a few-shot adaptation trained on)."""
+    ``exclude_ids[lang]`` are rows left out (those a few-shot adaptation trained on); ``cache_dir``
+    keeps each split's tokenisation for the next call."""
     task.check_languages(langs, split)
     results: dict[str, dict] = {}
     for lang in langs:
@@ -75,7 +77,7 @@ def evaluate_languages(
             ds = ds.filter(lambda row: row["id"] not in left_out)
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
-        encoded = encode(ds, task.template, tokenizer, max_length)
+        encoded = encode(ds, task.template, tokenizer, max_length, cache_dir)
         start = time.perf_counter()
         preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
         if bridge is not None:

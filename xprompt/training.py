@@ -40,7 +40,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None) -> TrainData:
+def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
+                 cache_dir: Path | None = None) -> TrainData:
     """The training rows and the held-out selection rows, both from the training language and
     ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
     task.check_languages([cfg.lang], cfg.source_split)
@@ -56,8 +57,8 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
         train, select = holdout_split(pool, size, cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
     return TrainData(
-        encode(train, task.template, tokenizer, cfg.max_length),
-        encode(select, task.template, tokenizer, cfg.max_length),
+        encode(train, task.template, tokenizer, cfg.max_length, cache_dir),
+        encode(select, task.template, tokenizer, cfg.max_length, cache_dir),
         describe,
         [*train["id"], *select["id"]],
     )
@@ -185,6 +186,7 @@ def train(
     data_dirs: list[Path] | None = None,
     on_step=None,
     device: str = "cpu",
+    cache_dir: Path | None = None,
 ) -> dict:
     """Train one prompt; writes ``prompt/``, ``log.jsonl``, ``metrics.json`` and a ``checkpoint/``
     (every ``eval_every`` steps and on Ctrl-C) into ``run_dir``. A run that has a checkpoint
@@ -197,7 +199,7 @@ def train(
     main = rank == 0
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
-    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs)
+    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout).to(where)
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg)
     if cfg.init_from:

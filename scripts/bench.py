@@ -1,0 +1,309 @@
+"""Speed, memory and accuracy of xprompt against PEFT on the same backbone, data and budget.
+
+One fresh process per measurement, alternating xprompt and PEFT, repeated; medians and the
+xprompt/PEFT ratio of each pair. PEFT runs the standard way: ``PromptTuningConfig`` (SEQ_CLS) on a
+``BertForSequenceClassification`` holding the same embedded weights, dynamic padding, fp32. Both
+train on the XNLI English pool with the same prompt length, batch size, steps, learning rate and
+threads; both are scored on the same English dev rows. A large matmul in its own process gives
+the machine's FLOP limit, and the eval FLOPs are counted from the model's shapes and the real
+token counts.
+
+    python scripts/bench.py --repeats 3 --out docs/bench.json
+    python scripts/bench.py --worker train --system peft      # one measurement, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xprompt"
+EVAL_LANGS = ["en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def xnli_rows(split: str, lang: str, n: int):
+    from xprompt.data import load_split
+    from xprompt.tasks import load_task
+
+    task = load_task("xnli")
+    ds = load_split(task, lang, split)
+    return task, ds.select(range(min(n, len(ds))))
+
+
+def eval_set(rows_per_lang: int):
+    """The same multilingual eval rows for both systems: the first N dev rows of each language."""
+    from datasets import concatenate_datasets
+
+    parts = [xnli_rows("dev", lang, rows_per_lang)[1] for lang in EVAL_LANGS]
+    return concatenate_datasets(parts)
+
+
+# ---------------------------------------------------------------- xprompt workers
+
+def xprompt_train(args) -> dict:
+    from xprompt.backbones import load_backbone
+    from xprompt.config import TrainConfig
+    from xprompt.evaluation import load_run_model, predict
+    from xprompt.data import encode
+    from xprompt.tasks import load_task
+    from xprompt.training import train
+    import tempfile
+
+    import numpy as np
+
+    bb = load_backbone("e5-small", CACHE)
+    task = load_task("xnli")
+    stamps = {}
+
+    def on_step(step, total, loss, rate):
+        if step in (1, total - 1):
+            stamps[step] = time.perf_counter()
+
+    cfg = TrainConfig(max_steps=args.steps, eval_every=10 * args.steps, batch_size=args.batch_size,
+                      prompt_length=args.prompt_length, lr=args.lr, method=args.method, dtype=args.dtype)
+    with tempfile.TemporaryDirectory() as run:
+        summary = train(cfg, bb, task, Path(run), on_step=on_step)
+        model, _ = load_run_model(Path(run), bb)
+    _, dev = xnli_rows("dev", "en", args.acc_rows)
+    preds = predict(model, encode(dev, task.template, bb.tokenizer), 64, bb.tokenizer.pad_token_id, args.dtype)
+    timed = (args.steps - 2) * args.batch_size
+    return {
+        "train_examples_per_s": timed / (stamps[args.steps - 1] - stamps[1]),
+        "accuracy_en_dev": float((preds == np.asarray(dev["label"])).mean()),
+        "trainable_parameters": summary["trainable_parameters"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def encoder_flops_per_sequence(config, tokens: int) -> float:
+    """Forward FLOPs of a BERT-style encoder on one sequence of ``tokens`` tokens (multiply-add = 2)."""
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    linear = 4 * d * d + 2 * d * ff  # q, k, v, output projections and the two FFN matrices
+    attention = 2 * tokens * d  # q.k^T and attn.v, per token
+    return layers * tokens * 2 * (linear + attention)
+
+
+def xprompt_eval(args) -> dict:
+    from xprompt.backbones import load_backbone
+    from xprompt.data import encode
+    from xprompt.evaluation import build_model, predict
+    from xprompt.tasks import load_task
+
+    bb = load_backbone("e5-small", CACHE)
+    task = load_task("xnli")
+    model = build_model(bb, 3, args.method, args.prompt_length, "mask")
+    encoded = encode(eval_set(args.eval_rows), task.template, bb.tokenizer)
+    predict(model, encoded.select(range(min(128, len(encoded)))), 64, bb.tokenizer.pad_token_id, args.dtype)  # warm-up
+    start = time.perf_counter()
+    predict(model, encoded, 64, bb.tokenizer.pad_token_id, args.dtype)
+    seconds = time.perf_counter() - start
+    flops = sum(encoder_flops_per_sequence(bb.model.config, n + args.prompt_length) for n in encoded["length"])
+    return {"eval_pairs_per_s": len(encoded) / seconds, "eval_gflop_per_s": flops / seconds / 1e9,
+            "pairs": len(encoded), "mean_tokens": sum(encoded["length"]) / len(encoded) + args.prompt_length,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------- PEFT workers
+
+def peft_model(args):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from xprompt.backbones.embedded import embedded_folder
+
+    hf_logging.set_verbosity_error()
+    folder = embedded_folder(CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = BertForSequenceClassification.from_pretrained(folder, num_labels=3, use_safetensors=True)
+    config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=args.prompt_length)
+    return get_peft_model(base, config), tokenizer
+
+
+def peft_features(tokenizer, ds):
+    enc = tokenizer(list(ds["premise"]), list(ds["hypothesis"]), truncation=True, max_length=128)
+    return [{"input_ids": ids, "attention_mask": m, "labels": y}
+            for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], list(ds["label"]))]
+
+
+def peft_predict(model, collate, features, batch_size: int):
+    import torch
+
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(features), batch_size):
+            batch = collate([{k: v for k, v in f.items() if k != "labels"} for f in features[i : i + batch_size]])
+            preds.extend(model(**batch).logits.argmax(-1).tolist())
+    return preds
+
+
+def peft_train(args) -> dict:
+    import random
+
+    import torch
+    from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+    from xprompt.data import load_split
+    from xprompt.tasks import load_task
+
+    torch.manual_seed(42)
+    model, tokenizer = peft_model(args)
+    collate = DataCollatorWithPadding(tokenizer)
+    pool = load_split(load_task("xnli"), "en", "train")
+    order = list(range(len(pool)))
+    random.Random(42).shuffle(order)
+    features = peft_features(tokenizer, pool.select(order[: args.steps * args.batch_size]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * args.steps), args.steps)
+    model.train()
+    stamps = {}
+    for step in range(1, args.steps + 1):
+        batch = collate(features[(step - 1) * args.batch_size : step * args.batch_size])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step in (1, args.steps - 1):
+            stamps[step] = time.perf_counter()
+    _, dev = xnli_rows("dev", "en", args.acc_rows)
+    preds = peft_predict(model, collate, peft_features(tokenizer, dev), 64)
+    accuracy = sum(int(p == y) for p, y in zip(preds, dev["label"])) / len(dev)
+    timed = (args.steps - 2) * args.batch_size
+    return {"train_examples_per_s": timed / (stamps[args.steps - 1] - stamps[1]), "accuracy_en_dev": accuracy,
+            "trainable_parameters": sum(p.numel() for p in params), "peak_rss_mb": peak_rss_mb()}
+
+
+def peft_eval(args) -> dict:
+    from transformers import DataCollatorWithPadding
+
+    model, tokenizer = peft_model(args)
+    collate = DataCollatorWithPadding(tokenizer)
+    features = peft_features(tokenizer, eval_set(args.eval_rows))
+    peft_predict(model, collate, features[:128], 64)  # warm-up
+    start = time.perf_counter()
+    peft_predict(model, collate, features, 64)
+    seconds = time.perf_counter() - start
+    return {"eval_pairs_per_s": len(features) / seconds, "pairs": len(features), "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------- the machine's limit
+
+def matmul(args) -> dict:
+    import torch
+
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        n = 2048
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        out[f"matmul_gflop_per_s_{name}"] = 2 * n**3 / median(times) / 1e9
+    return out
+
+
+WORKERS = {("train", "xprompt"): xprompt_train, ("train", "peft"): peft_train,
+           ("eval", "xprompt"): xprompt_eval, ("eval", "peft"): peft_eval, ("matmul", "none"): matmul}
+
+
+def spawn(args, worker: str, system: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--system", system, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--prompt-length", str(args.prompt_length), "--lr", str(args.lr),
+           "--eval-rows", str(args.eval_rows), "--acc-rows", str(args.acc_rows), "--threads", str(args.threads),
+           "--method", args.method, "--dtype", args.dtype]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{worker}/{system} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {worker:6s} {system:8s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in result.items()), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60, help="training steps per measurement")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompt-length", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--method", default="deep", help="xprompt's method (PEFT's twin of 'soft' is PromptTuning)")
+    parser.add_argument("--dtype", default="bf16", help="xprompt's compute dtype")
+    parser.add_argument("--eval-rows", type=int, default=200, help="dev rows per language (15 languages)")
+    parser.add_argument("--acc-rows", type=int, default=1000, help="English dev rows scored after training")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", choices=["train", "eval", "matmul"])
+    parser.add_argument("--system", default="none")
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(WORKERS[args.worker, args.system](args)))
+        return
+
+    rows: dict[str, list[dict]] = {k: [] for k in ("train-xprompt", "train-peft", "eval-xprompt", "eval-peft", "matmul")}
+    for r in range(args.repeats):
+        print(f"repeat {r + 1}/{args.repeats}", flush=True)
+        rows["matmul"].append(spawn(args, "matmul", "none"))
+        for worker in ("train", "eval"):
+            pair = ("xprompt", "peft") if r % 2 == 0 else ("peft", "xprompt")  # alternate who goes first
+            for system in pair:
+                rows[f"{worker}-{system}"].append(spawn(args, worker, system))
+
+    med = lambda key, field: median(x[field] for x in rows[key])  # noqa: E731
+    ratio = lambda worker, field: median(  # noqa: E731
+        a[field] / b[field] for a, b in zip(rows[f"{worker}-xprompt"], rows[f"{worker}-peft"]))
+    limit = med("matmul", f"matmul_gflop_per_s_{args.dtype}")
+    summary = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "system", "out")},
+        "xprompt_train_examples_per_s": med("train-xprompt", "train_examples_per_s"),
+        "peft_train_examples_per_s": med("train-peft", "train_examples_per_s"),
+        "train_ratio": ratio("train", "train_examples_per_s"),
+        "xprompt_eval_pairs_per_s": med("eval-xprompt", "eval_pairs_per_s"),
+        "peft_eval_pairs_per_s": med("eval-peft", "eval_pairs_per_s"),
+        "eval_ratio": ratio("eval", "eval_pairs_per_s"),
+        "xprompt_accuracy_en_dev": med("train-xprompt", "accuracy_en_dev"),
+        "peft_accuracy_en_dev": med("train-peft", "accuracy_en_dev"),
+        "xprompt_train_peak_rss_mb": med("train-xprompt", "peak_rss_mb"),
+        "peft_train_peak_rss_mb": med("train-peft", "peak_rss_mb"),
+        "xprompt_eval_gflop_per_s": med("eval-xprompt", "eval_gflop_per_s"),
+        f"matmul_gflop_per_s_{args.dtype}": limit,
+        "eval_fraction_of_matmul_limit": med("eval-xprompt", "eval_gflop_per_s") / limit,
+        "raw": rows,
+    }
+    table = [
+        "| measure | xprompt | PEFT | ratio |", "|---|---|---|---|",
+        f"| train examples/s | {summary['xprompt_train_examples_per_s']:.1f} | {summary['peft_train_examples_per_s']:.1f} | {summary['train_ratio']:.2f}x |",
+        f"| eval pairs/s | {summary['xprompt_eval_pairs_per_s']:.1f} | {summary['peft_eval_pairs_per_s']:.1f} | {summary['eval_ratio']:.2f}x |",
+        f"| en dev accuracy after {args.steps} steps | {100 * summary['xprompt_accuracy_en_dev']:.1f} | {100 * summary['peft_accuracy_en_dev']:.1f} | |",
+        f"| train peak RSS (MB) | {summary['xprompt_train_peak_rss_mb']:.0f} | {summary['peft_train_peak_rss_mb']:.0f} | |",
+        f"| eval GFLOP/s (share of the {args.dtype} matmul limit {limit:.0f}) | {summary['xprompt_eval_gflop_per_s']:.0f} ({100 * summary['eval_fraction_of_matmul_limit']:.0f}%) | | |",
+    ]
+    print("\n".join(table))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**summary, "table": table}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
