@@ -8,7 +8,8 @@ threads; both are scored on the same English dev rows. A large matmul in its own
 the machine's FLOP limit, and the eval FLOPs are counted from the model's shapes and the real
 token counts.
 
-    python scripts/bench.py --repeats 3 --out docs/bench.json
+    pip install -e '.[bench]'                                  # PEFT, the peer
+    python scripts/bench.py --repeats 3 --steps 60 --out docs/bench.json
     python scripts/bench.py --worker train --system peft      # one measurement, JSON on stdout
 """
 
