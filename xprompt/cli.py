@@ -29,6 +29,8 @@ from .prompts import Method
 
 ENCODED = "encoded"  # subfolder of --cache-dir holding tokenised splits (Arrow)
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot cross-lingual prompt tuning.")
+library_app = typer.Typer(no_args_is_help=True, help="The library of trained prompts (the run folders): compare them.")
+app.add_typer(library_app, name="library")
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": False}
@@ -49,8 +51,9 @@ TrustRemote = Annotated[bool, typer.Option(help="Let a hub backbone run its own 
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone and the tokenised splits are cached.")]
 
 
-def command(name: str | None = None):
-    """Register a command whose domain errors print one red line and exit 1 (tracebacks with --debug)."""
+def command(name: str | None = None, group: typer.Typer | None = None):
+    """Register a command (on ``group``, default the top level) whose domain errors print one red
+    line and exit 1 (tracebacks with --debug)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -63,7 +66,7 @@ def command(name: str | None = None):
                 err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
-        return app.command(name)(wrapper)
+        return (group or app).command(name)(wrapper)
 
     return decorate
 
@@ -479,6 +482,63 @@ def runs_cmd(
                       str(run["shots"] or "all"), str(run["seed"]), "yes" if run["finished"] else "no",
                       "" if acc is None else f"{100 * acc:.1f}", ", ".join(evaluated))
     console.print(table)
+
+
+@command("similar", library_app)
+def library_similar(
+    run: Annotated[Path, typer.Argument(help="The run whose prompt to compare with the others.")],
+    measure: Annotated[str, typer.Option(help="Rank by flat (cosine of the flattened prompts), mean (cosine of the mean prompt vectors) or neurons (shared activated FFN neurons).")] = "flat",
+    top_k: Annotated[int, typer.Option(help="Show the K most similar prompts.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    runs_dir: RunsDir = Path("runs"),
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Rank the library's prompts (finished runs under --runs-dir on the same backbone, of the same
+    shape) by similarity to RUN's prompt: all three measures of the transferability paper."""
+    from .backbones import load_backbone
+    from .evaluation import load_run_model
+    from .similarity import MEASURES, activated_neurons, flat_cosine, mean_cosine, neuron_overlap, prompt_shapes
+    from .store import load_prompt
+
+    if measure not in MEASURES:
+        raise typer.BadParameter(f"--measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    tensors, card = load_prompt(run)
+    with console.status(f"loading backbone {card['backbone']}"):
+        bb = load_backbone(card["backbone"], cache_dir)
+    tok = bb.tokenizer
+    ids = (tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,
+           tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
+    model, _ = load_run_model(run, bb)
+    active = activated_neurons(model, *ids)
+    rows, skipped = [], 0
+    candidates = sorted(p.parent.parent for p in Path(runs_dir).glob("*/prompt/prompt.safetensors"))
+    for other in candidates:
+        if other.resolve() == Path(run).resolve():
+            continue
+        other_tensors, other_card = load_prompt(other)
+        same_shape = prompt_shapes(other_tensors) == prompt_shapes(tensors)  # label sets may differ
+        if other_card.get("backbone_sha256") != card.get("backbone_sha256") or not same_shape:
+            skipped += 1
+            continue
+        other_model, _ = load_run_model(other, bb)
+        rows.append({
+            "run": other.name, "task": other_card["task"], "lang": other_card.get("train_language"),
+            "flat": flat_cosine(tensors, other_tensors), "mean": mean_cosine(tensors, other_tensors),
+            "neurons": neuron_overlap(active, activated_neurons(other_model, *ids)),
+        })
+    rows.sort(key=lambda r: r[measure], reverse=True)
+    rows = rows[:top_k]
+    if as_json:
+        print(json.dumps({"run": str(run), "measure": measure, "similar": rows, "skipped": skipped}, indent=2))
+        return
+    table = Table(title=f"prompts most similar to {Path(run).name} ({card['task']}/{card.get('train_language')}), by {measure}")
+    for column in ("run", "task", "lang", "flat cosine", "mean cosine", "neuron overlap"):
+        table.add_column(column, justify="right" if "cos" in column or "overlap" in column else "left")
+    for r in rows:
+        table.add_row(r["run"], r["task"], str(r["lang"]), f"{r['flat']:.3f}", f"{r['mean']:.3f}", f"{r['neurons']:.3f}")
+    console.print(table)
+    if skipped:
+        console.print(f"{skipped} prompt(s) of another backbone or shape left out")
 
 
 @command("report")

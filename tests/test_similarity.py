@@ -1,0 +1,87 @@
+"""Prompt similarity measures on constructed tensors, and the `library similar` command."""
+
+import json
+
+import pytest
+import torch
+
+from xprompt.errors import XPromptError
+from xprompt.similarity import activated_neurons, flat_cosine, mean_cosine, neuron_overlap
+
+
+def _prompt(embeddings, layers=None):
+    out = {"prompt_embeddings": torch.tensor(embeddings, dtype=torch.float32), "verbalizer.weight": torch.zeros(3, 2)}
+    if layers is not None:
+        out["layer_prompts"] = torch.tensor(layers, dtype=torch.float32)
+    return out
+
+
+def test_identical_prompts_are_one_orthogonal_are_zero():
+    a = _prompt([[1.0, 0.0], [0.0, 2.0]], [[[3.0, 1.0], [1.0, 1.0]]])
+    assert flat_cosine(a, a) == pytest.approx(1.0)
+    assert mean_cosine(a, a) == pytest.approx(1.0)
+    x, y = _prompt([[1.0, 0.0], [1.0, 0.0]]), _prompt([[0.0, 1.0], [0.0, -1.0]])
+    assert flat_cosine(x, y) == pytest.approx(0.0)
+    # opposite vectors: flattened cosine -1; their mean vectors (1,0) and (0,0) -> the mean differs
+    assert flat_cosine(x, _prompt([[-1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+
+
+def test_mean_cosine_by_hand():
+    a = _prompt([[1.0, 0.0], [0.0, 1.0]])  # mean (0.5, 0.5)
+    b = _prompt([[2.0, 0.0], [2.0, 0.0]])  # mean (2, 0)
+    assert mean_cosine(a, b) == pytest.approx(2 ** -0.5)
+    # the same vectors in another order: flattened differ, means agree
+    c = _prompt([[0.0, 1.0], [1.0, 0.0]])
+    assert flat_cosine(a, c) == pytest.approx(0.0)
+    assert mean_cosine(a, c) == pytest.approx(1.0)
+
+
+def test_shapes_must_match_but_label_sets_may_differ():
+    a, b = _prompt([[1.0, 0.0]]), _prompt([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(XPromptError, match="different shapes"):
+        flat_cosine(a, b)
+    c = {**_prompt([[2.0, 0.0]]), "verbalizer.weight": torch.zeros(15, 2)}
+    assert flat_cosine(a, c) == pytest.approx(1.0)
+
+
+def test_neuron_overlap_is_intersection_over_union():
+    a = torch.tensor([[True, True, False, False]])
+    b = torch.tensor([[True, False, True, False]])
+    assert neuron_overlap(a, b) == pytest.approx(1 / 3)
+    assert neuron_overlap(a, a) == 1.0
+    assert neuron_overlap(a, ~a) == 0.0
+
+
+def test_activated_neurons_follow_the_prompt(backbone, tokenizer):
+    from xprompt.evaluation import build_model
+
+    model = build_model(backbone, 3, "deep", 3, "mask")
+    torch.manual_seed(0)
+    model.prompt.embeddings.data.normal_()
+    model.prompt.layer_prompts.data.normal_()
+    ids = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    first = activated_neurons(model, *ids)
+    assert first.shape == (backbone.num_layers, backbone.model.config.intermediate_size)
+    assert neuron_overlap(first, activated_neurons(model, *ids)) == 1.0
+    model.prompt.layer_prompts.data.normal_()
+    model.prompt.embeddings.data.normal_()
+    assert neuron_overlap(first, activated_neurons(model, *ids)) < 1.0
+
+
+def test_library_similar_ranks_the_other_runs(tiny_bert_dir, tmp_path):
+    from conftest import TEST_DATA
+    from test_cli import invoke
+
+    runs = tmp_path / "runs"
+    common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "2",
+              "--prompt-length", "3", "--dtype", "fp32"]
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert invoke("train", *common, "--run-name", name, "--seed", str(seed)).exit_code == 0
+    result = invoke("library", "similar", runs / "a", "--runs-dir", runs, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["run"] for r in out["similar"]] == ["b", "c"]  # b is a's twin (same seed)
+    assert out["similar"][0]["flat"] == pytest.approx(1.0) and out["similar"][0]["neurons"] == 1.0
+    assert out["similar"][1]["flat"] < 1.0
+    bad = invoke("library", "similar", runs / "a", "--runs-dir", runs, "--measure", "nope")
+    assert bad.exit_code == 2

@@ -1,0 +1,90 @@
+"""Prompt-to-prompt similarity, the measures of "On Transferability of Prompt Tuning" (Su et al. 2022).
+
+Pure functions over tensors, plus one that asks the backbone which FFN neurons a prompt activates:
+- ``flat_cosine``: cosine of the two prompts flattened (every vector of every layer);
+- ``mean_cosine``: cosine of the mean prompt vector (per tensor, concatenated);
+- ``neuron_overlap``: of the FFN neurons either prompt activates, the fraction both activate
+  (intersection over union), from ``activated_neurons``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import XPromptError
+
+PROMPT_KEYS = ("prompt_embeddings", "layer_prompts")
+MEASURES = ("flat", "mean", "neurons")
+
+
+def _prompt_tensors(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[k].float() for k in PROMPT_KEYS if k in tensors]
+
+
+def prompt_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """The shapes of a saved prompt's prompt tensors (not its verbalizer, whose label set may differ)."""
+    return [tuple(t.shape) for t in _prompt_tensors(tensors)]
+
+
+def _check_same_shape(a: dict, b: dict) -> None:
+    shapes_a, shapes_b = prompt_shapes(a), prompt_shapes(b)
+    if shapes_a != shapes_b:
+        raise XPromptError(f"prompts of different shapes cannot be compared: {shapes_a} vs {shapes_b}")
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(x.reshape(1, -1), y.reshape(1, -1)).item())
+
+
+def flat_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    _check_same_shape(a, b)
+    return _cosine(torch.cat([t.reshape(-1) for t in _prompt_tensors(a)]),
+                   torch.cat([t.reshape(-1) for t in _prompt_tensors(b)]))
+
+
+def mean_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Cosine of the mean prompt vectors: the mean over positions, per layer, concatenated."""
+    _check_same_shape(a, b)
+    mean = lambda ts: torch.cat([t.mean(-2).reshape(-1) for t in ts])  # noqa: E731
+    return _cosine(mean(_prompt_tensors(a)), mean(_prompt_tensors(b)))
+
+
+def neuron_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two boolean activation masks of the same shape."""
+    if a.shape != b.shape:
+        raise XPromptError(f"activation masks of different shapes: {tuple(a.shape)} vs {tuple(b.shape)}")
+    union = (a | b).sum().item()
+    return float((a & b).sum().item() / union) if union else 1.0
+
+
+def _ffn_activations(layer: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is a layer's FFN activation (BERT/XLM-R ``intermediate``)."""
+    for name in ("intermediate", "mlp", "DenseReluDense"):
+        module = getattr(layer, name, None)
+        if module is not None:
+            return module
+    raise XPromptError(f"cannot find the feed-forward block of {type(layer).__name__} to read its neurons")
+
+
+@torch.no_grad()
+def activated_neurons(model, bos_id: int, eos_id: int) -> torch.Tensor:
+    """(layers, ffn) booleans: the neurons whose activation is positive at any prompt position
+    when the backbone reads ``<s> prompt </s>`` (with the method's per-layer vectors in place)."""
+    from .prompts import PROMPT_OFFSET
+
+    captured: list[torch.Tensor] = []
+    length = model.prompt.length
+
+    def capture(module, args, output):
+        captured.append((output[0, PROMPT_OFFSET : PROMPT_OFFSET + length] > 0).any(0))
+
+    handles = [_ffn_activations(layer).register_forward_hook(capture) for layer in model._layers]
+    device = model.prompt.embeddings.device
+    tok = torch.tensor([[bos_id, eos_id]], device=device)
+    try:
+        model.eval()
+        model.encode(tok, torch.ones_like(tok))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(captured).cpu()
