@@ -85,3 +85,37 @@ def test_library_similar_ranks_the_other_runs(tiny_bert_dir, tmp_path):
     assert out["similar"][1]["flat"] < 1.0
     bad = invoke("library", "similar", runs / "a", "--runs-dir", runs, "--measure", "nope")
     assert bad.exit_code == 2
+
+
+def test_library_export_import_and_refusals(tiny_bert_dir, other_bert_dir, tmp_path):
+    from conftest import TEST_DATA
+    from safetensors.torch import load_file, save_file
+    from test_cli import invoke
+
+    runs, shelf, other_runs = tmp_path / "runs", tmp_path / "shelf", tmp_path / "other"
+    assert invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "2",
+                  "--prompt-length", "3", "--dtype", "fp32", "--run-name", "p").exit_code == 0
+    assert invoke("library", "export", runs / "p", "--out", shelf).exit_code == 0
+    assert (shelf / "p" / "prompt" / "prompt.safetensors").read_bytes() == (runs / "p" / "prompt" / "prompt.safetensors").read_bytes()
+    again = invoke("library", "export", runs / "p", "--out", shelf)
+    assert again.exit_code == 1 and "exists" in again.output
+
+    # other weights of the same shape: refused with both hashes named, nothing written
+    bad = invoke("library", "import", shelf / "p", "--backbone", other_bert_dir, "--runs-dir", other_runs)
+    assert bad.exit_code == 1 and "only works on its own backbone" in bad.output
+    assert not other_runs.exists() or not any(other_runs.iterdir())
+
+    ok = invoke("library", "import", shelf / "p", "--backbone", tiny_bert_dir, "--runs-dir", other_runs)
+    assert ok.exit_code == 0, ok.output
+    assert load_file(str(other_runs / "p" / "prompt" / "prompt.safetensors")).keys() == \
+        load_file(str(runs / "p" / "prompt" / "prompt.safetensors")).keys()
+    listed = invoke("library", "list", "--runs-dir", other_runs)
+    assert listed.exit_code == 0 and "3x32" in listed.output  # the imported prompt's shape
+
+    # a prompt of another width cannot sit in this backbone
+    path = shelf / "p" / "prompt" / "prompt.safetensors"
+    tensors = load_file(str(path))
+    tensors["prompt_embeddings"] = torch.zeros(3, 16)
+    save_file(tensors, str(path))
+    wide = invoke("library", "import", shelf / "p", "--backbone", tiny_bert_dir, "--runs-dir", tmp_path / "third")
+    assert wide.exit_code == 1 and "'prompt_embeddings' has width 16" in wide.output

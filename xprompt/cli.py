@@ -541,6 +541,109 @@ def library_similar(
         console.print(f"{skipped} prompt(s) of another backbone or shape left out")
 
 
+def _backbone_identity(name: str, cache_dir: Path) -> tuple[str, dict]:
+    """(weights sha256, config) of a backbone without loading its weights where it is on disk."""
+    from .backbones import EMBEDDED_NAME, load_backbone, weights_sha256
+    from .backbones.embedded import embedded_folder
+    from .store import read_json
+
+    folder = embedded_folder(cache_dir) if name == EMBEDDED_NAME else Path(name)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        return weights_sha256(folder), read_json(folder / "config.json")
+    bb = load_backbone(name, cache_dir)
+    return bb.sha256, bb.model.config.to_dict()
+
+
+@command("list", library_app)
+def library_list(runs_dir: RunsDir = Path("runs")):
+    """Every trained prompt under --runs-dir: task, language, backbone and weights hash, method, shape, held-out score."""
+    from .store import load_prompt
+
+    table = Table(title=f"prompt library in {runs_dir}")
+    for column in ("run", "task", "lang", "backbone", "weights", "method", "shape", "held-out acc"):
+        table.add_column(column)
+    for run in sorted(p.parent.parent for p in Path(runs_dir).glob("*/prompt/prompt.safetensors")):
+        tensors, card = load_prompt(run)
+        acc = card.get("selection", {}).get("select_accuracy")
+        shape = " + ".join("x".join(map(str, t.shape)) for k, t in tensors.items() if k != "verbalizer.weight")
+        table.add_row(run.name, card.get("task", "?"), str(card.get("train_language")), str(card.get("backbone")),
+                      str(card.get("backbone_sha256"))[:12], str(card.get("method")), shape,
+                      "" if acc is None else f"{100 * acc:.1f}")
+    console.print(table)
+
+
+@command("export", library_app)
+def library_export(
+    run: Annotated[Path, typer.Argument(help="The run whose prompt to export.")],
+    out: Annotated[Path, typer.Option(help="Folder to write <run-name>/ into (config, prompt, metrics).")],
+):
+    """Copy a run's prompt (safetensors + card), config and metrics into a portable folder."""
+    import shutil
+    import tempfile
+
+    from .store import load_prompt
+
+    load_prompt(run)  # refuses a folder without a readable prompt
+    target = out / run.name
+    if target.exists():
+        raise XPromptError(f"{target} exists; remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{run.name}-"))
+    try:
+        shutil.copytree(run / "prompt", staging / "prompt")
+        for name in ("config.json", "metrics.json"):
+            if (run / name).is_file():
+                shutil.copy2(run / name, staging / name)
+        staging.rename(target)  # all or nothing
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"exported {run} to {target}")
+
+
+@command("import", library_app)
+def library_import(
+    folder: Annotated[Path, typer.Argument(help="An exported prompt folder (holding prompt/).")],
+    backbone: Annotated[Optional[str], typer.Option(help="The backbone it must fit (default: the one its card names).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Add an exported prompt to the library; refuses one trained on other backbone weights or of a shape the backbone cannot hold."""
+    import shutil
+    import tempfile
+
+    from .registry import index_run
+    from .similarity import check_prompt_fits
+    from .store import load_prompt, read_json, write_json
+
+    tensors, card = load_prompt(folder)
+    name = backbone or card.get("backbone")
+    if not name:
+        raise XPromptError(f"{folder}/prompt/xprompt.json names no backbone; pass --backbone")
+    sha, config = _backbone_identity(name, cache_dir)
+    if card.get("backbone_sha256") != sha:
+        raise XPromptError(
+            f"{folder}: the prompt was trained on weights {str(card.get('backbone_sha256'))[:12]} "
+            f"('{card.get('backbone')}'), backbone '{name}' has {sha[:12]}; a prompt only works on its own backbone"
+        )
+    check_prompt_fits(tensors, int(config["hidden_size"]), int(config["num_hidden_layers"]), f"{folder}/prompt")
+    target = runs_dir / folder.name
+    if target.exists():
+        raise XPromptError(f"{target} exists; remove it first or rename the folder you import")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{folder.name}-"))
+    try:
+        shutil.copytree(folder / "prompt", staging / "prompt")
+        config_json = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        write_json(staging / "config.json", {**config_json, "imported_from": str(folder.resolve())})
+        if (folder / "metrics.json").is_file():
+            shutil.copy2(folder / "metrics.json", staging / "metrics.json")
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    index_run(runs_dir, target)
+    console.print(f"imported {folder} as {target}")
+
+
 @command("report")
 def report_cmd(
     task: Annotated[str, typer.Option(help="Task whose evaluations to rank.")] = "xnli",

@@ -88,3 +88,14 @@ def activated_neurons(model, bos_id: int, eos_id: int) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     return torch.stack(captured).cpu()
+
+
+def check_prompt_fits(tensors: dict[str, torch.Tensor], hidden: int, num_layers: int, where: str) -> None:
+    """Refuse prompt tensors whose shapes cannot sit in a backbone of this width and depth."""
+    for name, tensor in tensors.items():
+        if tensor.shape[-1] != hidden:
+            raise XPromptError(f"{where}: '{name}' has width {tensor.shape[-1]}, the backbone's hidden size is {hidden}")
+    layers = tensors.get("layer_prompts")
+    if layers is not None and layers.shape[0] != num_layers - 1:
+        raise XPromptError(f"{where}: 'layer_prompts' holds {layers.shape[0]} layers, the backbone has "
+                           f"{num_layers} (so {num_layers - 1} are expected)")
