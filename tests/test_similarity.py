@@ -119,3 +119,22 @@ def test_library_export_import_and_refusals(tiny_bert_dir, other_bert_dir, tmp_p
     save_file(tensors, str(path))
     wide = invoke("library", "import", shelf / "p", "--backbone", tiny_bert_dir, "--runs-dir", tmp_path / "third")
     assert wide.exit_code == 1 and "'prompt_embeddings' has width 16" in wide.output
+
+
+def test_train_init_from_flags(tiny_bert_dir, tmp_path):
+    from conftest import TEST_DATA
+    from test_cli import invoke
+
+    runs = tmp_path / "runs"
+    common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "2",
+              "--prompt-length", "3", "--dtype", "fp32"]
+    assert invoke("train", *common, "--run-name", "src").exit_code == 0
+    lonely = invoke("train", *common, "--run-name", "x", "--init-weights", "1")
+    assert lonely.exit_code == 2 and "--init-from" in lonely.output
+    ok = invoke("train", *common, "--run-name", "dst", "--init-from", f"{runs / 'src'},{runs / 'src'}",
+                "--init-weights", "0.5,0.5")
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads((runs / "dst" / "metrics.json").read_text())["train"]
+    assert summary["init_from"] == f"{runs / 'src'},{runs / 'src'}" and "weighted average" in summary["init"]
+    missing = invoke("train", *common, "--run-name", "y", "--init-from", runs / "nope")
+    assert missing.exit_code == 1 and "holds no trained prompt" in missing.output

@@ -70,3 +70,36 @@ def test_shots_train_and_selection_are_disjoint(backbone, xnli, tmp_path):
     summary = train(_cfg(shots=4, max_steps=2), backbone, xnli, tmp_path, [TEST_DATA])
     assert summary["train_rows"] == 12
     assert summary["data"] == "4 shots per class from en train; selection on 12 other en rows"
+
+
+def test_init_from_weighted_average_of_runs(backbone, xnli, tmp_path):
+    from xprompt.tasks import load_task
+
+    runs = []
+    for seed in (5, 6):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        train(_cfg(max_steps=2, seed=seed), backbone, xnli, run, [TEST_DATA])
+        runs.append(run)
+    a, b = _prompt(runs[0]), _prompt(runs[1])
+    # zero steps of training are not allowed, so read the start through a 1-step run at a tiny lr
+    start = tmp_path / "avg"
+    start.mkdir()
+    summary = train(_cfg(max_steps=1, eval_every=1, lr=1e-12, init_from=f"{runs[0]},{runs[1]}", init_weights=[3.0, 1.0]),
+                    backbone, xnli, start, [TEST_DATA])
+    got = _prompt(start)
+    for key in ("prompt_embeddings", "layer_prompts", "verbalizer.weight"):
+        torch.testing.assert_close(got[key], 0.75 * a[key] + 0.25 * b[key], atol=1e-6, rtol=1e-5)
+    assert "weighted average" in summary["init"] and "(0.75)" in summary["init"]
+
+    # another task's prompt: the prompt transfers, the label vectors come from the new task's class means
+    pawsx = load_task("pawsx")
+    cross = tmp_path / "cross"
+    cross.mkdir()
+    summary = train(_cfg(max_steps=1, eval_every=1, lr=1e-12, init_from=str(runs[0])), backbone, pawsx, cross, [TEST_DATA])
+    torch.testing.assert_close(_prompt(cross)["prompt_embeddings"], a["prompt_embeddings"], atol=1e-6, rtol=1e-5)
+    assert _prompt(cross)["verbalizer.weight"].shape == (2, a["verbalizer.weight"].shape[1])
+    assert "class means" in summary["init"]
+
+    with pytest.raises(XPromptError, match="2 values for 1"):
+        train(_cfg(max_steps=1, init_from=str(runs[0]), init_weights=[1.0, 2.0]), backbone, xnli, tmp_path / "bad", [TEST_DATA])

@@ -164,6 +164,8 @@ def train(
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
     eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from saved prompts: a run folder, or several comma-separated (their weighted average). Label vectors come along when the task's labels match.")] = None,
+    init_weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights of the --init-from runs (default: equal).")] = None,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
     trust_remote_code: TrustRemote = False,
@@ -191,6 +193,12 @@ def train(
             seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else [seed]
         except ValueError:
             raise typer.BadParameter(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        try:
+            weight_list = [float(x) for x in init_weights.split(",")] if init_weights else None
+        except ValueError:
+            raise typer.BadParameter(f"--init-weights must be comma-separated numbers, got {init_weights!r}") from None
+        if weight_list is not None and not init_from:
+            raise typer.BadParameter("--init-weights needs --init-from")
         configs = []
         if lr is None:
             lr = float(_load_task(task, tasks_dir).train_defaults.get("lr", TrainConfig.lr))
@@ -200,6 +208,7 @@ def train(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,
+                    init_from=init_from, init_weights=weight_list,
                 )
             except ValueError as e:
                 raise typer.BadParameter(str(e)) from None

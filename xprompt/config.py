@@ -37,7 +37,8 @@ class TrainConfig:
     init_examples: int = field(default=256, metadata={"help": "examples whose class-mean <mask> states initialise the verbalizer"})
     dtype: DType = field(default=DType.BF16, metadata={"help": "compute dtype of the frozen backbone (autocast)"})
     source_split: str = field(default="train", metadata={"help": "split the training rows come from (dev: target-language few-shot adaptation)"})
-    init_from: str | None = field(default=None, metadata={"help": "a run directory whose prompt and verbalizer start training"})
+    init_from: str | None = field(default=None, metadata={"help": "run directories (comma-separated) whose prompts start training"})
+    init_weights: list[float] | None = field(default=None, metadata={"help": "weights of the init_from runs' average (default equal)"})
 
     def __post_init__(self):
         self.method = Method(self.method)

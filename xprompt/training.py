@@ -112,15 +112,42 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
     }
 
 
-def start_from_run(model: PromptModel, run_dir: Path, backbone: Backbone, task: TaskSpec) -> None:
-    """Overwrite the fresh prompt and verbalizer with a saved run's (same backbone, method, shape)."""
-    tensors, card = load_prompt(run_dir)
-    where = str(run_dir / "prompt")
-    check_backbone(card, backbone, where)
-    if card.get("labels") != list(task.labels):
-        raise XPromptError(f"{where}: its labels {card.get('labels')} are not task {task.name}'s {list(task.labels)}")
-    model.prompt.load_tensors(tensors, where)
-    model.verbalizer.load_tensors(tensors, where)
+def start_from_runs(model: PromptModel, run_dirs: list[Path], weights: list[float] | None,
+                    backbone: Backbone, task: TaskSpec) -> str:
+    """Start from saved prompts (same backbone and shape): one run's prompt, or the weighted
+    average of several (weights normalised to sum 1; equal by default). The label vectors are
+    taken (averaged) too when every source has this task's labels; otherwise they keep their
+    class-mean initialisation, as in SPoT's cross-task transfer. Returns what was done."""
+    if weights is not None and len(weights) != len(run_dirs):
+        raise XPromptError(f"--init-weights has {len(weights)} values for {len(run_dirs)} --init-from runs")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(run_dirs), dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise XPromptError(f"--init-weights must be non-negative and not all zero, got {weights}")
+    w = w / w.sum()
+    sources = []
+    for run_dir in run_dirs:
+        tensors, card = load_prompt(run_dir)
+        check_backbone(card, backbone, str(Path(run_dir) / "prompt"))
+        sources.append((tensors, card))
+    where = ", ".join(str(Path(r) / "prompt") for r in run_dirs)
+    prompt_keys = model.prompt.tensors().keys()
+    averaged = {}
+    for key in prompt_keys:
+        shapes = {tuple(t[key].shape) if key in t else None for t, _ in sources}
+        if len(shapes) != 1:
+            raise XPromptError(f"{where}: '{key}' differs in shape between the runs ({sorted(map(str, shapes))})")
+        if None in shapes:
+            raise XPromptError(f"{where}: '{key}' is missing; were they all trained with --method {model.prompt.method.value}?")
+        averaged[key] = sum(wi * t[key].double() for wi, (t, _) in zip(w.tolist(), sources)).float()
+    model.prompt.load_tensors(averaged, where)
+    same_labels = all(card.get("labels") == list(task.labels) for _, card in sources)
+    if same_labels:
+        verbalizer = sum(wi * t["verbalizer.weight"].double() for wi, (t, _) in zip(w.tolist(), sources)).float()
+        model.verbalizer.load_tensors({"verbalizer.weight": verbalizer}, where)
+    kind = "prompt and label vectors" if same_labels else "prompt (label vectors from class means)"
+    if len(run_dirs) == 1:
+        return f"{kind} from {run_dirs[0]}"
+    return f"{kind} from the weighted average of " + ", ".join(f"{r} ({x:.3g})" for r, x in zip(run_dirs, w.tolist()))
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -202,8 +229,9 @@ def train(
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout).to(where)
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg)
+    init_note = None
     if cfg.init_from:
-        start_from_run(model, Path(cfg.init_from), backbone, task)
+        init_note = start_from_runs(model, [Path(x) for x in cfg.init_from.split(",")], cfg.init_weights, backbone, task)
     pad = backbone.tokenizer.pad_token_id
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
@@ -300,6 +328,7 @@ def train(
         "train_examples_per_s": round(seen / seconds, 2),
         "trainable_parameters": sum(p.numel() for p in params),
         "init_from": cfg.init_from,
+        "init": init_note or "vocabulary-sampled prompt, class-mean label vectors",
         "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
     if world > 1:
