@@ -9,11 +9,11 @@ from xprompt.registry import INDEX_FILE, index_run, list_runs, rebuild
 from xprompt.reports import leaderboard, render
 
 
-def _fake_run(runs, name, seed, scores, task="xnli", method="deep"):
+def _fake_run(runs, name, seed, scores, task="xnli", method="deep", init_from=None):
     run = runs / name
     run.mkdir(parents=True)
     cfg = {"task": task, "lang": "en", "backbone": "e5-small", "method": method, "prompt_length": 8,
-           "shots": 16, "seed": seed, "lr": 0.03, "max_steps": 100}
+           "shots": 16, "seed": seed, "lr": 0.03, "max_steps": 100, "init_from": init_from}
     (run / "config.json").write_text(json.dumps({"train": cfg}))
     dev = {lang: {"n": 10, "accuracy": acc, "macro_f1": acc - 0.1, "labeled": True} for lang, acc in scores.items()}
     (run / "metrics.json").write_text(json.dumps({"train": {"select_accuracy": 0.5}, "eval": {task: {"dev": dev}}}))
@@ -49,6 +49,16 @@ def test_sweep_mean_and_std_over_seeds(tmp_path):
     assert deep["avg_target"][1] == pytest.approx(statistics.stdev(per_seed_targets))
     gaps = [x["en"] - (x["de"] + x["zh"]) / 2 for x in scores]
     assert deep["gap"][0] == pytest.approx(statistics.mean(gaps))
+
+
+def test_runs_from_another_start_are_another_sweep(tmp_path):
+    _fake_run(tmp_path, "plain", 13, {"en": 0.5, "de": 0.4})
+    _fake_run(tmp_path, "warm13", 13, {"en": 0.7, "de": 0.6}, init_from="/x/runs/ocnli-zh-s42")
+    _fake_run(tmp_path, "warm21", 21, {"en": 0.8, "de": 0.6}, init_from="/x/runs/ocnli-zh-s42")
+    rows = leaderboard(list_runs(tmp_path), "xnli")
+    assert [(r["init_from"], r["seeds"]) for r in rows] == [("ocnli-zh-s42", [13, 21]), (None, [13])]
+    md = render(rows, [], "md")
+    assert "xnli/en x8 from ocnli-zh-s42" in md
 
 
 def test_render_formats_parse(tmp_path):

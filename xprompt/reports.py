@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from statistics import mean, stdev
 
 import numpy as np
@@ -74,11 +76,11 @@ def leaderboard(runs: list[dict], task: str, split: str = "dev", metric: str = "
                   if r["task"] == task and r["split"] == split and r.get(metric) is not None}
         if scores:
             correct = {r["lang"]: r.get("correct") for r in run["results"] if r["task"] == task and r["split"] == split}
-            sweeps.setdefault(tuple(run.get(k) for k in SWEEP_KEYS), []).append(
+            sweeps.setdefault((*(run.get(k) for k in SWEEP_KEYS), _init_from(run)), []).append(
                 {**run, "scores": scores, "correct": correct})
     rows = []
     for key, members in sweeps.items():
-        info = dict(zip(SWEEP_KEYS, key))
+        info = {**dict(zip(SWEEP_KEYS, key)), "init_from": key[-1]}
         source = info["lang"] if info["task"] == task else None
         langs = sorted(set.intersection(*(set(m["scores"]) for m in members)))
         per_lang = {lang: _mean_std([m["scores"][lang] for m in members]) for lang in langs}
@@ -131,8 +133,18 @@ def _table(rows: list[dict], published: list[dict]) -> tuple[list[str], list[lis
     return header, table
 
 
+def _init_from(run: dict) -> str | None:
+    """The names of the runs a run started from (runs from other starts are other sweeps)."""
+    try:
+        value = json.loads(run.get("config") or "{}").get("init_from")
+    except json.JSONDecodeError:
+        return None
+    return ",".join(Path(x).name for x in value.split(",")) if value else None
+
+
 def row_name(row: dict) -> str:
-    return f"{row['source_task']}/{row['lang']} x{row['prompt_length']}"
+    name = f"{row['source_task']}/{row['lang']} x{row['prompt_length']}"
+    return f"{name} from {row['init_from']}" if row.get("init_from") else name
 
 
 def render(rows: list[dict], published: list[dict], fmt: str, title: str = "xprompt leaderboard") -> str:
