@@ -136,5 +136,11 @@ def test_train_init_from_flags(tiny_bert_dir, tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = json.loads((runs / "dst" / "metrics.json").read_text())["train"]
     assert summary["init_from"] == f"{runs / 'src'},{runs / 'src'}" and "weighted average" in summary["init"]
+    lib = invoke("train", *common, "--run-name", "lib", "--init-from", "library", "--top-k", "1")
+    assert lib.exit_code == 0, lib.output
+    choice = json.loads((runs / "lib" / "library_init.json").read_text())
+    assert len(choice["sources"]) == 1 and choice["transfer"] == "best"
+    mixture = invoke("train", *common, "--run-name", "z", "--init-from", "library", "--transfer", "mixture")
+    assert mixture.exit_code == 2 and "transfer must be" in mixture.output
     missing = invoke("train", *common, "--run-name", "y", "--init-from", runs / "nope")
     assert missing.exit_code == 1 and "holds no trained prompt" in missing.output

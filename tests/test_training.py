@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,47 @@ def test_init_from_weighted_average_of_runs(backbone, xnli, tmp_path):
 
     with pytest.raises(XPromptError, match="2 values for 1"):
         train(_cfg(max_steps=1, init_from=str(runs[0]), init_weights=[1.0, 2.0]), backbone, xnli, tmp_path / "bad", [TEST_DATA])
+
+
+def test_init_from_library_ranks_by_zero_shot_score(backbone, xnli, tmp_path, monkeypatch):
+    import xprompt.training as training
+
+    library = tmp_path / "lib"
+    for name, seed in (("a", 5), ("b", 6), ("c", 7)):
+        (library / name).mkdir(parents=True)
+        train(_cfg(max_steps=2, seed=seed), backbone, xnli, library / name, [TEST_DATA])
+    # a run of another prompt length is left out of the ranking (another shape)
+    (library / "short").mkdir()
+    train(_cfg(max_steps=2, prompt_length=2), backbone, xnli, library / "short", [TEST_DATA])
+
+    ranked_seen = {}
+    real_rank = training.rank_library
+
+    def spy(*args, **kwargs):
+        ranked_seen["ranked"] = real_rank(*args, **kwargs)
+        return ranked_seen["ranked"]
+
+    monkeypatch.setattr(training, "rank_library", spy)
+    run = tmp_path / "runs" / "new"
+    run.mkdir(parents=True)
+    summary = train(_cfg(max_steps=1, eval_every=1, lr=1e-12, init_from="library", library=str(library), top_k=2,
+                         transfer="average"), backbone, xnli, run, [TEST_DATA])
+    ranked = ranked_seen["ranked"]
+    assert sorted(p.name for p, _ in ranked) == ["a", "b", "c"]
+    scores = [score for _, score in ranked]
+    assert scores == sorted(scores, reverse=True)
+    choice = json.loads((run / "library_init.json").read_text())
+    assert choice["sources"] == [str(p) for p, _ in ranked[:2]] and choice["transfer"] == "average"
+    # the start is the score-weighted average of the top two
+    w = torch.tensor(choice["scores"], dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    first, second = (_prompt(Path(x)) for x in choice["sources"])
+    torch.testing.assert_close(_prompt(run)["prompt_embeddings"],
+                               (w[0] * first["prompt_embeddings"].double() + w[1] * second["prompt_embeddings"].double()).float(),
+                               atol=1e-6, rtol=1e-5)
+    assert summary["init"].startswith("library (average of top 2")
+
+    with pytest.raises(XPromptError, match="no prompt under"):
+        empty = tmp_path / "empty" / "r"
+        empty.mkdir(parents=True)
+        train(_cfg(max_steps=1, init_from="library"), backbone, xnli, empty, [TEST_DATA])

@@ -164,8 +164,11 @@ def train(
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
     eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from saved prompts: a run folder, or several comma-separated (their weighted average). Label vectors come along when the task's labels match.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from saved prompts: a run folder, several comma-separated (their weighted average), or 'library' (retrieve from the trained runs). Label vectors come along when the task's labels match.")] = None,
     init_weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights of the --init-from runs (default: equal).")] = None,
+    library: Annotated[Optional[Path], typer.Option(help="With --init-from library: the folder of trained runs to retrieve from (default: --runs-dir).")] = None,
+    top_k: Annotated[int, typer.Option(help="With --init-from library: keep the K prompts with the best zero-shot selection accuracy.")] = TrainConfig.top_k,
+    transfer: Annotated[str, typer.Option(help="With --init-from library: best (start from the top prompt) or average (their score-weighted average).")] = TrainConfig.transfer,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
     trust_remote_code: TrustRemote = False,
@@ -208,7 +211,8 @@ def train(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,
-                    init_from=init_from, init_weights=weight_list,
+                    init_from=init_from, init_weights=weight_list, top_k=top_k, transfer=transfer,
+                    library=str(library) if library else None,
                 )
             except ValueError as e:
                 raise typer.BadParameter(str(e)) from None

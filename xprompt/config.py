@@ -39,6 +39,9 @@ class TrainConfig:
     source_split: str = field(default="train", metadata={"help": "split the training rows come from (dev: target-language few-shot adaptation)"})
     init_from: str | None = field(default=None, metadata={"help": "run directories (comma-separated) whose prompts start training"})
     init_weights: list[float] | None = field(default=None, metadata={"help": "weights of the init_from runs' average (default equal)"})
+    library: str | None = field(default=None, metadata={"help": "with init_from='library': the folder of trained runs to retrieve from (default: the runs folder)"})
+    top_k: int = field(default=3, metadata={"help": "with init_from='library': library prompts kept after ranking"})
+    transfer: str = field(default="best", metadata={"help": "with init_from='library': best (top prompt) or average (score-weighted)"})
 
     def __post_init__(self):
         self.method = Method(self.method)
@@ -59,6 +62,12 @@ class TrainConfig:
             raise ValueError(f"source_split must be 'train' or 'dev', got {self.source_split!r}")
         if self.source_split == "dev" and not self.shots:
             raise ValueError("source_split='dev' needs shots (the rest of dev is kept for evaluation)")
+        if self.transfer not in ("best", "average"):
+            raise ValueError(f"transfer must be 'best' or 'average', got {self.transfer!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.init_from == "library" and self.init_weights is not None:
+            raise ValueError("init_weights cannot be combined with init_from='library' (the scores weight the average)")
         if self.readout not in ("mask", "mean"):
             raise ValueError(f"readout must be 'mask' or 'mean', got {self.readout!r}")
 

@@ -150,6 +150,57 @@ def start_from_runs(model: PromptModel, run_dirs: list[Path], weights: list[floa
     return f"{kind} from the weighted average of " + ", ".join(f"{r} ({x:.3g})" for r, x in zip(run_dirs, w.tolist()))
 
 
+LIBRARY = "library"  # --init-from library: retrieve the start from the trained prompts beside the run
+
+
+def rank_library(model: PromptModel, library: Path, backbone: Backbone, task: TaskSpec, score, exclude: Path) -> list[tuple[Path, float]]:
+    """Every finished prompt under ``library`` on the same backbone weights and of the same prompt
+    shape, scored zero-shot on this run's selection rows (its prompt in place; its label vectors
+    too when the labels match, else this task's class means), best first. The model is left as it was."""
+    start = _state(model)
+    shapes = {k: tuple(v.shape) for k, v in model.prompt.tensors().items()}
+    ranked = []
+    for run in sorted(p.parent.parent for p in Path(library).glob("*/prompt/prompt.safetensors")):
+        if run.resolve() == Path(exclude).resolve():
+            continue
+        tensors, card = load_prompt(run)
+        fits = {k: tuple(tensors[k].shape) if k in tensors else None for k in shapes} == shapes
+        if card.get("backbone_sha256") != backbone.sha256 or not fits:
+            continue
+        start_from_runs(model, [run], None, backbone, task)
+        ranked.append((run, score()))
+        model.prompt.load_tensors(start, "the fresh initialisation")
+        model.verbalizer.load_tensors(start, "the fresh initialisation")
+    return sorted(ranked, key=lambda item: -item[1])
+
+
+def init_from_library(model: PromptModel, cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path,
+                      score, main: bool = True) -> str:
+    """SPoT-style retrieval: rank the library (the runs beside this one) by zero-shot selection
+    accuracy, keep the top k, and start from the best (``transfer="best"``) or from their average
+    weighted by those accuracies (``"average"``). The choice is stored in ``library_init.json`` so
+    a resumed run does not rank again."""
+    choice_path = run_dir / "library_init.json"
+    if choice_path.is_file():
+        choice = read_json(choice_path)
+    else:
+        library = Path(cfg.library) if cfg.library else run_dir.parent
+        ranked = rank_library(model, library, backbone, task, score, run_dir)[: cfg.top_k]
+        if not ranked:
+            raise XPromptError(f"no prompt under {library} fits this backbone and --method/--prompt-length; "
+                               "train some there first or drop --init-from library")
+        choice = {"transfer": cfg.transfer, "sources": [str(r) for r, _ in ranked], "scores": [a for _, a in ranked]}
+        if main:
+            write_json(choice_path, choice)
+    sources = [Path(x) for x in choice["sources"]]
+    if choice["transfer"] == "best":
+        note = start_from_runs(model, sources[:1], None, backbone, task)
+    else:
+        note = start_from_runs(model, sources, choice["scores"], backbone, task)
+    ranking = ", ".join(f"{Path(r).name} {100 * a:.1f}" for r, a in zip(choice["sources"], choice["scores"]))
+    return f"library ({choice['transfer']} of top {len(sources)} by zero-shot selection accuracy: {ranking}): {note}"
+
+
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -229,10 +280,20 @@ def train(
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout).to(where)
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg)
-    init_note = None
-    if cfg.init_from:
-        init_note = start_from_runs(model, [Path(x) for x in cfg.init_from.split(",")], cfg.init_weights, backbone, task)
     pad = backbone.tokenizer.pad_token_id
+    # every process scores its shard of the selection rows; the counts are summed
+    select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
+
+    def select_accuracy() -> float:
+        preds = predict(model, select_part, 64, pad, cfg.dtype)
+        correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
+        return correct / n
+
+    init_note = None
+    if cfg.init_from == LIBRARY:
+        init_note = init_from_library(model, cfg, backbone, task, Path(run_dir), select_accuracy, main)
+    elif cfg.init_from:
+        init_note = start_from_runs(model, [Path(x) for x in cfg.init_from.split(",")], cfg.init_weights, backbone, task)
 
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
@@ -241,13 +302,6 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     log_path = Path(run_dir) / "log.jsonl"
     log = (lambda record: append_jsonl(log_path, record)) if main else (lambda record: None)
-    # every process scores its shard of the selection rows; the counts are summed
-    select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
-
-    def select_accuracy() -> float:
-        preds = predict(model, select_part, 64, pad, cfg.dtype)
-        correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
-        return correct / n
 
     restored = load_checkpoint(run_dir, model, optimizer, scheduler)
     if restored:
