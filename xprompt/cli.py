@@ -591,25 +591,11 @@ def library_export(
     out: Annotated[Path, typer.Option(help="Folder to write <run-name>/ into (config, prompt, metrics).")],
 ):
     """Copy a run's prompt (safetensors + card), config and metrics into a portable folder."""
-    import shutil
-    import tempfile
-
-    from .store import load_prompt
+    from .store import copy_prompt_folder, load_prompt
 
     load_prompt(run)  # refuses a folder without a readable prompt
     target = out / run.name
-    if target.exists():
-        raise XPromptError(f"{target} exists; remove it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{run.name}-"))
-    try:
-        shutil.copytree(run / "prompt", staging / "prompt")
-        for name in ("config.json", "metrics.json"):
-            if (run / name).is_file():
-                shutil.copy2(run / name, staging / name)
-        staging.rename(target)  # all or nothing
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    copy_prompt_folder(run, target)
     console.print(f"exported {run} to {target}")
 
 
@@ -621,12 +607,9 @@ def library_import(
     cache_dir: CacheDir = _default_cache(),
 ):
     """Add an exported prompt to the library; refuses one trained on other backbone weights or of a shape the backbone cannot hold."""
-    import shutil
-    import tempfile
-
     from .registry import index_run
     from .similarity import check_prompt_fits
-    from .store import load_prompt, read_json, write_json
+    from .store import copy_prompt_folder, load_prompt
 
     tensors, card = load_prompt(folder)
     name = backbone or card.get("backbone")
@@ -640,19 +623,7 @@ def library_import(
         )
     check_prompt_fits(tensors, int(config["hidden_size"]), int(config["num_hidden_layers"]), f"{folder}/prompt")
     target = runs_dir / folder.name
-    if target.exists():
-        raise XPromptError(f"{target} exists; remove it first or rename the folder you import")
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=runs_dir, prefix=f".{folder.name}-"))
-    try:
-        shutil.copytree(folder / "prompt", staging / "prompt")
-        config_json = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        write_json(staging / "config.json", {**config_json, "imported_from": str(folder.resolve())})
-        if (folder / "metrics.json").is_file():
-            shutil.copy2(folder / "metrics.json", staging / "metrics.json")
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    copy_prompt_folder(folder, target, {"imported_from": str(folder.resolve())})
     index_run(runs_dir, target)
     console.print(f"imported {folder} as {target}")
 

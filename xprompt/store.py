@@ -146,3 +146,24 @@ def load_prompt(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise XPromptError(f"{path}: corrupt or truncated safetensors file ({e}); retrain or restore it") from None
     return tensors, read_json(folder / CARD_FILE)
+
+
+def copy_prompt_folder(source: Path, target: Path, config_extra: dict | None = None) -> None:
+    """Copy a run's ``prompt/``, ``config.json`` and ``metrics.json`` to a new folder ``target``,
+    all or nothing (staged beside it, then renamed); ``config_extra`` is merged into config.json."""
+    import shutil
+
+    if target.exists():
+        raise XPromptError(f"{target} exists; remove it first or choose another name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        shutil.copytree(source / PROMPT_DIR, staging / PROMPT_DIR)
+        if (source / "metrics.json").is_file():
+            shutil.copy2(source / "metrics.json", staging / "metrics.json")
+        config = read_json(source / "config.json") if (source / "config.json").is_file() else {}
+        if config or config_extra:
+            write_json(staging / "config.json", {**config, **(config_extra or {})})
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
