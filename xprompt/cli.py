@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from . import __version__
-from .config import DType, TrainConfig
+from .config import Device, DType, TrainConfig
 from .errors import XPromptError
 from .prompts import Method
 
@@ -159,7 +159,7 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate (default: the task card's train_defaults.lr, else {TrainConfig.lr}).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step, over all processes and micro-batches.")] = TrainConfig.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step: the same result with less memory.")] = TrainConfig.grad_accum,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto (under torchrun each process takes GPU LOCAL_RANK).")] = "cpu",
+    device: Annotated[Device, typer.Option(help="cpu, cuda or auto (under torchrun each process takes GPU LOCAL_RANK).")] = Device.CPU,
     seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
@@ -183,8 +183,6 @@ def train(
     from .backbones import load_backbone
     from .store import read_json
 
-    if device not in ("cpu", "cuda", "auto"):
-        raise typer.BadParameter(f"--device must be cpu, cuda or auto, got {device!r}")
     distributed.setup()
 
     if resume is not None:
@@ -237,7 +235,7 @@ def train(
 
 
 def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path],
-               device: str = "cpu", encoded_cache: Optional[Path] = None) -> None:
+               device: Device = Device.CPU, encoded_cache: Optional[Path] = None) -> None:
     """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default).
     Under a launcher, rank 0 creates, locks, writes and prints; the other processes only compute."""
     import contextlib
@@ -327,7 +325,7 @@ def evaluate_cmd(
     backbone: Annotated[Optional[str], typer.Option(help="Backbone (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto (under torchrun the languages are shared out over the processes).")] = "cpu",
+    device: Annotated[Device, typer.Option(help="cpu, cuda or auto (under torchrun the languages are shared out over the processes).")] = Device.CPU,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
     shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
     adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
@@ -360,8 +358,6 @@ def evaluate_cmd(
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {backbone or card['backbone']}"):
         bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code)
-    if device not in ("cpu", "cuda", "auto"):
-        raise typer.BadParameter(f"--device must be cpu, cuda or auto, got {device!r}")
     rank, world = distributed.setup()
     model, card = load_run_model(run_dir, bb)
     model.to(distributed.local_device(device))
@@ -369,7 +365,7 @@ def evaluate_cmd(
         if world > 1:
             raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
         _adapt(run_dir, card, model, bb, spec, wanted, split, dirs, data_dir, shots, adapt_steps, seed,
-               limit, batch_size, dtype, cache_dir / ENCODED)
+               limit, batch_size, dtype, cache_dir / ENCODED, device)
         return
     bridge = spec.bridge_from(card["task"], card["labels"])
     source = card.get("train_language", spec.source_language) if card["task"] == spec.name else None
@@ -416,7 +412,7 @@ def evaluate_cmd(
 
 
 def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, steps, seed, limit, batch_size, dtype,
-           encoded_cache=None):
+           encoded_cache=None, device=Device.CPU):
     """Target-language few-shot: per language, continue a copy of the prompt on K examples per
     class, then evaluate the zero-shot and the adapted prompt on the same rows."""
     from .evaluation import evaluate_languages, load_run_model
@@ -444,7 +440,7 @@ def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, 
         adapted_dir = run_dir.parent / name
         if not (adapted_dir / "prompt" / "prompt.safetensors").is_file():
             _train_one(cfg, bb, spec, adapted_dir if adapted_dir.is_dir() else name, run_dir.parent, dirs, data_dir,
-                       encoded_cache=encoded_cache)
+                       device=device, encoded_cache=encoded_cache)
         used = read_json(adapted_dir / "metrics.json")["train"].get("used_ids") or []
         exclude = {lang: set(used)}
         zero = evaluate_languages(model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size, dtype=dtype,

@@ -14,6 +14,12 @@ class DType(str, Enum):
     BF16 = "bf16"
 
 
+class Device(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
+
+
 @dataclass
 class TrainConfig:
     task: str = field(default="xnli", metadata={"help": "task card name under tasks/"})

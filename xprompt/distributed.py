@@ -32,10 +32,6 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main() -> bool:
-    return rank_world()[0] == 0
-
-
 def local_device(requested: str) -> torch.device:
     """``cpu``, ``cuda`` or ``auto``; under a launcher each process takes its own GPU (LOCAL_RANK)."""
     if requested == "auto":

@@ -19,9 +19,10 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .data import batches, encode, holdout_split, load_split, sample_shots, slice_batch
 from .errors import XPromptError
-from .evaluation import autocast, build_model, check_backbone, predict, scores
+from .evaluation import autocast, build_model, check_backbone, predict
 from .model import PromptModel
 from .prompts import vocab_init
+from .similarity import prompt_shapes
 from .store import append_jsonl, atomic_write, load_prompt, read_json, save_prompt, truncate_log, write_json
 from .tasks import TaskSpec
 
@@ -115,39 +116,44 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
 def start_from_runs(model: PromptModel, run_dirs: list[Path], weights: list[float] | None,
                     backbone: Backbone, task: TaskSpec) -> str:
     """Start from saved prompts (same backbone and shape): one run's prompt, or the weighted
-    average of several (weights normalised to sum 1; equal by default). The label vectors are
-    taken (averaged) too when every source has this task's labels; otherwise they keep their
-    class-mean initialisation, as in SPoT's cross-task transfer. Returns what was done."""
-    if weights is not None and len(weights) != len(run_dirs):
-        raise XPromptError(f"--init-weights has {len(weights)} values for {len(run_dirs)} --init-from runs")
-    w = torch.tensor(weights if weights is not None else [1.0] * len(run_dirs), dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise XPromptError(f"--init-weights must be non-negative and not all zero, got {weights}")
-    w = w / w.sum()
+    average of several (weights normalised to sum 1; equal by default). Returns what was done."""
     sources = []
     for run_dir in run_dirs:
         tensors, card = load_prompt(run_dir)
         check_backbone(card, backbone, str(Path(run_dir) / "prompt"))
         sources.append((tensors, card))
-    where = ", ".join(str(Path(r) / "prompt") for r in run_dirs)
-    prompt_keys = model.prompt.tensors().keys()
+    return _start_from(model, sources, weights, task, [str(r) for r in run_dirs])
+
+
+def _start_from(model: PromptModel, sources: list[tuple[dict, dict]], weights: list[float] | None,
+                task: TaskSpec, names: list[str]) -> str:
+    """Load the weighted average of loaded prompts into the model. The label vectors are taken
+    (averaged) too when every source has this task's labels; otherwise they keep their
+    class-mean initialisation, as in SPoT's cross-task transfer."""
+    if weights is not None and len(weights) != len(sources):
+        raise XPromptError(f"--init-weights has {len(weights)} values for {len(sources)} --init-from runs")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(sources), dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise XPromptError(f"--init-weights must be non-negative and not all zero, got {weights}")
+    w = (w / w.sum()).tolist()
+    where = ", ".join(f"{name}/prompt" for name in names)
+    average = lambda key: sum(wi * t[key].double() for wi, (t, _) in zip(w, sources)).float()  # noqa: E731
     averaged = {}
-    for key in prompt_keys:
+    for key in model.prompt.tensors():
         shapes = {tuple(t[key].shape) if key in t else None for t, _ in sources}
         if len(shapes) != 1:
             raise XPromptError(f"{where}: '{key}' differs in shape between the runs ({sorted(map(str, shapes))})")
         if None in shapes:
             raise XPromptError(f"{where}: '{key}' is missing; were they all trained with --method {model.prompt.method.value}?")
-        averaged[key] = sum(wi * t[key].double() for wi, (t, _) in zip(w.tolist(), sources)).float()
+        averaged[key] = average(key)
     model.prompt.load_tensors(averaged, where)
     same_labels = all(card.get("labels") == list(task.labels) for _, card in sources)
     if same_labels:
-        verbalizer = sum(wi * t["verbalizer.weight"].double() for wi, (t, _) in zip(w.tolist(), sources)).float()
-        model.verbalizer.load_tensors({"verbalizer.weight": verbalizer}, where)
+        model.verbalizer.load_tensors({"verbalizer.weight": average("verbalizer.weight")}, where)
     kind = "prompt and label vectors" if same_labels else "prompt (label vectors from class means)"
-    if len(run_dirs) == 1:
-        return f"{kind} from {run_dirs[0]}"
-    return f"{kind} from the weighted average of " + ", ".join(f"{r} ({x:.3g})" for r, x in zip(run_dirs, w.tolist()))
+    if len(sources) == 1:
+        return f"{kind} from {names[0]}"
+    return f"{kind} from the weighted average of " + ", ".join(f"{n} ({x:.3g})" for n, x in zip(names, w))
 
 
 LIBRARY = "library"  # --init-from library: retrieve the start from the trained prompts beside the run
@@ -158,16 +164,15 @@ def rank_library(model: PromptModel, library: Path, backbone: Backbone, task: Ta
     shape, scored zero-shot on this run's selection rows (its prompt in place; its label vectors
     too when the labels match, else this task's class means), best first. The model is left as it was."""
     start = _state(model)
-    shapes = {k: tuple(v.shape) for k, v in model.prompt.tensors().items()}
+    shapes = prompt_shapes(model.prompt.tensors())
     ranked = []
     for run in sorted(p.parent.parent for p in Path(library).glob("*/prompt/prompt.safetensors")):
         if run.resolve() == Path(exclude).resolve():
             continue
         tensors, card = load_prompt(run)
-        fits = {k: tuple(tensors[k].shape) if k in tensors else None for k in shapes} == shapes
-        if card.get("backbone_sha256") != backbone.sha256 or not fits:
+        if card.get("backbone_sha256") != backbone.sha256 or prompt_shapes(tensors) != shapes:
             continue
-        start_from_runs(model, [run], None, backbone, task)
+        _start_from(model, [(tensors, card)], None, task, [str(run)])
         ranked.append((run, score()))
         model.prompt.load_tensors(start, "the fresh initialisation")
         model.verbalizer.load_tensors(start, "the fresh initialisation")
