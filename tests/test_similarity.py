@@ -136,11 +136,13 @@ def test_train_init_from_flags(tiny_bert_dir, tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = json.loads((runs / "dst" / "metrics.json").read_text())["train"]
     assert summary["init_from"] == f"{runs / 'src'},{runs / 'src'}" and "weighted average" in summary["init"]
-    lib = invoke("train", *common, "--run-name", "lib", "--init-from", "library", "--top-k", "1")
+    lib = invoke("train", *common, "--run-name", "lib", "--init-from", "library", "--top-k", "1", "--same-task")
     assert lib.exit_code == 0, lib.output
     choice = json.loads((runs / "lib" / "library_init.json").read_text())
     assert len(choice["sources"]) == 1 and choice["transfer"] == "best"
-    mixture = invoke("train", *common, "--run-name", "z", "--init-from", "library", "--transfer", "mixture")
-    assert mixture.exit_code == 2 and "transfer must be" in mixture.output
+    nope = invoke("train", *common, "--run-name", "z", "--init-from", "library", "--transfer", "nope")
+    assert nope.exit_code == 2 and "transfer must be" in nope.output
+    other = invoke("train", *common, "--run-name", "w", "--init-from", "library")
+    assert other.exit_code == 1 and "no prompt of another task" in other.output
     missing = invoke("train", *common, "--run-name", "y", "--init-from", runs / "nope")
     assert missing.exit_code == 1 and "holds no trained prompt" in missing.output

@@ -107,7 +107,7 @@ def test_init_from_weighted_average_of_runs(backbone, xnli, tmp_path):
 
 
 def test_init_from_library_ranks_by_zero_shot_score(backbone, xnli, tmp_path, monkeypatch):
-    import xprompt.training as training
+    import xprompt.library as library_module
 
     library = tmp_path / "lib"
     for name, seed in (("a", 5), ("b", 6), ("c", 7)):
@@ -117,24 +117,24 @@ def test_init_from_library_ranks_by_zero_shot_score(backbone, xnli, tmp_path, mo
     (library / "short").mkdir()
     train(_cfg(max_steps=2, prompt_length=2), backbone, xnli, library / "short", [TEST_DATA])
 
-    ranked_seen = {}
-    real_rank = training.rank_library
+    seen = {}
+    real = library_module.zero_shot_scores
 
-    def spy(*args, **kwargs):
-        ranked_seen["ranked"] = real_rank(*args, **kwargs)
-        return ranked_seen["ranked"]
+    def spy(model, candidates, *args):
+        scores = real(model, candidates, *args)
+        seen.setdefault("all", dict(zip((c.run.name for c in candidates), scores)))
+        return scores
 
-    monkeypatch.setattr(training, "rank_library", spy)
+    monkeypatch.setattr(library_module, "zero_shot_scores", spy)
     run = tmp_path / "runs" / "new"
     run.mkdir(parents=True)
     summary = train(_cfg(max_steps=1, eval_every=1, lr=1e-12, init_from="library", library=str(library), top_k=2,
-                         transfer="average"), backbone, xnli, run, [TEST_DATA])
-    ranked = ranked_seen["ranked"]
-    assert sorted(p.name for p, _ in ranked) == ["a", "b", "c"]
-    scores = [score for _, score in ranked]
-    assert scores == sorted(scores, reverse=True)
+                         transfer="average", same_task=True), backbone, xnli, run, [TEST_DATA])
+    assert sorted(seen["all"]) == ["a", "b", "c"]
     choice = json.loads((run / "library_init.json").read_text())
-    assert choice["sources"] == [str(p) for p, _ in ranked[:2]] and choice["transfer"] == "average"
+    ranked = sorted(seen["all"].items(), key=lambda item: -item[1])
+    assert [Path(x).name for x in choice["sources"]] == [name for name, _ in ranked[:2]]
+    assert choice["scores"] == [score for _, score in ranked[:2]] and choice["transfer"] == "average"
     # the start is the score-weighted average of the top two
     w = torch.tensor(choice["scores"], dtype=torch.float64)
     w = (w / w.sum()).tolist()
@@ -142,9 +142,14 @@ def test_init_from_library_ranks_by_zero_shot_score(backbone, xnli, tmp_path, mo
     torch.testing.assert_close(_prompt(run)["prompt_embeddings"],
                                (w[0] * first["prompt_embeddings"].double() + w[1] * second["prompt_embeddings"].double()).float(),
                                atol=1e-6, rtol=1e-5)
-    assert summary["init"].startswith("library (average of top 2")
+    assert summary["init"].startswith("library (average of top 2 of 3 by zero-shot")
 
+    # without same_task the run's own task is left out: an all-XNLI library has nothing to give
+    with pytest.raises(XPromptError, match="no prompt of another task under"):
+        alone = tmp_path / "runs" / "alone"
+        alone.mkdir()
+        train(_cfg(max_steps=1, init_from="library", library=str(library)), backbone, xnli, alone, [TEST_DATA])
     with pytest.raises(XPromptError, match="no prompt under"):
         empty = tmp_path / "empty" / "r"
         empty.mkdir(parents=True)
-        train(_cfg(max_steps=1, init_from="library"), backbone, xnli, empty, [TEST_DATA])
+        train(_cfg(max_steps=1, init_from="library", same_task=True), backbone, xnli, empty, [TEST_DATA])

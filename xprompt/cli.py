@@ -167,8 +167,12 @@ def train(
     init_from: Annotated[Optional[str], typer.Option(help="Start from saved prompts: a run folder, several comma-separated (their weighted average), or 'library' (retrieve from the trained runs). Label vectors come along when the task's labels match.")] = None,
     init_weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights of the --init-from runs (default: equal).")] = None,
     library: Annotated[Optional[Path], typer.Option(help="With --init-from library: the folder of trained runs to retrieve from (default: --runs-dir).")] = None,
-    top_k: Annotated[int, typer.Option(help="With --init-from library: keep the K prompts with the best zero-shot selection accuracy.")] = TrainConfig.top_k,
-    transfer: Annotated[str, typer.Option(help="With --init-from library: best (start from the top prompt) or average (their score-weighted average).")] = TrainConfig.transfer,
+    top_k: Annotated[int, typer.Option(help="With --init-from library: keep the K best-ranked prompts.")] = TrainConfig.top_k,
+    rank_by: Annotated[str, typer.Option(help="With --init-from library: zero-shot (each prompt's accuracy on the held-out selection rows) or flat / mean / neurons (similarity to a probe prompt trained --probe-steps steps on this task, SPoT's recipe).")] = TrainConfig.rank_by,
+    transfer: Annotated[str, typer.Option(help="With --init-from library: best (the top-k prompt with the best zero-shot selection accuracy), average (the top k weighted by their ranking scores) or mixture (one prompt trained --mixture-steps steps on the top-k tasks' data).")] = TrainConfig.transfer,
+    same_task: Annotated[bool, typer.Option(help="With --init-from library: let prompts of this run's own task in (default: other tasks only, as in SPoT).")] = TrainConfig.same_task,
+    probe_steps: Annotated[int, typer.Option(help="With --rank-by flat|mean|neurons: steps of the probe prompt.")] = TrainConfig.probe_steps,
+    mixture_steps: Annotated[int, typer.Option(help="With --transfer mixture: steps on the mixture (examples-proportional, at most 10,000 rows counted per source).")] = TrainConfig.mixture_steps,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
     trust_remote_code: TrustRemote = False,
@@ -210,7 +214,8 @@ def train(
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,
                     init_from=init_from, init_weights=weight_list, top_k=top_k, transfer=transfer,
-                    library=str(library) if library else None,
+                    library=str(library) if library else None, rank_by=rank_by, same_task=same_task,
+                    probe_steps=probe_steps, mixture_steps=mixture_steps,
                 )
             except ValueError as e:
                 raise typer.BadParameter(str(e)) from None
@@ -231,11 +236,11 @@ def train(
     with console.status(f"loading backbone {first.backbone}"):
         bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code)
     for cfg, target in configs:
-        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device, cache_dir / ENCODED)
+        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device, cache_dir / ENCODED, tasks_dir)
 
 
 def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path],
-               device: Device = Device.CPU, encoded_cache: Optional[Path] = None) -> None:
+               device: Device = Device.CPU, encoded_cache: Optional[Path] = None, tasks_dir: Optional[Path] = None) -> None:
     """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default).
     Under a launcher, rank 0 creates, locks, writes and prints; the other processes only compute."""
     import contextlib
@@ -290,7 +295,8 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             with run_lock(run_dir) if main else contextlib.nullcontext():
-                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step, device=device, cache_dir=encoded_cache)
+                summary = run_training(cfg, bb, spec, run_dir, dirs, on_step=on_step, device=device,
+                                       cache_dir=encoded_cache, tasks_dir=tasks_dir)
         except KeyboardInterrupt:
             if not (run_dir / "checkpoint").is_dir():
                 if main:
@@ -578,6 +584,114 @@ def library_list(runs_dir: RunsDir = Path("runs")):
         table.add_row(run.name, card.get("task", "?"), str(card.get("train_language")), str(card.get("backbone")),
                       str(card.get("backbone_sha256"))[:12], str(card.get("method")), shape,
                       "" if acc is None else f"{100 * acc:.1f}")
+    console.print(table)
+
+
+@command("show", library_app)
+def library_show(run: Annotated[Path, typer.Argument(help="The run whose prompt card to show.")]):
+    """A library prompt's card: task, languages, labels, backbone and hash, method and shape, how it
+    was trained and initialised, its held-out score and its evaluations."""
+    from .store import load_prompt, read_json
+
+    tensors, card = load_prompt(run)
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    shown = {
+        **{k: v for k, v in card.items() if k != "selection"},
+        "tensors": {k: list(t.shape) for k, t in tensors.items()},
+        "training": card.get("selection", {}),
+        "evaluations": {task: {split: {lang: r.get("accuracy") for lang, r in langs.items()}
+                               for split, langs in splits.items()}
+                        for task, splits in metrics.get("eval", {}).items()},
+    }
+    shown["training"].pop("used_ids", None)
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
+
+
+@command("remove", library_app)
+def library_remove(
+    run: Annotated[Path, typer.Argument(help="The run to delete from the library (its whole folder).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+):
+    """Delete a run's folder (prompt, checkpoint, results) and its rows in the index."""
+    import shutil
+
+    from .registry import forget_run
+    from .store import run_lock
+
+    if not (run / "config.json").is_file() and not (run / "prompt").is_dir():
+        raise XPromptError(f"{run} is not a run folder (no config.json or prompt/); nothing removed")
+    if not yes and not typer.confirm(f"delete {run} and everything in it?"):
+        raise typer.Exit(1)
+    # refused while a trainer holds the run; renamed first, so that an interrupted delete never
+    # leaves a half-removed run that still looks finished
+    doomed = run.with_name(f".removing-{run.name}")
+    with run_lock(run):
+        run.rename(doomed)
+    forget_run(run.parent, run.name)
+    shutil.rmtree(doomed)
+    console.print(f"removed {run}")
+
+
+@command("transfer", library_app)
+def library_transfer(
+    task: Annotated[str, typer.Option(help="Target task card name.")],
+    lang: Annotated[Optional[str], typer.Option(help="Target language (default: the task's source language).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score on (dev; never test).")] = "dev",
+    limit: Annotated[int, typer.Option(help="Rows of the split to score on (the first N).")] = 300,
+    backbone: Annotated[str, typer.Option(help="The backbone whose library prompts to score.")] = "e5-small",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    runs_dir: RunsDir = Path("runs"),
+    data_dir: DataDir = None,
+    tasks_dir: TasksDir = None,
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Task similarity by zero-shot transfer: every library prompt on this backbone applied unchanged
+    to a target task's rows. Label vectors are the prompt's own when its labels are the task's, else
+    the class means of up to 256 of the task's training rows read through it; no training step."""
+    import numpy as np
+
+    from .backbones import load_backbone
+    from .config import TrainConfig
+    from .data import encode, load_split
+    from .library import library_prompts, transfer_scores
+    from .training import init_sample
+
+    spec = _load_task(task, tasks_dir)
+    lang = lang or spec.source_language
+    spec.check_languages([lang], split)
+    dirs = _data_dirs(data_dir)
+    with console.status(f"loading backbone {backbone}"):
+        bb = load_backbone(backbone, cache_dir)
+    candidates = library_prompts(runs_dir, bb.sha256)
+    if not candidates:
+        raise XPromptError(f"no prompt under {runs_dir} was trained on '{backbone}'; build a library first "
+                           "(scripts/build_library.py)")
+    rows = load_split(spec, lang, split, dirs)
+    rows = rows.select(range(min(limit, len(rows))))
+    train_lang = lang if lang in spec.split_languages("train") else spec.source_language
+    pool = load_split(spec, train_lang, "train", dirs)
+    defaults = TrainConfig()
+    encoded_cache = cache_dir / ENCODED
+    sample = encode(init_sample(pool, defaults.init_examples, defaults.seed), spec.template, bb.tokenizer,
+                    defaults.max_length, encoded_cache)
+    encoded = encode(rows, spec.template, bb.tokenizer, defaults.max_length, encoded_cache)
+    with console.status(f"scoring {len(candidates)} prompts on {len(rows)} {task}/{lang} {split} rows"):
+        scores = transfer_scores(bb, spec, lang, candidates, encoded, sample, defaults.dtype)
+    counts = np.bincount(np.asarray(rows["label"]), minlength=len(spec.labels))
+    majority = float(counts.max() / len(rows))
+    result = sorted(({"run": c.run.name, "task": c.card.get("task"), "lang": c.card.get("train_language"),
+                      "same_labels": c.card.get("labels") == list(spec.labels), "accuracy": a}
+                     for c, a in zip(candidates, scores)), key=lambda r: -r["accuracy"])
+    if as_json:
+        print(json.dumps({"task": task, "lang": lang, "split": split, "n": len(rows), "majority": majority,
+                          "transfer": result}, indent=2))
+        return
+    table = Table(title=f"zero-shot transfer to {task}/{lang} {split} (first {len(rows)} rows; majority label {100 * majority:.1f})")
+    for column in ("run", "task", "lang", "label vectors", "accuracy"):
+        table.add_column(column, justify="right" if column == "accuracy" else "left")
+    for r in result:
+        table.add_row(r["run"], r["task"], str(r["lang"]), "own" if r["same_labels"] else "class means",
+                      f"{100 * r['accuracy']:.1f}")
     console.print(table)
 
 

@@ -47,7 +47,12 @@ class TrainConfig:
     init_weights: list[float] | None = field(default=None, metadata={"help": "weights of the init_from runs' average (default equal)"})
     library: str | None = field(default=None, metadata={"help": "with init_from='library': the folder of trained runs to retrieve from (default: the runs folder)"})
     top_k: int = field(default=3, metadata={"help": "with init_from='library': library prompts kept after ranking"})
-    transfer: str = field(default="best", metadata={"help": "with init_from='library': best (top prompt) or average (score-weighted)"})
+    transfer: str = field(default="best", metadata={"help": "with init_from='library': best (top prompt after a zero-shot trial), average (score-weighted) or mixture (trained on the top-k tasks' data)"})
+    rank_by: str = field(default="zero-shot", metadata={"help": "with init_from='library': zero-shot (selection accuracy) or flat/mean/neurons similarity to a probe prompt"})
+    same_task: bool = field(default=False, metadata={"help": "with init_from='library': let the run's own task's prompts in"})
+    probe_steps: int = field(default=50, metadata={"help": "steps of the probe prompt that similarity ranking compares with"})
+    mixture_steps: int = field(default=100, metadata={"help": "steps of the prompt trained on the top-k tasks' mixture (transfer='mixture')"})
+    mixture_cap: int | None = field(default=10000, metadata={"help": "examples-proportional mixing limit: a source counts at most this many rows"})
 
     def __post_init__(self):
         self.method = Method(self.method)
@@ -68,8 +73,12 @@ class TrainConfig:
             raise ValueError(f"source_split must be 'train' or 'dev', got {self.source_split!r}")
         if self.source_split == "dev" and not self.shots:
             raise ValueError("source_split='dev' needs shots (the rest of dev is kept for evaluation)")
-        if self.transfer not in ("best", "average"):
-            raise ValueError(f"transfer must be 'best' or 'average', got {self.transfer!r}")
+        if self.transfer not in ("best", "average", "mixture"):
+            raise ValueError(f"transfer must be 'best', 'average' or 'mixture', got {self.transfer!r}")
+        if self.rank_by not in ("zero-shot", "flat", "mean", "neurons"):
+            raise ValueError(f"rank_by must be zero-shot, flat, mean or neurons, got {self.rank_by!r}")
+        if self.probe_steps < 1 or self.mixture_steps < 1:
+            raise ValueError(f"probe_steps and mixture_steps must be >= 1, got {self.probe_steps}, {self.mixture_steps}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.init_from == "library" and self.init_weights is not None:

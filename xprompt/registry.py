@@ -86,6 +86,15 @@ def index_run(runs_dir: Path, run_dir: Path) -> None:
                                 r.get("correct")))
 
 
+def forget_run(runs_dir: Path, run_id: str) -> None:
+    """Drop one run's rows from the index (its folder is gone)."""
+    if not (Path(runs_dir) / INDEX_FILE).is_file():
+        return
+    with closing(_connect(runs_dir)) as db, db:
+        db.execute("DELETE FROM results WHERE run_id = ?", (run_id,))
+        db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+
 def rebuild(runs_dir: Path) -> int:
     """Recreate the index from the run folders; returns the number of runs indexed."""
     path = Path(runs_dir) / INDEX_FILE

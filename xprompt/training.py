@@ -20,10 +20,18 @@ from .config import TrainConfig
 from .data import batches, encode, holdout_split, load_split, sample_shots, slice_batch
 from .errors import XPromptError
 from .evaluation import autocast, build_model, check_backbone, predict
+from .library import LIBRARY, init_from_library, snapshot
 from .model import PromptModel
 from .prompts import vocab_init
-from .similarity import prompt_shapes
-from .store import append_jsonl, atomic_write, load_prompt, read_json, save_prompt, truncate_log, write_json
+from .store import (
+    append_jsonl,
+    atomic_write,
+    load_prompt,
+    read_json,
+    save_prompt,
+    truncate_log,
+    write_json,
+)
 from .tasks import TaskSpec
 
 
@@ -75,20 +83,29 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
     if model.prompt.layer_init_needed():
         tok = backbone.tokenizer
         model.prompt.init_layers(model.layer_prompt_states(tok.cls_token_id, tok.sep_token_id))
-    # a stratified sample: up to init_examples / classes rows of every class, so that each class
-    # (119 in IFLYTEK) has a mean even when a plain random sample would miss it
+    return set_class_means(model, init_sample(train, cfg.init_examples, cfg.seed), backbone.tokenizer.pad_token_id, cfg.dtype)
+
+
+def init_sample(train, examples: int, seed: int):
+    """A stratified sample of up to ``examples`` rows: as many of every class, so that each class
+    (119 in IFLYTEK) has a mean even when a plain random sample would miss it."""
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(train["label"]):
         by_class.setdefault(label, []).append(i)
-    per_class = max(1, cfg.init_examples // max(1, len(by_class)))
-    rng = random.Random(cfg.seed)
+    per_class = max(1, examples // max(1, len(by_class)))
+    rng = random.Random(seed)
     chosen = [i for rows in by_class.values() for i in rng.sample(rows, min(per_class, len(rows)))]
-    sample = train.select(sorted(chosen))
+    return train.select(sorted(chosen))
+
+
+@torch.no_grad()
+def set_class_means(model: PromptModel, sample, pad_id: int, dtype) -> list[int]:
+    """Label vectors from the class-mean states of ``sample`` read with the model's current prompt."""
     states, labels = [], []
     model.eval()
     device = model.prompt.embeddings.device
-    with autocast(cfg.dtype, device.type):
-        for batch in batches(sample, 64, backbone.tokenizer.pad_token_id):
+    with autocast(dtype, device.type):
+        for batch in batches(sample, 64, pad_id):
             states.append(model.states({k: v.to(device) for k, v in batch.items()}).float().cpu())
             labels.append(batch["labels"])
     return model.verbalizer.init_from_class_means(torch.cat(states), torch.cat(labels))
@@ -156,63 +173,13 @@ def _start_from(model: PromptModel, sources: list[tuple[dict, dict]], weights: l
     return f"{kind} from the weighted average of " + ", ".join(f"{n} ({x:.3g})" for n, x in zip(names, w))
 
 
-LIBRARY = "library"  # --init-from library: retrieve the start from the trained prompts beside the run
-
-
-def rank_library(model: PromptModel, library: Path, backbone: Backbone, task: TaskSpec, score, exclude: Path) -> list[tuple[Path, float]]:
-    """Every finished prompt under ``library`` on the same backbone weights and of the same prompt
-    shape, scored zero-shot on this run's selection rows (its prompt in place; its label vectors
-    too when the labels match, else this task's class means), best first. The model is left as it was."""
-    start = _state(model)
-    shapes = prompt_shapes(model.prompt.tensors())
-    ranked = []
-    for run in sorted(p.parent.parent for p in Path(library).glob("*/prompt/prompt.safetensors")):
-        if run.resolve() == Path(exclude).resolve():
-            continue
-        tensors, card = load_prompt(run)
-        if card.get("backbone_sha256") != backbone.sha256 or prompt_shapes(tensors) != shapes:
-            continue
-        _start_from(model, [(tensors, card)], None, task, [str(run)])
-        ranked.append((run, score()))
-        model.prompt.load_tensors(start, "the fresh initialisation")
-        model.verbalizer.load_tensors(start, "the fresh initialisation")
-    return sorted(ranked, key=lambda item: -item[1])
-
-
-def init_from_library(model: PromptModel, cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path,
-                      score, main: bool = True) -> str:
-    """SPoT-style retrieval: rank the library (the runs beside this one) by zero-shot selection
-    accuracy, keep the top k, and start from the best (``transfer="best"``) or from their average
-    weighted by those accuracies (``"average"``). The choice is stored in ``library_init.json`` so
-    a resumed run does not rank again."""
-    choice_path = run_dir / "library_init.json"
-    if choice_path.is_file():
-        choice = read_json(choice_path)
-    else:
-        library = Path(cfg.library) if cfg.library else run_dir.parent
-        ranked = rank_library(model, library, backbone, task, score, run_dir)[: cfg.top_k]
-        if not ranked:
-            raise XPromptError(f"no prompt under {library} fits this backbone and --method/--prompt-length; "
-                               "train some there first or drop --init-from library")
-        choice = {"transfer": cfg.transfer, "sources": [str(r) for r, _ in ranked], "scores": [a for _, a in ranked]}
-        if main:
-            write_json(choice_path, choice)
-    sources = [Path(x) for x in choice["sources"]]
-    if choice["transfer"] == "best":
-        note = start_from_runs(model, sources[:1], None, backbone, task)
-    else:
-        note = start_from_runs(model, sources, choice["scores"], backbone, task)
-    ranking = ", ".join(f"{Path(r).name} {100 * a:.1f}" for r, a in zip(choice["sources"], choice["scores"]))
-    return f"library ({choice['transfer']} of top {len(sources)} by zero-shot selection accuracy: {ranking}): {note}"
-
-
 CHECKPOINT_DIR = "checkpoint"
 
 
 def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict) -> None:
     """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far,
     AdamW moments (safetensors), and step, data position, scheduler and best score (JSON)."""
-    tensors = {f"model.{k}": v for k, v in _state(model).items()}
+    tensors = {f"model.{k}": v for k, v in snapshot(model).items()}
     tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
@@ -270,6 +237,7 @@ def train(
     on_step=None,
     device: str = "cpu",
     cache_dir: Path | None = None,
+    tasks_dir: Path | None = None,
 ) -> dict:
     """Train one prompt; writes ``prompt/``, ``log.jsonl``, ``metrics.json`` and a ``checkpoint/``
     (every ``eval_every`` steps and on Ctrl-C) into ``run_dir``. A run that has a checkpoint
@@ -296,7 +264,8 @@ def train(
 
     init_note = None
     if cfg.init_from == LIBRARY:
-        init_note = init_from_library(model, cfg, backbone, task, Path(run_dir), select_accuracy, main)
+        init_note = init_from_library(model, cfg, backbone, task, Path(run_dir), select_accuracy, data.train, where,
+                                      data_dirs, tasks_dir, cache_dir, main)
     elif cfg.init_from:
         init_note = start_from_runs(model, [Path(x) for x in cfg.init_from.split(",")], cfg.init_weights, backbone, task)
 
@@ -318,14 +287,14 @@ def train(
         if main:
             log_path.unlink(missing_ok=True)  # a run restarted before its first checkpoint starts afresh
         progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0}
-        best = {"step": 0, "accuracy": select_accuracy(), "tensors": _state(model)}
+        best = {"step": 0, "accuracy": select_accuracy(), "tensors": snapshot(model)}
         log({"step": 0, "select_accuracy": best["accuracy"]})
     step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
     started = time.perf_counter() - progress["seconds"]
     window_loss, window_n = 0.0, 0
     position = progress["batch"]
 
-    def snapshot(batch_in_epoch: int) -> None:
+    def save_progress(batch_in_epoch: int) -> None:
         progress.update(step=step, epoch=epoch, batch=batch_in_epoch, seen=seen,
                         seconds=time.perf_counter() - started)
         if main:
@@ -362,8 +331,8 @@ def train(
                     acc = select_accuracy()
                     log({"step": step, "select_accuracy": acc})
                     if acc > best["accuracy"]:
-                        best = {"step": step, "accuracy": acc, "tensors": _state(model)}
-                    snapshot(position)
+                        best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
+                    save_progress(position)
                 if on_step:
                     on_step(step, total, loss.item(), rate)
                 if step >= total:
@@ -373,7 +342,7 @@ def train(
                 continue
             break
     except KeyboardInterrupt:
-        snapshot(position)
+        save_progress(position)
         raise
 
     seconds = time.perf_counter() - started
@@ -419,7 +388,3 @@ def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, devi
         loss.backward()
         total += loss.detach()
     return total
-
-
-def _state(model: PromptModel) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in {**model.prompt.tensors(), **model.verbalizer.tensors()}.items()}
