@@ -132,7 +132,7 @@ def test_library_transfer_scores_equal_eval_and_show_remove(tiny_bert_dir, tmp_p
     result = json.loads(out.stdout)
     by_run = {r["run"]: r for r in result["transfer"]}
     assert set(by_run) == {"x", "p"} and result["n"] == 20
-    assert by_run["x"]["same_labels"] and not by_run["p"]["same_labels"]
+    assert by_run["x"]["label_vectors"] == "own" and by_run["p"]["label_vectors"] == "class means"
     # the XNLI prompt keeps its own label vectors, so its score is exactly what eval measures
     ev = invoke("eval", "--run", runs / "x", "--langs", "de", "--limit", "20", "--data-dir", TEST_DATA,
                 "--backbone", tiny_bert_dir, "--dtype", "fp32")

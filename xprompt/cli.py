@@ -646,8 +646,9 @@ def library_transfer(
     cache_dir: CacheDir = _default_cache(),
 ):
     """Task similarity by zero-shot transfer: every library prompt on this backbone applied unchanged
-    to a target task's rows. Label vectors are the prompt's own when its labels are the task's, else
-    the class means of up to 256 of the task's training rows read through it; no training step."""
+    to a target task's rows. Label vectors are the prompt's own for a prompt of this task or of a task
+    the card maps labels from (its 'transfer'), else the class means of up to 256 of the task's
+    training rows read through the prompt; no training step."""
     import numpy as np
 
     from .backbones import load_backbone
@@ -668,20 +669,22 @@ def library_transfer(
                            "(scripts/build_library.py)")
     rows = load_split(spec, lang, split, dirs)
     rows = rows.select(range(min(limit, len(rows))))
-    train_lang = lang if lang in spec.split_languages("train") else spec.source_language
-    pool = load_split(spec, train_lang, "train", dirs)
     defaults = TrainConfig()
     encoded_cache = cache_dir / ENCODED
-    sample = encode(init_sample(pool, defaults.init_examples, defaults.seed), spec.template, bb.tokenizer,
-                    defaults.max_length, encoded_cache)
+    sample = None  # without a train split only prompts with a declared label map can be scored
+    if "train" in spec.splits:
+        train_lang = lang if lang in spec.split_languages("train") else spec.source_language
+        pool = load_split(spec, train_lang, "train", dirs)
+        sample = encode(init_sample(pool, defaults.init_examples, defaults.seed), spec.template, bb.tokenizer,
+                        defaults.max_length, encoded_cache)
     encoded = encode(rows, spec.template, bb.tokenizer, defaults.max_length, encoded_cache)
     with console.status(f"scoring {len(candidates)} prompts on {len(rows)} {task}/{lang} {split} rows"):
-        scores = transfer_scores(bb, spec, lang, candidates, encoded, sample, defaults.dtype)
+        scores = transfer_scores(bb, spec, candidates, encoded, sample, defaults.dtype)
     counts = np.bincount(np.asarray(rows["label"]), minlength=len(spec.labels))
     majority = float(counts.max() / len(rows))
     result = sorted(({"run": c.run.name, "task": c.card.get("task"), "lang": c.card.get("train_language"),
-                      "same_labels": c.card.get("labels") == list(spec.labels), "accuracy": a}
-                     for c, a in zip(candidates, scores)), key=lambda r: -r["accuracy"])
+                      "label_vectors": used, "accuracy": a}
+                     for c, (a, used) in zip(candidates, scores)), key=lambda r: -(r["accuracy"] or -1))
     if as_json:
         print(json.dumps({"task": task, "lang": lang, "split": split, "n": len(rows), "majority": majority,
                           "transfer": result}, indent=2))
@@ -690,8 +693,8 @@ def library_transfer(
     for column in ("run", "task", "lang", "label vectors", "accuracy"):
         table.add_column(column, justify="right" if column == "accuracy" else "left")
     for r in result:
-        table.add_row(r["run"], r["task"], str(r["lang"]), "own" if r["same_labels"] else "class means",
-                      f"{100 * r['accuracy']:.1f}")
+        table.add_row(r["run"], r["task"], str(r["lang"]), r["label_vectors"],
+                      "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}")
     console.print(table)
 
 

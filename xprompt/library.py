@@ -79,12 +79,12 @@ def restore(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def with_candidate(model, c: Candidate, task, sample, pad_id: int, dtype) -> None:
-    """Put a library prompt into ``model``: its prompt, and its label vectors when its labels are
-    the task's; otherwise label vectors from the class means of ``sample`` read through it."""
+    """Put a library prompt into ``model``: its prompt, and its label vectors when it is a prompt
+    of this task; otherwise label vectors from the class means of ``sample`` read through it."""
     from .training import _start_from, set_class_means
 
-    _start_from(model, [(c.tensors, c.card)], None, task, [str(c.run)])
-    if c.card.get("labels") != list(task.labels):
+    note = _start_from(model, [(c.tensors, c.card)], None, task, [str(c.run)])
+    if "class means" in note:
         set_class_means(model, sample, pad_id, dtype)
 
 
@@ -99,19 +99,38 @@ def zero_shot_scores(model, candidates: list[Candidate], task, score, sample, pa
     return scores
 
 
-def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], encoded, sample, dtype) -> list[float]:
+def transfer_scores(backbone, task, candidates: list[Candidate], encoded, sample, dtype) -> list[tuple[float | None, str]]:
     """Task similarity by zero-shot transfer: each library prompt's accuracy on ``encoded`` (a
-    sample of the target task's rows), with label vectors as in ``with_candidate``. No training step."""
+    sample of the target task's rows), and which label vectors it used: its own, through the
+    task card's declared label map (``own``/``mapped``), else the class means of ``sample`` read
+    through it (``class means``); ``(None, "no label map")`` when neither exists (no train split
+    to take means from). No training step."""
     from .evaluation import build_model, predict
 
     labels = np.asarray(encoded["label"])
     pad = backbone.tokenizer.pad_token_id
     scores = []
     for c in candidates:
-        model = build_model(backbone, len(task.labels), c.card["method"], int(c.card["prompt_length"]),
-                            c.card.get("readout", "mask"))
-        with_candidate(model, c, task, sample, pad, dtype)
-        scores.append(float((predict(model, encoded, 64, pad, dtype) == labels).mean()))
+        try:
+            bridge = task.bridge_from(c.card["task"], c.card["labels"])
+        except XPromptError:
+            bridge = None
+        model = build_model(backbone, len(c.card["labels"]) if bridge else len(task.labels), c.card["method"],
+                            int(c.card["prompt_length"]), c.card.get("readout", "mask"))
+        model.prompt.load_tensors(c.tensors, f"{c.run}/prompt")
+        if bridge is not None:
+            model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
+            preds = np.asarray(bridge)[predict(model, encoded, 64, pad, dtype)]
+            used = "own" if c.card["task"] == task.name else "mapped"
+        elif sample is not None:
+            from .training import set_class_means
+
+            set_class_means(model, sample, pad, dtype)
+            preds, used = predict(model, encoded, 64, pad, dtype), "class means"
+        else:
+            scores.append((None, "no label map"))
+            continue
+        scores.append((float((preds == labels).mean()), used))
     return scores
 
 

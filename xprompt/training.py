@@ -145,7 +145,7 @@ def start_from_runs(model: PromptModel, run_dirs: list[Path], weights: list[floa
 def _start_from(model: PromptModel, sources: list[tuple[dict, dict]], weights: list[float] | None,
                 task: TaskSpec, names: list[str]) -> str:
     """Load the weighted average of loaded prompts into the model. The label vectors are taken
-    (averaged) too when every source has this task's labels; otherwise they keep their
+    (averaged) too when every source is a prompt of this task; otherwise they keep their
     class-mean initialisation, as in SPoT's cross-task transfer."""
     if weights is not None and len(weights) != len(sources):
         raise XPromptError(f"--init-weights has {len(weights)} values for {len(sources)} --init-from runs")
@@ -164,7 +164,8 @@ def _start_from(model: PromptModel, sources: list[tuple[dict, dict]], weights: l
             raise XPromptError(f"{where}: '{key}' is missing; were they all trained with --method {model.prompt.method.value}?")
         averaged[key] = average(key)
     model.prompt.load_tensors(averaged, where)
-    same_labels = all(card.get("labels") == list(task.labels) for _, card in sources)
+    # label vectors only from prompts of this very task: two tasks' "0"/"1" need not mean the same
+    same_labels = all(card.get("task") == task.name and card.get("labels") == list(task.labels) for _, card in sources)
     if same_labels:
         model.verbalizer.load_tensors({"verbalizer.weight": average("verbalizer.weight")}, where)
     kind = "prompt and label vectors" if same_labels else "prompt (label vectors from class means)"
