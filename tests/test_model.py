@@ -103,7 +103,7 @@ def test_prompt_shape_mismatch_is_refused():
         prompt.load_tensors({"prompt_embeddings": torch.zeros(5, 8)}, "p")
     with pytest.raises(XPromptError, match="'layer_prompts' is missing"):
         DeepPrompt(4, 8, 2).load_tensors({"prompt_embeddings": torch.zeros(4, 8)}, "p")
-    with pytest.raises(XPromptError, match="unknown method 'lora'; known: soft, deep"):
+    with pytest.raises(XPromptError, match="unknown method 'lora'; known: soft, ptuning, deep"):
         build_prompt("lora", 4, 8, 2)
 
 

@@ -27,6 +27,9 @@ class TrainConfig:
     backbone: str = field(default="e5-small", metadata={"help": "'e5-small', a local folder or a HF id"})
     method: Method = field(default=Method.DEEP, metadata={"help": "prompt method"})
     prompt_length: int = field(default=8, metadata={"help": "number of prompt vectors"})
+    reparam: str = field(default="mlp", metadata={"help": "ptuning's prompt encoder: mlp or lstm (+ mlp)"})
+    init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
+    init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})
     readout: str = field(default="mask", metadata={"help": "state read by the verbalizer: mask or mean"})
     shots: int | None = field(default=None, metadata={"help": "K examples per class (None: the whole pool)"})
     seed: int = field(default=42, metadata={"help": "seed for init, sampling and data order"})
@@ -83,6 +86,14 @@ class TrainConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.init_from == "library" and self.init_weights is not None:
             raise ValueError("init_weights cannot be combined with init_from='library' (the scores weight the average)")
+        if self.reparam not in ("mlp", "lstm"):
+            raise ValueError(f"reparam must be 'mlp' or 'lstm', got {self.reparam!r}")
+        if self.init not in ("vocab", "random", "text", "label-words"):
+            raise ValueError(f"init must be vocab, random, text or label-words, got {self.init!r}")
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise ValueError("init='text' needs init_text (--init-text)")
+        if self.init_text and self.init != "text":
+            raise ValueError("init_text is only used with init='text' (--init text)")
         if self.readout not in ("mask", "mean"):
             raise ValueError(f"readout must be 'mask' or 'mean', got {self.readout!r}")
 

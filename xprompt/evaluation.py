@@ -103,8 +103,9 @@ def evaluate_languages(
     return results
 
 
-def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str) -> PromptModel:
-    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers)
+def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
+                reparam: str = "mlp") -> PromptModel:
+    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam)
     verbalizer = SoftVerbalizer(num_labels, backbone.hidden_size)
     return PromptModel(backbone, prompt, verbalizer, readout)
 

@@ -43,7 +43,7 @@ class PromptModel(nn.Module):
         """Word embeddings with the prompt vectors inserted after ``<s>``, and the widened mask."""
         batch = input_ids.shape[0]
         words = self.embed(input_ids)
-        prompt = self.prompt.embeddings.to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = self.prompt.vectors().to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
         inputs = torch.cat([words[:, :PROMPT_OFFSET], prompt, words[:, PROMPT_OFFSET:]], dim=1)
         ones = attention_mask.new_ones(batch, self.prompt.length)
         mask = torch.cat([attention_mask[:, :PROMPT_OFFSET], ones, attention_mask[:, PROMPT_OFFSET:]], dim=1)

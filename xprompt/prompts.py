@@ -1,12 +1,17 @@
 """Prompts: the trainable vectors. Each method is a small module behind one interface.
 
 - ``soft``: ``length`` vectors inserted after ``<s>`` at the input (Lester et al. 2021).
+- ``ptuning``: P-tuning's prompt encoder: the input vectors are ``seed + encoder(seed)``, the encoder
+  an MLP or a bidirectional LSTM + MLP (``reparam``) trained end to end; its last layer starts at
+  zero, so training starts from the same vectors as ``soft``. Saved as the resulting vectors.
 - ``deep``: the same input vectors plus ``length`` vectors for every further layer that overwrite
   the prompt positions before that layer runs (P-tuning v2's deep prompts).
 
-Interface: ``prompt.embeddings`` (length x hidden) goes into the input; ``prompt.install(layers)``
-registers whatever the method does inside the backbone; ``prompt.tensors()`` / ``load_tensors``
-give the safetensors state. The model never branches on the method.
+Interface: ``prompt.vectors()`` (length x hidden) goes into the input, ``prompt.embeddings`` is
+what initialisation writes; ``prompt.install(layers)`` registers whatever the method does inside
+the backbone; ``prompt.tensors()`` / ``load_tensors`` give the saved (exported) state and
+``state_tensors()`` / ``load_state_tensors`` everything a resumed run needs. The model never
+branches on the method.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ PROMPT_OFFSET = 1  # prompt vectors sit right after <s>
 
 class Method(str, Enum):
     SOFT = "soft"
+    PTUNING = "ptuning"
     DEEP = "deep"
+
+
+REPARAMS = ("mlp", "lstm")
 
 
 def vocab_init(embeddings: torch.Tensor, length: int, generator: torch.Generator, top: int = 5000) -> torch.Tensor:
@@ -38,15 +47,26 @@ def vocab_init(embeddings: torch.Tensor, length: int, generator: torch.Generator
 class SoftPrompt(nn.Module):
     method = Method.SOFT
 
-    def __init__(self, length: int, hidden: int, num_layers: int):
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp"):
         super().__init__()
         if length < 1:
             raise XPromptError(f"--prompt-length must be at least 1 (got {length})")
         self.length = length
         self.embeddings = nn.Parameter(torch.zeros(length, hidden))
 
+    def vectors(self) -> torch.Tensor:
+        """The (length x hidden) vectors that go into the input after ``<s>``."""
+        return self.embeddings
+
     def install(self, layers: nn.ModuleList) -> list:
         return []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything training needs to resume (by default the saved tensors)."""
+        return self.tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        self.load_tensors(tensors, where)
 
     def layer_init_needed(self) -> bool:
         return False
@@ -70,6 +90,57 @@ class SoftPrompt(nn.Module):
         return {"prompt_embeddings": self.embeddings}
 
 
+class PTuningPrompt(SoftPrompt):
+    """P-tuning (Liu et al. 2021): trainable seed vectors passed through a prompt encoder, an MLP
+    (``reparam="mlp"``) or a bidirectional LSTM followed by an MLP (``"lstm"``), residual and with
+    a zero-initialised last layer. Saved as the resulting vectors, so a saved P-tuning prompt is
+    used exactly like a soft one; the encoder is kept in checkpoints only."""
+
+    method = Method.PTUNING
+
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp"):
+        super().__init__(length, hidden, num_layers)
+        if reparam not in REPARAMS:
+            raise XPromptError(f"unknown --reparam '{reparam}'; known: {', '.join(REPARAMS)}")
+        self.reparam = reparam
+        self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True) if reparam == "lstm" else None
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def vectors(self) -> torch.Tensor:
+        seed = self.embeddings
+        x = self.lstm(seed.unsqueeze(0))[0][0] if self.lstm is not None else seed
+        return seed + self.mlp(x)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"prompt_embeddings": self.vectors().detach().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load saved vectors: they become the seed and the encoder's last layer restarts at zero,
+        so ``vectors()`` returns them exactly."""
+        super().load_tensors(tensors, where)
+        with torch.no_grad():
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"encoder.{k}": v.detach().clone() for k, v in self.named_parameters() if k != "embeddings"}
+        return {"prompt_seed": self.embeddings.detach().clone(), **state}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        params = dict(self.named_parameters())
+        missing = [k for k in ("prompt_seed", *(f"encoder.{n}" for n in params if n != "embeddings")) if k not in tensors]
+        if missing:
+            raise XPromptError(f"{where}: {', '.join(missing)} missing; was it saved by --method ptuning --reparam {self.reparam}?")
+        with torch.no_grad():
+            self.embeddings.copy_(tensors["prompt_seed"])
+            for name, param in params.items():
+                if name != "embeddings":
+                    param.copy_(tensors[f"encoder.{name}"])
+
+
 class DeepPrompt(SoftPrompt):
     """Input prompt plus one set of vectors per further layer, written over the prompt positions
     before that layer; initialised (``init_layers``) from the states the input prompt produces, so
@@ -77,7 +148,7 @@ class DeepPrompt(SoftPrompt):
 
     method = Method.DEEP
 
-    def __init__(self, length: int, hidden: int, num_layers: int):
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp"):
         super().__init__(length, hidden, num_layers)
         self.layer_prompts = nn.Parameter(torch.zeros(num_layers - 1, length, hidden))
 
@@ -117,13 +188,13 @@ class DeepPrompt(SoftPrompt):
         return {"prompt_embeddings": self.embeddings, "layer_prompts": self.layer_prompts}
 
 
-PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.DEEP: DeepPrompt}
+PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.PTUNING: PTuningPrompt, Method.DEEP: DeepPrompt}
 
 
-def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int) -> SoftPrompt:
+def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int, reparam: str = "mlp") -> SoftPrompt:
     try:
         cls = PROMPTS[Method(method)]
     except ValueError:
         known = ", ".join(m.value for m in Method)
         raise XPromptError(f"unknown method '{method}'; known: {known}") from None
-    return cls(length, hidden, num_layers)
+    return cls(length, hidden, num_layers, reparam)

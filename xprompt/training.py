@@ -73,17 +73,48 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
     )
 
 
+INITS = ("vocab", "random", "text", "label-words")
+
+
 @torch.no_grad()
-def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg: TrainConfig) -> list[int]:
-    """Vocabulary-sampled prompt vectors; deep layers from the states they produce; label vectors
-    from the class-mean states of (up to ``init_examples``) training rows. Returns the labels that
-    had no training row (their vectors start at the mean of all states)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.prompt.embeddings.copy_(vocab_init(backbone.input_embeddings().weight, model.prompt.length, gen))
+def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg: TrainConfig,
+                               task: TaskSpec | None = None) -> list[int]:
+    """The prompt's input vectors by ``cfg.init``; deep layers from the states they produce; label
+    vectors from the class-mean states of (up to ``init_examples``) training rows read through it.
+    Returns the labels that had no training row (their vectors start at the mean of all states)."""
+    model.prompt.embeddings.copy_(initial_vectors(backbone, model.prompt.length, cfg, task))
     if model.prompt.layer_init_needed():
         tok = backbone.tokenizer
         model.prompt.init_layers(model.layer_prompt_states(tok.cls_token_id, tok.sep_token_id))
     return set_class_means(model, init_sample(train, cfg.init_examples, cfg.seed), backbone.tokenizer.pad_token_id, cfg.dtype)
+
+
+def initial_vectors(backbone: Backbone, length: int, cfg: TrainConfig, task: TaskSpec | None) -> torch.Tensor:
+    """``vocab``: embeddings of frequent word pieces, sampled (Lester et al.'s best simple start);
+    ``random``: normal with the embedding matrix's spread; ``text``: the embeddings of
+    ``cfg.init_text``'s pieces, repeated to the prompt length; ``label-words``: the mean piece
+    embedding of each label word of the training language (from the task card), then sampled vocabulary."""
+    table = backbone.input_embeddings().weight
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init == "vocab":
+        return vocab_init(table, length, gen)
+    if cfg.init == "random":
+        return (torch.randn(length, table.shape[1], generator=gen) * table.float().std()).float()
+    tok = backbone.tokenizer
+    if cfg.init == "text":
+        ids = tok(cfg.init_text or "", add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise XPromptError("--init text needs a non-empty --init-text")
+        rows = (ids * (length // len(ids) + 1))[:length]
+        return table[torch.tensor(rows)].detach().clone().float()
+    words = task.languages[cfg.lang].label_words if task is not None and cfg.lang in task.languages else {}
+    if not words:
+        raise XPromptError(f"--init label-words: task {cfg.task} declares no languages.{cfg.lang}.label_words "
+                           f"in its card; add them or use another --init")
+    vectors = [table[torch.tensor(tok(words[label], add_special_tokens=False)["input_ids"])].float().mean(0)
+               for label in task.labels][:length]
+    rest = vocab_init(table, length - len(vectors), gen) if length > len(vectors) else table.new_zeros(0, table.shape[1]).float()
+    return torch.cat([torch.stack(vectors).detach(), rest])
 
 
 def init_sample(train, examples: int, seed: int):
@@ -116,6 +147,8 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "xprompt_version": __version__,
         "method": cfg.method.value,
         "prompt_length": cfg.prompt_length,
+        "reparam": cfg.reparam if cfg.method.value == "ptuning" else None,
+        "init": cfg.init,
         "readout": cfg.readout,
         "task": task.name,
         "task_version": task.version,
@@ -180,7 +213,7 @@ CHECKPOINT_DIR = "checkpoint"
 def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict) -> None:
     """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far,
     AdamW moments (safetensors), and step, data position, scheduler and best score (JSON)."""
-    tensors = {f"model.{k}": v for k, v in snapshot(model).items()}
+    tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
     tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
@@ -217,7 +250,7 @@ def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> 
         raise XPromptError(f"{path}: unreadable checkpoint ({e}); delete {folder} to start over") from None
     where = str(folder)
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-    model.prompt.load_tensors(pick("model."), where)
+    model.prompt.load_state_tensors(pick("model."), where)
     model.verbalizer.load_tensors(pick("model."), where)
     state: dict[int, dict] = {}
     for key, value in pick("optim.").items():
@@ -252,8 +285,8 @@ def train(
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
-    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout).to(where)
-    missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg)
+    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam).to(where)
+    missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
     pad = backbone.tokenizer.pad_token_id
     # every process scores its shard of the selection rows; the counts are summed
     select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
@@ -357,7 +390,7 @@ def train(
         "train_examples_per_s": round(seen / seconds, 2),
         "trainable_parameters": sum(p.numel() for p in params),
         "init_from": cfg.init_from,
-        "init": init_note or "vocabulary-sampled prompt, class-mean label vectors",
+        "init": init_note or f"{cfg.init} prompt start, class-mean label vectors",
         "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
     if world > 1:

@@ -1,0 +1,135 @@
+"""P-tuning's prompt encoder and the prompt initialisations."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TEST_DATA
+from xprompt.config import TrainConfig
+from xprompt.data import batches, encode, load_split
+from xprompt.errors import XPromptError
+from xprompt.evaluation import build_model, load_run_model
+from xprompt.prompts import PTuningPrompt
+from xprompt.training import initial_vectors, train
+
+
+def _cfg(**kw):
+    base = dict(method="ptuning", prompt_length=3, max_steps=8, eval_every=4, batch_size=8, dtype="fp32", seed=5, lr=3e-2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("reparam", ["mlp", "lstm"])
+def test_ptuning_starts_at_its_seed_and_its_encoder_learns(reparam, backbone, xnli, tokenizer):
+    prompt = PTuningPrompt(3, 32, 2, reparam)
+    prompt.embeddings.data.normal_()
+    torch.testing.assert_close(prompt.vectors(), prompt.embeddings)  # zero last layer: the soft start
+    model = build_model(backbone, 3, "ptuning", 3, "mask", reparam)
+    model.prompt.embeddings.data.copy_(backbone.input_embeddings().weight[10:13])
+    ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, tokenizer)
+    batch = next(batches(ds, 16, tokenizer.pad_token_id))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-2)
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+    assert model.prompt.mlp[2].weight.abs().sum() > 0  # the encoder itself trained
+    if reparam == "lstm":
+        assert any(p.grad is None and p.abs().sum() > 0 for p in model.prompt.lstm.parameters())
+    assert all(not p.requires_grad for p in backbone.model.parameters())
+
+
+def test_ptuning_run_saves_resulting_vectors_and_resumes_exactly(backbone, xnli, tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    summary = train(_cfg(reparam="lstm"), backbone, xnli, whole, [TEST_DATA])
+    saved = load_file(str(whole / "prompt" / "prompt.safetensors"))
+    assert set(saved) == {"prompt_embeddings", "verbalizer.weight"}  # the encoder is not part of the prompt
+    card = json.loads((whole / "prompt" / "xprompt.json").read_text())
+    assert card["method"] == "ptuning" and card["reparam"] == "lstm" and summary["trainable_parameters"] > 3 * 32
+
+    # loaded as a P-tuning prompt or as a plain soft prompt: the same logits
+    model, _ = load_run_model(whole, backbone)
+    soft = build_model(backbone, 3, "soft", 3, "mask")
+    soft.prompt.load_tensors(saved, "x")
+    soft.verbalizer.load_tensors(saved, "x")
+    ds = encode(load_split(xnli, "en", "dev", [TEST_DATA]), xnli.template, backbone.tokenizer)
+    batch = next(batches(ds, 8, backbone.tokenizer.pad_token_id))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), soft(batch))
+
+    # interrupted at step 5 and resumed: the encoder's weights came back from the checkpoint
+    parts = tmp_path / "parts"
+    parts.mkdir()
+
+    def stop(step, total, loss, rate):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(reparam="lstm", eval_every=5), backbone, xnli, parts, [TEST_DATA], on_step=stop)
+    checkpoint = load_file(str(next((parts / "checkpoint").glob("state-*.safetensors"))))
+    assert any(k.startswith("model.encoder.lstm") for k in checkpoint)
+    again = tmp_path / "again"
+    again.mkdir()
+    train(_cfg(reparam="lstm", eval_every=5), backbone, xnli, again, [TEST_DATA])
+    train(_cfg(reparam="lstm", eval_every=5), backbone, xnli, parts, [TEST_DATA])
+    a, b = (load_file(str(d / "prompt" / "prompt.safetensors")) for d in (again, parts))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_initialisations(backbone, xnli):
+    table = backbone.input_embeddings().weight
+    tok = backbone.tokenizer
+    vocab = initial_vectors(backbone, 5, TrainConfig(seed=1), xnli)
+    assert any(torch.equal(vocab[0], row) for row in table[5:5005])
+    random = initial_vectors(backbone, 400, TrainConfig(init="random", seed=1), xnli)
+    assert random.std().item() == pytest.approx(table.std().item(), rel=0.1)
+    assert not any(torch.equal(random[0], row) for row in table)
+
+    text = initial_vectors(backbone, 5, TrainConfig(init="text", init_text="Is it true?"), xnli)
+    ids = tok("Is it true?", add_special_tokens=False)["input_ids"]
+    rows = (ids * 5)[:5]
+    torch.testing.assert_close(text, table[torch.tensor(rows)])
+
+    words = initial_vectors(backbone, 5, TrainConfig(init="label-words", lang="fr"), xnli)
+    for i, label in enumerate(xnli.labels):
+        expected = table[torch.tensor(tok(xnli.languages["fr"].label_words[label], add_special_tokens=False)["input_ids"])].mean(0)
+        torch.testing.assert_close(words[i], expected)
+    assert words.shape == (5, table.shape[1])
+    short = initial_vectors(backbone, 2, TrainConfig(init="label-words"), xnli)
+    assert short.shape == (2, table.shape[1])
+
+    with pytest.raises(ValueError, match="needs init_text"):
+        TrainConfig(init="text")
+    with pytest.raises(ValueError, match="init must be"):
+        TrainConfig(init="bogus")
+    with pytest.raises(XPromptError, match="declares no languages.xx.label_words"):
+        initial_vectors(backbone, 2, TrainConfig(init="label-words", lang="xx"), xnli)
+
+
+def test_method_and_init_flags_from_the_cli(tiny_bert_dir, tmp_path):
+    from test_cli import invoke
+
+    runs = tmp_path / "runs"
+    common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "2",
+              "--prompt-length", "3", "--dtype", "fp32"]
+    ok = invoke("train", *common, "--run-name", "p", "--method", "ptuning", "--reparam", "lstm",
+                "--init", "text", "--init-text", "Is it true?")
+    assert ok.exit_code == 0, ok.output
+    card = json.loads((runs / "p" / "prompt" / "xprompt.json").read_text())
+    assert (card["method"], card["reparam"], card["init"]) == ("ptuning", "lstm", "text")
+    ev = invoke("eval", "--run", runs / "p", "--langs", "en,de", "--data-dir", TEST_DATA, "--backbone", tiny_bert_dir)
+    assert ev.exit_code == 0, ev.output
+    bad = invoke("train", *common, "--run-name", "q", "--init", "text")
+    assert bad.exit_code == 2 and "init_text" in bad.output
+    lw = invoke("train", *common, "--run-name", "r", "--method", "soft", "--init", "label-words")
+    assert lw.exit_code == 0, lw.output
+    assert json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())["init"] == "label-words"
