@@ -12,6 +12,7 @@ from xprompt.data import batches, encode, load_split
 from xprompt.errors import XPromptError
 from xprompt.evaluation import build_model, load_run_model
 from xprompt.prompts import PTuningPrompt
+from xprompt.tasks import load_task
 from xprompt.training import initial_vectors, train
 
 
@@ -133,3 +134,61 @@ def test_method_and_init_flags_from_the_cli(tiny_bert_dir, tmp_path):
     lw = invoke("train", *common, "--run-name", "r", "--method", "soft", "--init", "label-words")
     assert lw.exit_code == 0, lw.output
     assert json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())["init"] == "label-words"
+
+
+@pytest.mark.parametrize("method", ["soft", "ptuning"])
+def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel
+
+    from test_cli import invoke
+    from xprompt.backbones import load_backbone
+
+    runs = tmp_path / "runs"
+    common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "3",
+              "--prompt-length", "4", "--dtype", "fp32", "--method", method, "--prompt-position", "first"]
+    assert invoke("train", *common, "--run-name", "src").exit_code == 0
+    folder = runs / "src" / "prompt"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+
+    bb = load_backbone(str(tiny_bert_dir), tmp_path / "cache")
+    model, card = load_run_model(runs / "src", bb)
+    assert card["position"] == "first"
+    base = AutoModel.from_pretrained(tiny_bert_dir)
+    twin = peft.PeftModel.from_pretrained(base, folder)
+    twin.eval()
+    model.eval()
+    xnli = load_task("xnli")
+    ds = encode(load_split(xnli, "de", "dev", [TEST_DATA]), xnli.template, bb.tokenizer)
+    batch = next(batches(ds, 8, bb.tokenizer.pad_token_id))
+    with torch.no_grad():
+        ours = model.encode(batch["input_ids"], batch["attention_mask"])
+        theirs = twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+        # and the verbalizer on PEFT's <mask> states gives xprompt's logits
+        rows = torch.arange(len(batch["labels"]))
+        torch.testing.assert_close(model.verbalizer(theirs[rows, batch["mask_pos"] + 4]), model(batch), atol=1e-5, rtol=1e-4)
+
+    # a PEFT adapter folder starts a new run: its vectors are the start
+    again = invoke("train", *common, "--run-name", "dst", "--init-from", folder, "--lr", "1e-12", "--max-steps", "1",
+                   "--eval-every", "1")
+    assert again.exit_code == 0, again.output
+    start = load_file(str(runs / "dst" / "prompt" / "prompt.safetensors"))["prompt_embeddings"]
+    torch.testing.assert_close(start, load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"],
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_peft_adapters_xprompt_cannot_use_are_refused(tmp_path):
+    from xprompt.peft_io import read_adapter
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(XPromptError, match="peft_type 'LORA' is not a prompt"):
+        read_adapter(folder, 32)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeddings": torch.zeros(4, 16)}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(XPromptError, match=r"shape \(4, 16\); this backbone needs \(N, 32\)"):
+        read_adapter(folder, 32)

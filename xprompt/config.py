@@ -27,6 +27,7 @@ class TrainConfig:
     backbone: str = field(default="e5-small", metadata={"help": "'e5-small', a local folder or a HF id"})
     method: Method = field(default=Method.DEEP, metadata={"help": "prompt method"})
     prompt_length: int = field(default=8, metadata={"help": "number of prompt vectors"})
+    prompt_position: str = field(default="after-bos", metadata={"help": "where the prompt goes: after-bos (after <s>) or first (before <s>, PEFT's place)"})
     reparam: str = field(default="mlp", metadata={"help": "ptuning's prompt encoder: mlp or lstm (+ mlp)"})
     init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
     init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})
@@ -86,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.init_from == "library" and self.init_weights is not None:
             raise ValueError("init_weights cannot be combined with init_from='library' (the scores weight the average)")
+        if self.prompt_position not in ("after-bos", "first"):
+            raise ValueError(f"prompt_position must be 'after-bos' or 'first', got {self.prompt_position!r}")
         if self.reparam not in ("mlp", "lstm"):
             raise ValueError(f"reparam must be 'mlp' or 'lstm', got {self.reparam!r}")
         if self.init not in ("vocab", "random", "text", "label-words"):

@@ -104,8 +104,8 @@ def evaluate_languages(
 
 
 def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
-                reparam: str = "mlp") -> PromptModel:
-    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam)
+                reparam: str = "mlp", position: str = "after-bos") -> PromptModel:
+    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position)
     verbalizer = SoftVerbalizer(num_labels, backbone.hidden_size)
     return PromptModel(backbone, prompt, verbalizer, readout)
 
@@ -127,7 +127,8 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     check_backbone(card, backbone, where)
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
-    model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"))
+    model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),
+                        position=card.get("position", "after-bos"))
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

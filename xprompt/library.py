@@ -116,7 +116,8 @@ def transfer_scores(backbone, task, candidates: list[Candidate], encoded, sample
         except XPromptError:
             bridge = None
         model = build_model(backbone, len(c.card["labels"]) if bridge else len(task.labels), c.card["method"],
-                            int(c.card["prompt_length"]), c.card.get("readout", "mask"))
+                            int(c.card["prompt_length"]), c.card.get("readout", "mask"),
+                            position=c.card.get("position", "after-bos"))
         model.prompt.load_tensors(c.tensors, f"{c.run}/prompt")
         if bridge is not None:
             model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .prompts import PROMPT_OFFSET, SoftPrompt
+from .prompts import SoftPrompt
 from .verbalizers import SoftVerbalizer
 
 READOUTS = ("mask", "mean")
@@ -44,9 +44,10 @@ class PromptModel(nn.Module):
         batch = input_ids.shape[0]
         words = self.embed(input_ids)
         prompt = self.prompt.vectors().to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
-        inputs = torch.cat([words[:, :PROMPT_OFFSET], prompt, words[:, PROMPT_OFFSET:]], dim=1)
+        at = self.prompt.offset
+        inputs = torch.cat([words[:, :at], prompt, words[:, at:]], dim=1)
         ones = attention_mask.new_ones(batch, self.prompt.length)
-        mask = torch.cat([attention_mask[:, :PROMPT_OFFSET], ones, attention_mask[:, PROMPT_OFFSET:]], dim=1)
+        mask = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
         return inputs, mask
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,9 @@ class PromptModel(nn.Module):
         if self.readout == "mask":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             return hidden[rows, batch["mask_pos"] + self.prompt.length]
-        tokens = hidden[:, PROMPT_OFFSET + self.prompt.length :]
-        mask = batch["attention_mask"][:, PROMPT_OFFSET:].unsqueeze(-1).to(tokens.dtype)
+        # the input's own tokens after <s> (the mask's positions are those of the input)
+        tokens = hidden[:, 1 + self.prompt.length :]
+        mask = batch["attention_mask"][:, 1:].unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1)
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -81,7 +83,7 @@ class PromptModel(nn.Module):
 
         def capture(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append(hidden[0, PROMPT_OFFSET : PROMPT_OFFSET + self.prompt.length].clone())
+            captured.append(hidden[0, self.prompt.offset : self.prompt.offset + self.prompt.length].clone())
 
         handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in list(self._layers)[1:]]
         tok = torch.tensor([[bos_id, eos_id]], device=self.prompt.embeddings.device)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import XPromptError
 
-PROMPT_OFFSET = 1  # prompt vectors sit right after <s>
+POSITIONS = {"after-bos": 1, "first": 0}  # --prompt-position: where the prompt goes ("first": PEFT's place)
 
 
 class Method(str, Enum):
@@ -47,11 +47,15 @@ def vocab_init(embeddings: torch.Tensor, length: int, generator: torch.Generator
 class SoftPrompt(nn.Module):
     method = Method.SOFT
 
-    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp"):
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
         super().__init__()
         if length < 1:
             raise XPromptError(f"--prompt-length must be at least 1 (got {length})")
+        if position not in POSITIONS:
+            raise XPromptError(f"unknown --prompt-position '{position}'; known: {', '.join(POSITIONS)}")
         self.length = length
+        self.position = position
+        self.offset = POSITIONS[position]  # index of the first prompt vector in the sequence
         self.embeddings = nn.Parameter(torch.zeros(length, hidden))
 
     def vectors(self) -> torch.Tensor:
@@ -98,8 +102,8 @@ class PTuningPrompt(SoftPrompt):
 
     method = Method.PTUNING
 
-    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp"):
-        super().__init__(length, hidden, num_layers)
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
+        super().__init__(length, hidden, num_layers, position=position)
         if reparam not in REPARAMS:
             raise XPromptError(f"unknown --reparam '{reparam}'; known: {', '.join(REPARAMS)}")
         self.reparam = reparam
@@ -148,8 +152,8 @@ class DeepPrompt(SoftPrompt):
 
     method = Method.DEEP
 
-    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp"):
-        super().__init__(length, hidden, num_layers)
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
+        super().__init__(length, hidden, num_layers, position=position)
         self.layer_prompts = nn.Parameter(torch.zeros(num_layers - 1, length, hidden))
 
     def install(self, layers: nn.ModuleList) -> list:
@@ -167,7 +171,7 @@ class DeepPrompt(SoftPrompt):
             else:
                 hidden, rest = kwargs.pop("hidden_states"), ()
             vectors = self.layer_prompts[slot].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
-            start, end = PROMPT_OFFSET, PROMPT_OFFSET + self.length
+            start, end = self.offset, self.offset + self.length
             hidden = torch.cat([hidden[:, :start], vectors, hidden[:, end:]], dim=1)
             return (hidden, *rest), kwargs
 
@@ -191,10 +195,11 @@ class DeepPrompt(SoftPrompt):
 PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.PTUNING: PTuningPrompt, Method.DEEP: DeepPrompt}
 
 
-def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int, reparam: str = "mlp") -> SoftPrompt:
+def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int, reparam: str = "mlp",
+                 position: str = "after-bos") -> SoftPrompt:
     try:
         cls = PROMPTS[Method(method)]
     except ValueError:
         known = ", ".join(m.value for m in Method)
         raise XPromptError(f"unknown method '{method}'; known: {known}") from None
-    return cls(length, hidden, num_layers, reparam)
+    return cls(length, hidden, num_layers, reparam, position)

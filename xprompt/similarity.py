@@ -70,13 +70,11 @@ def _ffn_activations(layer: torch.nn.Module) -> torch.nn.Module:
 def activated_neurons(model, bos_id: int, eos_id: int) -> torch.Tensor:
     """(layers, ffn) booleans: the neurons whose activation is positive at any prompt position
     when the backbone reads ``<s> prompt </s>`` (with the method's per-layer vectors in place)."""
-    from .prompts import PROMPT_OFFSET
-
     captured: list[torch.Tensor] = []
     length = model.prompt.length
 
     def capture(module, args, output):
-        captured.append((output[0, PROMPT_OFFSET : PROMPT_OFFSET + length] > 0).any(0))
+        captured.append((output[0, model.prompt.offset : model.prompt.offset + length] > 0).any(0))
 
     handles = [_ffn_activations(layer).register_forward_hook(capture) for layer in model._layers]
     device = model.prompt.embeddings.device

@@ -21,6 +21,7 @@ from .data import batches, encode, holdout_split, load_split, sample_shots, slic
 from .errors import XPromptError
 from .evaluation import autocast, build_model, check_backbone, predict
 from .library import LIBRARY, init_from_library, snapshot
+from .peft_io import is_adapter, read_adapter, write_adapter
 from .model import PromptModel
 from .prompts import vocab_init
 from .store import (
@@ -148,6 +149,7 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "method": cfg.method.value,
         "prompt_length": cfg.prompt_length,
         "reparam": cfg.reparam if cfg.method.value == "ptuning" else None,
+        "position": cfg.prompt_position,
         "init": cfg.init,
         "readout": cfg.readout,
         "task": task.name,
@@ -169,6 +171,10 @@ def start_from_runs(model: PromptModel, run_dirs: list[Path], weights: list[floa
     average of several (weights normalised to sum 1; equal by default). Returns what was done."""
     sources = []
     for run_dir in run_dirs:
+        if is_adapter(run_dir):  # a PEFT PromptTuning adapter folder
+            tensors, config = read_adapter(run_dir, backbone.hidden_size)
+            sources.append((tensors, {"task": None, "labels": None, "peft": config.get("base_model_name_or_path")}))
+            continue
         tensors, card = load_prompt(run_dir)
         check_backbone(card, backbone, str(Path(run_dir) / "prompt"))
         sources.append((tensors, card))
@@ -285,7 +291,8 @@ def train(
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
-    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam).to(where)
+    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
+                        cfg.prompt_position).to(where)
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
     pad = backbone.tokenizer.pad_token_id
     # every process scores its shard of the selection rows; the counts are summed
@@ -400,6 +407,9 @@ def train(
     if main:
         card = prompt_card(cfg, task, backbone, {"selection": summary})
         write_json(Path(run_dir) / "metrics.json", {"train": summary})
+        config = backbone.model.config
+        write_adapter(Path(run_dir) / "prompt", best["tensors"], card, str(backbone.path or backbone.name),
+                      config.num_attention_heads, config.num_hidden_layers)  # PEFT's twin, for soft/ptuning
         save_prompt(run_dir, best["tensors"], card)  # last: a saved prompt marks a finished run
     return summary
 
