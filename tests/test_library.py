@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_DATA
 from safetensors.torch import load_file
 
-from conftest import TEST_DATA
 from xprompt.config import TrainConfig
 from xprompt.library import mixture_schedule
 from xprompt.tasks import load_task

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TEST_DATA
 from safetensors.torch import load_file
 
-from conftest import TEST_DATA
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
 from xprompt.errors import XPromptError
@@ -139,9 +139,9 @@ def test_method_and_init_flags_from_the_cli(tiny_bert_dir, tmp_path):
 @pytest.mark.parametrize("method", ["soft", "ptuning"])
 def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path):
     peft = pytest.importorskip("peft")
+    from test_cli import invoke
     from transformers import AutoModel
 
-    from test_cli import invoke
     from xprompt.backbones import load_backbone
 
     runs = tmp_path / "runs"

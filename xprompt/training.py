@@ -21,8 +21,8 @@ from .data import batches, encode, holdout_split, load_split, sample_shots, slic
 from .errors import XPromptError
 from .evaluation import autocast, build_model, check_backbone, predict
 from .library import LIBRARY, init_from_library, snapshot
-from .peft_io import is_adapter, read_adapter, write_adapter
 from .model import PromptModel
+from .peft_io import is_adapter, read_adapter, write_adapter
 from .prompts import vocab_init
 from .store import (
     append_jsonl,
