@@ -61,6 +61,20 @@ def other_bert_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_xlmr_mlm_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random XLMRobertaForMaskedLM (an LM head: the masked_lm kind) with the embedded vocabulary."""
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    torch.manual_seed(2)
+    config = XLMRobertaConfig(
+        vocab_size=250002, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+    config.architectures = ["XLMRobertaForMaskedLM"]
+    return save_backbone(XLMRobertaForMaskedLM(config), tokenizer_dir, tmp_path_factory.mktemp("tiny_xlmr_mlm"))
+
+
+@pytest.fixture(scope="session")
 def _backbone(tiny_bert_dir, tmp_path_factory):
     from xprompt.backbones import load_backbone
 

@@ -152,6 +152,8 @@ def train(
     backbone: Annotated[str, typer.Option(help="'e5-small' (embedded), a local folder or a Hugging Face id.")] = "e5-small",
     method: Annotated[Method, typer.Option(help="soft: input prompt (Lester); ptuning: input prompt through a trained MLP/LSTM encoder (P-tuning); deep: a prompt in every layer (P-tuning v2).")] = Method.DEEP,
     prompt_length: Annotated[int, typer.Option(help="Prompt vectors (per layer for deep).")] = TrainConfig.prompt_length,
+    verbalizer: Annotated[str, typer.Option(help="auto (hard on a masked-LM backbone such as XLM-R, else soft), soft (trained label vectors from class means) or hard (the task card's label words of each language under the frozen LM head).")] = TrainConfig.verbalizer,
+    label_reduce: Annotated[str, typer.Option(help="With a hard verbalizer: score a label word of several pieces by the mean, first or max of their log-probabilities.")] = TrainConfig.label_reduce,
     prompt_position: Annotated[str, typer.Option(help="after-bos (after <s>) or first (before <s>, where PEFT puts it: the exported PEFT adapter then gives identical outputs).")] = TrainConfig.prompt_position,
     reparam: Annotated[str, typer.Option(help="With --method ptuning: the prompt encoder, mlp or lstm (a BiLSTM then the MLP).")] = TrainConfig.reparam,
     init: Annotated[str, typer.Option(help="Prompt start: vocab (sampled frequent word pieces), random, text (--init-text) or label-words (the task card's label words of --lang).")] = TrainConfig.init,
@@ -216,6 +218,7 @@ def train(
                 cfg = TrainConfig(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
                     reparam=reparam, init=init, init_text=init_text, prompt_position=prompt_position,
+                    verbalizer=verbalizer, label_reduce=label_reduce,
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,
                     init_from=init_from, init_weights=weight_list, top_k=top_k, transfer=transfer,

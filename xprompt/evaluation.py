@@ -18,7 +18,7 @@ from .model import PromptModel
 from .prompts import build_prompt
 from .store import load_prompt
 from .tasks import TaskSpec
-from .verbalizers import SoftVerbalizer
+from .verbalizers import SoftVerbalizer, WordVerbalizer, label_pieces
 
 
 def autocast(dtype: DType | str, device: str = "cpu"):
@@ -78,6 +78,7 @@ def evaluate_languages(
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         encoded = encode(ds, task.template, tokenizer, max_length, cache_dir)
+        model.verbalizer.use_language(lang)  # a hard verbalizer scores this language's label words
         start = time.perf_counter()
         preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
         if bridge is not None:
@@ -104,10 +105,33 @@ def evaluate_languages(
 
 
 def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
-                reparam: str = "mlp", position: str = "after-bos") -> PromptModel:
+                reparam: str = "mlp", position: str = "after-bos", verbalizer=None) -> PromptModel:
+    """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
     prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position)
-    verbalizer = SoftVerbalizer(num_labels, backbone.hidden_size)
+    verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
     return PromptModel(backbone, prompt, verbalizer, readout)
+
+
+def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dict[str, dict[str, str]], lang: str,
+                    reduce: str = "mean", readout: str = "mask"):
+    """``soft`` (label vectors), ``hard`` (label words under the LM head) or ``auto`` (hard when
+    the backbone has an LM head, else soft)."""
+    if kind == "auto":
+        kind = "hard" if backbone.lm_head is not None else "soft"
+    if kind == "soft":
+        return SoftVerbalizer(len(labels), backbone.hidden_size)
+    if kind != "hard":
+        raise XPromptError(f"unknown --verbalizer '{kind}'; known: auto, soft, hard")
+    if backbone.lm_head is None:
+        raise XPromptError(f"--verbalizer hard needs a masked-LM backbone (an LM head); '{backbone.name}' is of "
+                           f"kind {backbone.kind}: use --verbalizer soft")
+    if readout != "mask":
+        raise XPromptError("--verbalizer hard reads the <mask> state: use --readout mask")
+    return WordVerbalizer(backbone.lm_head, label_pieces(backbone.tokenizer, words, labels), lang, reduce)
+
+
+def task_label_words(task: TaskSpec) -> dict[str, dict[str, str]]:
+    return {lang: dict(spec.label_words) for lang, spec in task.languages.items() if spec.label_words}
 
 
 def check_backbone(card: dict, backbone: Backbone, where: str) -> None:
@@ -127,8 +151,12 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     check_backbone(card, backbone, where)
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
+    verbalizer = None
+    if card.get("verbalizer") == "hard":
+        verbalizer = make_verbalizer(backbone, "hard", card["labels"], card["label_words"], card["train_language"],
+                                     card.get("label_reduce", "mean"))
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),
-                        position=card.get("position", "after-bos"))
+                        position=card.get("position", "after-bos"), verbalizer=verbalizer)
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

@@ -19,7 +19,7 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .data import batches, encode, holdout_split, load_split, sample_shots, slice_batch
 from .errors import XPromptError
-from .evaluation import autocast, build_model, check_backbone, predict
+from .evaluation import autocast, build_model, check_backbone, make_verbalizer, predict, task_label_words
 from .library import LIBRARY, init_from_library, snapshot
 from .model import PromptModel
 from .peft_io import is_adapter, read_adapter, write_adapter
@@ -133,6 +133,8 @@ def init_sample(train, examples: int, seed: int):
 @torch.no_grad()
 def set_class_means(model: PromptModel, sample, pad_id: int, dtype) -> list[int]:
     """Label vectors from the class-mean states of ``sample`` read with the model's current prompt."""
+    if not model.verbalizer.needs_init:
+        return []
     states, labels = [], []
     model.eval()
     device = model.prompt.embeddings.device
@@ -143,7 +145,7 @@ def set_class_means(model: PromptModel, sample, pad_id: int, dtype) -> list[int]
     return model.verbalizer.init_from_class_means(torch.cat(states), torch.cat(labels))
 
 
-def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dict) -> dict:
+def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dict, verbalizer_kind: str = "soft") -> dict:
     return {
         "xprompt_version": __version__,
         "method": cfg.method.value,
@@ -156,7 +158,8 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "task_version": task.version,
         "template": task.template,
         "labels": list(task.labels),
-        "verbalizer": "soft (nearest class vector at the readout state)",
+        "verbalizer": verbalizer_kind,
+        **({"label_words": task_label_words(task), "label_reduce": cfg.label_reduce} if verbalizer_kind == "hard" else {}),
         "train_language": cfg.lang,
         "backbone": backbone.name,
         "backbone_sha256": backbone.sha256,
@@ -204,7 +207,8 @@ def _start_from(model: PromptModel, sources: list[tuple[dict, dict]], weights: l
         averaged[key] = average(key)
     model.prompt.load_tensors(averaged, where)
     # label vectors only from prompts of this very task: two tasks' "0"/"1" need not mean the same
-    same_labels = all(card.get("task") == task.name and card.get("labels") == list(task.labels) for _, card in sources)
+    same_labels = all(card.get("task") == task.name and card.get("labels") == list(task.labels)
+                      and "verbalizer.weight" in t for t, card in sources)
     if same_labels:
         model.verbalizer.load_tensors({"verbalizer.weight": average("verbalizer.weight")}, where)
     kind = "prompt and label vectors" if same_labels else "prompt (label vectors from class means)"
@@ -291,8 +295,10 @@ def train(
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
+    verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
+                                 cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
-                        cfg.prompt_position).to(where)
+                        cfg.prompt_position, verbalizer).to(where)
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
     pad = backbone.tokenizer.pad_token_id
     # every process scores its shard of the selection rows; the counts are summed
@@ -405,7 +411,7 @@ def train(
     if missing:
         summary["labels_without_train_rows"] = [task.labels[i] for i in missing]
     if main:
-        card = prompt_card(cfg, task, backbone, {"selection": summary})
+        card = prompt_card(cfg, task, backbone, {"selection": summary}, model.verbalizer.kind)
         write_json(Path(run_dir) / "metrics.json", {"train": summary})
         config = backbone.model.config
         write_adapter(Path(run_dir) / "prompt", best["tensors"], card, str(backbone.path or backbone.name),

@@ -1,5 +1,10 @@
 """Verbalizers: backbone output -> one score per label.
 
+``WordVerbalizer`` (the hard verbalizer of a masked LM, PET/LM-BFF style) scores each label by the
+log-probability its label words get at ``<mask>`` under the frozen LM head; a word of several
+pieces reduces its pieces' log-probabilities by mean, first or max; the words are the task card's
+for the language being evaluated. It has no trainable tensors.
+
 ``SoftVerbalizer`` keeps one trainable vector per label in the backbone's hidden space and scores
 a ``<mask>`` state by its negative squared distance to each (a nearest-centroid classifier). It is
 initialised from the class-mean ``<mask>`` states of the training data, UniPrompt's "dynamic soft
@@ -14,10 +19,19 @@ from torch import nn
 from .errors import XPromptError
 
 
+REDUCES = ("mean", "first", "max")
+
+
 class SoftVerbalizer(nn.Module):
+    kind = "soft"
+    needs_init = True  # from class means
+
     def __init__(self, num_labels: int, hidden: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_labels, hidden))
+
+    def use_language(self, lang: str) -> None:
+        """Label vectors are language-agnostic: nothing to switch."""
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) -> (batch, labels): -||h - w_c||^2 / 2 up to a per-row constant."""
@@ -52,3 +66,64 @@ class SoftVerbalizer(nn.Module):
             )
         with torch.no_grad():
             self.weight.copy_(value)
+
+
+class WordVerbalizer(nn.Module):
+    """Hard verbalizer over a frozen LM head. ``pieces[lang][c]`` are the token ids of label c's
+    word in language ``lang``; ``use_language`` picks the set (the training language's by default,
+    and for a language the task card gives no words)."""
+
+    kind = "hard"
+    needs_init = False
+
+    def __init__(self, head: nn.Module, pieces: dict[str, list[list[int]]], lang: str, reduce: str = "mean"):
+        super().__init__()
+        if reduce not in REDUCES:
+            raise XPromptError(f"unknown --label-reduce '{reduce}'; known: {', '.join(REDUCES)}")
+        if lang not in pieces:
+            raise XPromptError(f"no label words for the training language '{lang}' in the task card")
+        self.head = head
+        self.pieces = pieces
+        self.default = lang
+        self.lang = lang
+        self.reduce = reduce
+
+    def use_language(self, lang: str) -> None:
+        self.lang = lang if lang in self.pieces else self.default
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(self.head(states).float(), dim=-1)
+        scores = []
+        for ids in self.pieces[self.lang]:
+            piece = logp[:, ids]
+            if self.reduce == "mean":
+                scores.append(piece.mean(-1))
+            elif self.reduce == "first":
+                scores.append(piece[:, 0])
+            else:
+                scores.append(piece.max(-1).values)
+        return torch.stack(scores, dim=-1)
+
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Nothing is trained: the label words come from the card."""
+
+
+def label_pieces(tokenizer, words: dict[str, dict[str, str]], labels: list[str]) -> dict[str, list[list[int]]]:
+    """Token ids of every label word per language; a lone word-start piece (SentencePiece's "▁")
+    that a tokenizer puts before a word is dropped, since it carries no meaning of its own."""
+    out = {}
+    for lang, by_label in words.items():
+        out[lang] = []
+        for label in labels:
+            ids = tokenizer(by_label[label], add_special_tokens=False)["input_ids"]
+            kept = [i for i in ids if tokenizer.convert_ids_to_tokens(i) not in ("▁", "Ġ", " ")] or ids
+            if not kept:
+                raise XPromptError(f"label word {by_label[label]!r} ({lang}, label {label}) has no tokens")
+            out[lang].append(kept)
+    return out

@@ -21,7 +21,8 @@ __all__ = ["Backbone", "load_backbone", "EMBEDDED_NAME", "weights_sha256"]
 
 @dataclass
 class Backbone:
-    """A frozen encoder: ``model(inputs_embeds=..., attention_mask=...)`` gives hidden states."""
+    """A frozen encoder: ``model(inputs_embeds=..., attention_mask=...)`` gives hidden states;
+    ``lm_head`` (masked_lm kind only) maps a hidden state to vocabulary logits."""
 
     name: str
     path: Path | None
@@ -29,6 +30,7 @@ class Backbone:
     tokenizer: object
     kind: str
     sha256: str
+    lm_head: nn.Module | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -88,7 +90,7 @@ def load_backbone(
     trust_remote_code: bool = False,
 ) -> Backbone:
     """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -104,16 +106,20 @@ def load_backbone(
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        kind = _kind(config)
         # safetensors only: a checkpoint that would need unpickling is refused, not loaded
-        model = AutoModel.from_pretrained(
-            folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        auto = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel
+        model = auto.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise XPromptError(
             f"cannot load backbone '{name}': {str(e).splitlines()[0]} "
             f"(offline? use '{EMBEDDED_NAME}' or a local folder)"
         ) from None
-    kind = _kind(config)
+    lm_head = None
+    if kind == "masked_lm":  # keep the encoder as the backbone and its LM head beside it
+        lm_head = _lm_head(model)
+        model = model.base_model
+        lm_head.requires_grad_(False).eval().to(device)
     if kind == "seq2seq":
         model = model.get_encoder()
     model.requires_grad_(False)
@@ -127,4 +133,15 @@ def load_backbone(
         tokenizer=tokenizer,
         kind=kind,
         sha256=weights_sha256(local) if local else "unknown",
+        lm_head=lm_head,
     )
+
+
+def _lm_head(mlm: nn.Module) -> nn.Module:
+    """The masked-LM head of a ``*ForMaskedLM``: its one child besides the encoder (``lm_head``
+    for XLM-R, ``cls`` for BERT), whatever its name."""
+    heads = [m for _, m in mlm.named_children() if m is not mlm.base_model]
+    if len(heads) != 1:
+        raise XPromptError(f"cannot tell the LM head of {type(mlm).__name__} apart (children: "
+                           f"{', '.join(n for n, _ in mlm.named_children())})")
+    return heads[0]

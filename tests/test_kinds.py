@@ -1,0 +1,106 @@
+"""Backbone kinds: a masked LM scores the task card's label words at <mask> (hard verbalizer)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TEST_DATA
+from xprompt.backbones import load_backbone
+from xprompt.config import TrainConfig
+from xprompt.data import batches, encode, load_split
+from xprompt.evaluation import load_run_model
+from xprompt.tasks import load_task
+from xprompt.training import train
+from xprompt.verbalizers import WordVerbalizer, label_pieces
+
+
+@pytest.fixture(scope="module")
+def mlm(tiny_xlmr_mlm_dir, tmp_path_factory):
+    return load_backbone(str(tiny_xlmr_mlm_dir), tmp_path_factory.mktemp("cache"))
+
+
+def test_masked_lm_kind_keeps_its_head(mlm):
+    assert mlm.kind == "masked_lm" and mlm.lm_head is not None
+    assert type(mlm.model).__name__ == "XLMRobertaModel"
+    assert all(not p.requires_grad for p in [*mlm.model.parameters(), *mlm.lm_head.parameters()])
+
+
+@pytest.mark.parametrize("reduce", ["mean", "first", "max"])
+def test_word_verbalizer_reduces_multi_piece_words(mlm, reduce):
+    pieces = {"en": [[5, 6], [7], [8, 9, 10]], "de": [[11], [12, 13], [14]]}
+    verbalizer = WordVerbalizer(mlm.lm_head, pieces, "en", reduce)
+    states = torch.randn(4, 32)
+    with torch.no_grad():
+        logp = torch.log_softmax(mlm.lm_head(states), -1)
+        got = verbalizer(states)
+        verbalizer.use_language("de")
+        german = verbalizer(states)
+        verbalizer.use_language("sw")  # no words for sw: the training language's
+        fallback = verbalizer(states)
+    pick = {"mean": lambda x: x.mean(-1), "first": lambda x: x[:, 0], "max": lambda x: x.max(-1).values}[reduce]
+    torch.testing.assert_close(got, torch.stack([pick(logp[:, ids]) for ids in pieces["en"]], -1))
+    torch.testing.assert_close(german, torch.stack([pick(logp[:, ids]) for ids in pieces["de"]], -1))
+    torch.testing.assert_close(fallback, got)
+
+
+def test_label_pieces_drop_a_lone_word_start(mlm):
+    tok = mlm.tokenizer
+    pieces = label_pieces(tok, {"zh": {"0": "不同", "1": "相同"}}, ["0", "1"])
+    for ids in pieces["zh"]:
+        assert ids and "▁" not in tok.convert_ids_to_tokens(ids)
+
+
+def test_hard_verbalizer_trains_the_prompt_only_and_evaluates_per_language(mlm, tiny_xlmr_mlm_dir, tmp_path):
+    xnli = load_task("xnli")
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(method="soft", prompt_length=3, max_steps=6, eval_every=3, batch_size=8, dtype="fp32", lr=0.3)
+    summary = train(cfg, mlm, xnli, run, [TEST_DATA])
+    assert summary["trainable_parameters"] == 3 * 32  # no label vectors: the words are the verbalizer
+    card = json.loads((run / "prompt" / "xprompt.json").read_text())
+    assert card["verbalizer"] == "hard" and card["label_words"]["de"]["entailment"] == "Ja"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in log)
+
+    model, _ = load_run_model(run, mlm)
+    assert isinstance(model.verbalizer, WordVerbalizer)
+    ds = encode(load_split(xnli, "de", "dev", [TEST_DATA]), xnli.template, mlm.tokenizer)
+    batch = next(batches(ds, 8, mlm.tokenizer.pad_token_id))
+    model.verbalizer.use_language("de")
+    with torch.no_grad():
+        states = model.states(batch)
+        logp = torch.log_softmax(mlm.lm_head(states), -1)
+        pieces = label_pieces(mlm.tokenizer, {"de": card["label_words"]["de"]}, xnli.labels)["de"]
+        expected = torch.stack([logp[:, ids].mean(-1) for ids in pieces], -1)
+        torch.testing.assert_close(model(batch), expected)
+
+
+def test_hard_verbalizer_loss_falls(mlm):
+    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+
+    xnli = load_task("xnli")
+    verbalizer = make_verbalizer(mlm, "auto", list(xnli.labels), task_label_words(xnli), "en")
+    model = build_model(mlm, 3, "deep", 3, "mask", verbalizer=verbalizer)
+    model.prompt.embeddings.data.copy_(mlm.input_embeddings().weight[100:103])
+    ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, mlm.tokenizer)
+    batch = next(batches(ds, 16, mlm.tokenizer.pad_token_id))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1.0)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # a random tiny LM head is nearly flat over 250k pieces, so the steps are small but every one falls
+    assert all(after < before for before, after in zip(losses, losses[1:]))
+    assert all(p.grad is None for p in mlm.lm_head.parameters())
+
+
+def test_hard_verbalizer_on_an_encoder_is_refused(tiny_bert_dir, tmp_path):
+    from test_cli import invoke
+
+    out = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", tmp_path,
+                 "--max-steps", "1", "--verbalizer", "hard")
+    assert out.exit_code == 1 and "needs a masked-LM backbone" in out.output and "kind encoder" in out.output
