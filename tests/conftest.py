@@ -75,6 +75,20 @@ def tiny_xlmr_mlm_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mt5_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random MT5ForConditionalGeneration (the seq2seq kind) with the embedded vocabulary."""
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    torch.manual_seed(3)
+    config = MT5Config(
+        vocab_size=250002, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    config.architectures = ["MT5ForConditionalGeneration"]
+    return save_backbone(MT5ForConditionalGeneration(config), tokenizer_dir, tmp_path_factory.mktemp("tiny_mt5"))
+
+
+@pytest.fixture(scope="session")
 def _backbone(tiny_bert_dir, tmp_path_factory):
     from xprompt.backbones import load_backbone
 

@@ -103,4 +103,96 @@ def test_hard_verbalizer_on_an_encoder_is_refused(tiny_bert_dir, tmp_path):
 
     out = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", tmp_path,
                  "--max-steps", "1", "--verbalizer", "hard")
-    assert out.exit_code == 1 and "needs a masked-LM backbone" in out.output and "kind encoder" in out.output
+    text = out.output.replace("\n", "")
+    assert out.exit_code == 1 and "needs a masked-LM or seq2seq backbone" in text and "kind encoder" in text
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-made left behind
+
+
+@pytest.fixture(scope="module")
+def mt5(tiny_mt5_dir, tmp_path_factory):
+    return load_backbone(str(tiny_mt5_dir), tmp_path_factory.mktemp("cache"))
+
+
+def test_seq2seq_kind_scores_label_strings_by_decoder_likelihood(mt5):
+    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.verbalizers import DecoderVerbalizer
+
+    assert mt5.kind == "seq2seq" and mt5.seq2seq is not None and type(mt5.model).__name__ == "MT5Stack"
+    xnli = load_task("xnli")
+    verbalizer = make_verbalizer(mt5, "auto", list(xnli.labels), task_label_words(xnli), "en")
+    assert isinstance(verbalizer, DecoderVerbalizer)
+    model = build_model(mt5, 3, "deep", 3, "mask", verbalizer=verbalizer)
+    model.prompt.embeddings.data.normal_()
+    model.prompt.layer_prompts.data.normal_()
+    ds = encode(load_split(xnli, "de", "dev", [TEST_DATA]), xnli.template, mt5.tokenizer)
+    batch = next(batches(ds, 4, mt5.tokenizer.pad_token_id))
+    model.eval()
+    model.verbalizer.use_language("de")
+    with torch.no_grad():
+        scores = model(batch)
+        hidden, mask = model.sequence(batch["input_ids"], batch["attention_mask"])
+        from transformers.modeling_outputs import BaseModelOutput
+
+        for c, label in enumerate(xnli.labels):  # -loss of one row is its mean token log-likelihood
+            ids = mt5.tokenizer(xnli.languages["de"].label_words[label], add_special_tokens=False)["input_ids"]
+            ids = [i for i in ids if mt5.tokenizer.convert_ids_to_tokens(i) != "▁"] + [2]
+            for row in range(2):
+                out = mt5.seq2seq(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[row : row + 1]),
+                                  attention_mask=mask[row : row + 1], labels=torch.tensor([ids]))
+                assert scores[row, c].item() == pytest.approx(-out.loss.item(), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["soft", "ptuning", "deep"])
+def test_every_method_trains_on_seq2seq_and_masked_lm(method, mt5, mlm, tmp_path):
+    xnli = load_task("xnli")
+    for bb in (mt5, mlm):
+        run = tmp_path / f"{bb.kind}-{method}"
+        run.mkdir()
+        before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+        cfg = TrainConfig(method=method, prompt_length=3, max_steps=4, eval_every=2, batch_size=8, dtype="fp32", lr=0.3)
+        train(cfg, bb, xnli, run, [TEST_DATA])
+        assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+        model, card = load_run_model(run, bb)
+        assert card["verbalizer"] == "hard"
+        ds = encode(load_split(xnli, "en", "dev", [TEST_DATA]), xnli.template, bb.tokenizer)
+        batch = next(batches(ds, 4, bb.tokenizer.pad_token_id))
+        model.eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(batch)).all()
+
+
+def test_seq2seq_loss_falls(mt5):
+    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+
+    xnli = load_task("xnli")
+    model = build_model(mt5, 3, "soft", 3, "mask",
+                        verbalizer=make_verbalizer(mt5, "auto", list(xnli.labels), task_label_words(xnli), "en"))
+    model.prompt.embeddings.data.copy_(mt5.input_embeddings().weight[100:103])
+    ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, mt5.tokenizer)
+    batch = next(batches(ds, 16, mt5.tokenizer.pad_token_id))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=0.3)
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in mt5.seq2seq.parameters())
+
+
+def test_seq2seq_and_masked_lm_from_the_cli(tiny_mt5_dir, tiny_xlmr_mlm_dir, tmp_path):
+    from test_cli import invoke
+
+    for folder, reduce in ((tiny_mt5_dir, "mean"), (tiny_xlmr_mlm_dir, "max")):
+        runs = tmp_path / folder.name
+        common = ["--backbone", folder, "--data-dir", TEST_DATA, "--runs-dir", runs]
+        ok = invoke("train", *common, "--max-steps", "2", "--prompt-length", "3", "--dtype", "fp32",
+                    "--run-name", "r", "--label-reduce", reduce)
+        assert ok.exit_code == 0, ok.output
+        ev = invoke("eval", "--run", runs / "r", "--langs", "en,de,zh", *common[:4])
+        assert ev.exit_code == 0, ev.output
+        dev = json.loads((runs / "r" / "metrics.json").read_text())["eval"]["xnli"]["dev"]
+        assert set(dev) == {"en", "de", "zh"} and all(0 <= r["accuracy"] <= 1 for r in dev.values())
+        assert json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())["label_reduce"] == reduce

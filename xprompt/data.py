@@ -178,8 +178,7 @@ class TemplateEncoder:
     """
 
     def __init__(self, template: str, tokenizer, max_length: int = 128):
-        if tokenizer.mask_token_id is None:
-            raise XPromptError("the backbone's tokenizer has no <mask> token, which the template needs")
+        self.mask_id = mask_token_id(tokenizer)
         self.parts = template_parts(template)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -208,7 +207,8 @@ class TemplateEncoder:
                 second = max((len(v) for n, v in pieces.items() if n != longest), default=0)
                 cut = max(1, min(excess, len(pieces[longest]) - second))
                 del pieces[longest][-cut:]
-            ids = [tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id]
+            start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+            ids = [] if start is None else [start]  # (m)T5 inputs have no <s>
             mask_pos = -1
             for kind, value in self.parts:
                 if kind == "text":
@@ -217,11 +217,22 @@ class TemplateEncoder:
                     ids.extend(pieces[value])
                 else:
                     mask_pos = len(ids)
-                    ids.append(tok.mask_token_id)
+                    ids.append(self.mask_id)
             ids.append(tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
             out_ids.append(ids)
             out_mask.append(mask_pos)
         return {"input_ids": out_ids, "mask_pos": out_mask, "length": [len(x) for x in out_ids]}
+
+
+def mask_token_id(tokenizer) -> int:
+    """The template's ``<mask>``: the tokenizer's mask token, or T5's first sentinel ``<extra_id_0>``."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    sentinel = tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    if sentinel is None or sentinel == tokenizer.unk_token_id:
+        raise XPromptError("the backbone's tokenizer has neither a <mask> token nor T5's <extra_id_0>, "
+                           "one of which the template's <mask> needs")
+    return sentinel
 
 
 ENCODING_VERSION = 1  # bump when TemplateEncoder's output changes: old cache files are then ignored

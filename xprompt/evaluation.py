@@ -18,7 +18,7 @@ from .model import PromptModel
 from .prompts import build_prompt
 from .store import load_prompt
 from .tasks import TaskSpec
-from .verbalizers import SoftVerbalizer, WordVerbalizer, label_pieces
+from .verbalizers import DecoderVerbalizer, SoftVerbalizer, WordVerbalizer, label_pieces
 
 
 def autocast(dtype: DType | str, device: str = "cpu"):
@@ -107,6 +107,9 @@ def evaluate_languages(
 def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
                 reparam: str = "mlp", position: str = "after-bos", verbalizer=None) -> PromptModel:
     """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
+    tok = backbone.tokenizer
+    if position == "after-bos" and tok.cls_token_id is None and tok.bos_token_id is None:
+        position = "first"  # (m)T5 inputs start without <s>: the prompt leads
     prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position)
     verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
     return PromptModel(backbone, prompt, verbalizer, readout)
@@ -117,17 +120,22 @@ def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dic
     """``soft`` (label vectors), ``hard`` (label words under the LM head) or ``auto`` (hard when
     the backbone has an LM head, else soft)."""
     if kind == "auto":
-        kind = "hard" if backbone.lm_head is not None else "soft"
+        kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "soft"
     if kind == "soft":
         return SoftVerbalizer(len(labels), backbone.hidden_size)
     if kind != "hard":
         raise XPromptError(f"unknown --verbalizer '{kind}'; known: auto, soft, hard")
+    pieces = label_pieces(backbone.tokenizer, words, labels) if backbone.kind in ("masked_lm", "seq2seq") else None
+    if backbone.seq2seq is not None:
+        tok = backbone.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        return DecoderVerbalizer(backbone.seq2seq, pieces, lang, eos)
     if backbone.lm_head is None:
-        raise XPromptError(f"--verbalizer hard needs a masked-LM backbone (an LM head); '{backbone.name}' is of "
-                           f"kind {backbone.kind}: use --verbalizer soft")
+        raise XPromptError(f"--verbalizer hard needs a masked-LM or seq2seq backbone (an LM head); '{backbone.name}' "
+                           f"is of kind {backbone.kind}: use --verbalizer soft")
     if readout != "mask":
         raise XPromptError("--verbalizer hard reads the <mask> state: use --readout mask")
-    return WordVerbalizer(backbone.lm_head, label_pieces(backbone.tokenizer, words, labels), lang, reduce)
+    return WordVerbalizer(backbone.lm_head, pieces, lang, reduce)
 
 
 def task_label_words(task: TaskSpec) -> dict[str, dict[str, str]]:

@@ -52,11 +52,15 @@ class PromptModel(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""
+        return self.sequence(input_ids, attention_mask)[0]
+
+    def sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states with the prompt inserted and the matching attention mask."""
         inputs, mask = self._with_prompt(input_ids, attention_mask)
         # The method's hooks live only for this call, so models sharing a backbone never interfere.
         handles = self.prompt.install(self._layers)
         try:
-            return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+            return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state, mask
         finally:
             for handle in handles:
                 handle.remove()
@@ -73,6 +77,8 @@ class PromptModel(nn.Module):
         return (tokens * mask).sum(1) / mask.sum(1)
 
     def forward(self, batch: dict) -> torch.Tensor:
+        if getattr(self.verbalizer, "reads_sequence", False):  # a decoder scores the label strings
+            return self.verbalizer(*self.sequence(batch["input_ids"], batch["attention_mask"]))
         return self.verbalizer(self.states(batch))
 
     @torch.no_grad()

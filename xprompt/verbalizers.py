@@ -114,6 +114,51 @@ class WordVerbalizer(nn.Module):
         """Nothing is trained: the label words come from the card."""
 
 
+class DecoderVerbalizer(nn.Module):
+    """Text-to-text scoring (mT5, T5, mT0): each label's word (from the task card, per language)
+    followed by ``</s>`` is scored by the frozen decoder's log-likelihood given the prompted
+    encoder states, divided by its number of tokens. Reads the whole encoder sequence."""
+
+    kind = "hard"
+    needs_init = False
+    reads_sequence = True
+
+    def __init__(self, seq2seq: nn.Module, pieces: dict[str, list[list[int]]], lang: str, eos_id: int):
+        super().__init__()
+        if lang not in pieces:
+            raise XPromptError(f"no label words for the training language '{lang}' in the task card")
+        self.seq2seq = seq2seq
+        self.targets = {lg: [ids + [eos_id] for ids in by_label] for lg, by_label in pieces.items()}
+        self.default = lang
+        self.lang = lang
+
+    def use_language(self, lang: str) -> None:
+        self.lang = lang if lang in self.targets else self.default
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
+        scores = []
+        for ids in self.targets[self.lang]:  # one label at a time bounds the (batch, len, vocab) logits
+            labels = torch.tensor(ids, device=hidden.device).unsqueeze(0).repeat(hidden.shape[0], 1)
+            decoder_input_ids = self.seq2seq.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = self.seq2seq(encoder_outputs=encoder_outputs, attention_mask=mask,
+                                  decoder_input_ids=decoder_input_ids).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            scores.append(logp.mean(-1))
+        return torch.stack(scores, dim=-1)
+
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Nothing is trained: the label words come from the card."""
+
+
 def label_pieces(tokenizer, words: dict[str, dict[str, str]], labels: list[str]) -> dict[str, list[list[int]]]:
     """Token ids of every label word per language; a lone word-start piece (SentencePiece's "▁")
     that a tokenizer puts before a word is dropped, since it carries no meaning of its own."""

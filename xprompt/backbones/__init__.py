@@ -31,6 +31,7 @@ class Backbone:
     kind: str
     sha256: str
     lm_head: nn.Module | None = None
+    seq2seq: nn.Module | None = None  # seq2seq kind: the whole encoder-decoder, for decoder scoring
 
     @property
     def hidden_size(self) -> int:
@@ -90,7 +91,7 @@ def load_backbone(
     trust_remote_code: bool = False,
 ) -> Backbone:
     """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -108,7 +109,7 @@ def load_backbone(
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         kind = _kind(config)
         # safetensors only: a checkpoint that would need unpickling is refused, not loaded
-        auto = AutoModelForMaskedLM if kind == "masked_lm" else AutoModel
+        auto = {"masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)
         model = auto.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise XPromptError(
@@ -120,7 +121,9 @@ def load_backbone(
         lm_head = _lm_head(model)
         model = model.base_model
         lm_head.requires_grad_(False).eval().to(device)
-    if kind == "seq2seq":
+    seq2seq = None
+    if kind == "seq2seq":  # the prompt goes into the encoder; the decoder scores the label strings
+        seq2seq = model.requires_grad_(False).eval().to(device)
         model = model.get_encoder()
     model.requires_grad_(False)
     model.eval()
@@ -134,6 +137,7 @@ def load_backbone(
         kind=kind,
         sha256=weights_sha256(local) if local else "unknown",
         lm_head=lm_head,
+        seq2seq=seq2seq,
     )
 
 
