@@ -150,7 +150,8 @@ def train(
     task: Annotated[str, typer.Option(help="Task card name.")] = "xnli",
     lang: Annotated[str, typer.Option(help="Source language to train on.")] = "en",
     backbone: Annotated[str, typer.Option(help="'e5-small' (embedded), a local folder or a Hugging Face id.")] = "e5-small",
-    method: Annotated[Method, typer.Option(help="soft: input prompt (Lester); ptuning: input prompt through a trained MLP/LSTM encoder (P-tuning); deep: a prompt in every layer (P-tuning v2).")] = Method.DEEP,
+    method: Annotated[Method, typer.Option(help="soft: input prompt (Lester); ptuning: input prompt through a trained MLP/LSTM encoder (P-tuning); deep: a prompt in every layer (P-tuning v2); unified: UniPrompt's two towers (the prompt through trained copies of the lower layers, joining the frozen upper layers).")] = Method.DEEP,
+    tower_layers: Annotated[Optional[int], typer.Option(help="With --method unified: layers in the prompt tower (default: half the backbone's).")] = None,
     prompt_length: Annotated[int, typer.Option(help="Prompt vectors (per layer for deep).")] = TrainConfig.prompt_length,
     verbalizer: Annotated[str, typer.Option(help="auto (hard on a masked-LM backbone such as XLM-R, else soft), soft (trained label vectors from class means) or hard (the task card's label words of each language under the frozen LM head).")] = TrainConfig.verbalizer,
     label_reduce: Annotated[str, typer.Option(help="With a hard verbalizer: score a label word of several pieces by the mean, first or max of their log-probabilities.")] = TrainConfig.label_reduce,
@@ -217,7 +218,7 @@ def train(
             try:
                 cfg = TrainConfig(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
-                    reparam=reparam, init=init, init_text=init_text, prompt_position=prompt_position,
+                    reparam=reparam, init=init, init_text=init_text, prompt_position=prompt_position, tower_layers=tower_layers,
                     verbalizer=verbalizer, label_reduce=label_reduce,
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,

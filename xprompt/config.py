@@ -30,6 +30,7 @@ class TrainConfig:
     verbalizer: str = field(default="auto", metadata={"help": "auto (hard for a masked-LM backbone, else soft), soft (label vectors) or hard (label words under the LM head)"})
     label_reduce: str = field(default="mean", metadata={"help": "hard verbalizer: a multi-piece label word's score, mean/first/max of its pieces' log-probabilities"})
     prompt_position: str = field(default="after-bos", metadata={"help": "where the prompt goes: after-bos (after <s>) or first (before <s>, PEFT's place)"})
+    tower_layers: int | None = field(default=None, metadata={"help": "unified: layers of the prompt tower (default: half the backbone's)"})
     reparam: str = field(default="mlp", metadata={"help": "ptuning's prompt encoder: mlp or lstm (+ mlp)"})
     init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
     init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})

@@ -105,12 +105,15 @@ def evaluate_languages(
 
 
 def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
-                reparam: str = "mlp", position: str = "after-bos", verbalizer=None) -> PromptModel:
+                reparam: str = "mlp", position: str = "after-bos", verbalizer=None,
+                tower_layers: int | None = None) -> PromptModel:
     """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
     tok = backbone.tokenizer
     if position == "after-bos" and tok.cls_token_id is None and tok.bos_token_id is None:
         position = "first"  # (m)T5 inputs start without <s>: the prompt leads
-    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position)
+    prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position,
+                          tower_layers)
+    prompt.attach(backbone)
     verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
     return PromptModel(backbone, prompt, verbalizer, readout)
 
@@ -164,7 +167,8 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
         verbalizer = make_verbalizer(backbone, "hard", card["labels"], card["label_words"], card["train_language"],
                                      card.get("label_reduce", "mean"))
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),
-                        position=card.get("position", "after-bos"), verbalizer=verbalizer)
+                        position=card.get("position", "after-bos"), verbalizer=verbalizer,
+                        tower_layers=card.get("tower_layers"))
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

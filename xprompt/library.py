@@ -53,7 +53,7 @@ class Candidate:
 
 
 def library_prompts(library: Path, sha256: str, shapes: list[tuple] | None = None, exclude_run: Path | None = None,
-                    exclude_task: str | None = None) -> list[Candidate]:
+                    exclude_task: str | None = None, method: str | None = None) -> list[Candidate]:
     """Finished prompts under ``library`` trained on these backbone weights (of this prompt shape
     unless ``shapes`` is None); without ``exclude_run`` and the runs of ``exclude_task``. Sorted by folder name."""
     found = []
@@ -64,6 +64,8 @@ def library_prompts(library: Path, sha256: str, shapes: list[tuple] | None = Non
         if card.get("backbone_sha256") != sha256 or (shapes is not None and prompt_shapes(tensors) != shapes):
             continue
         if exclude_task is not None and card.get("task") == exclude_task:
+            continue
+        if method is not None and card.get("method") != method:
             continue
         found.append(Candidate(run, tensors, card))
     return found
@@ -265,7 +267,8 @@ def init_from_library(model, cfg, backbone, task, run_dir: Path, score, train, d
     else:
         library = Path(cfg.library) if cfg.library else run_dir.parent
         shapes = prompt_shapes(model.prompt.tensors())
-        candidates = library_prompts(library, backbone.sha256, shapes, run_dir, None if cfg.same_task else task.name)
+        candidates = library_prompts(library, backbone.sha256, shapes, run_dir, None if cfg.same_task else task.name,
+                                     cfg.method.value)
         if not candidates:
             other = "" if cfg.same_task else " of another task"
             raise XPromptError(f"no prompt{other} under {library} fits this backbone and --method/--prompt-length; "

@@ -40,15 +40,8 @@ class PromptModel(nn.Module):
         return [p for p in [*self.prompt.parameters(), *self.verbalizer.parameters()] if p.requires_grad]
 
     def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word embeddings with the prompt vectors inserted after ``<s>``, and the widened mask."""
-        batch = input_ids.shape[0]
-        words = self.embed(input_ids)
-        prompt = self.prompt.vectors().to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
-        at = self.prompt.offset
-        inputs = torch.cat([words[:, :at], prompt, words[:, at:]], dim=1)
-        ones = attention_mask.new_ones(batch, self.prompt.length)
-        mask = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
-        return inputs, mask
+        """Word embeddings with whatever the prompt puts into the input, and the matching mask."""
+        return self.prompt.insert(self.embed(input_ids), attention_mask)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""

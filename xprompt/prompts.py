@@ -30,6 +30,7 @@ class Method(str, Enum):
     SOFT = "soft"
     PTUNING = "ptuning"
     DEEP = "deep"
+    UNIFIED = "unified"
 
 
 REPARAMS = ("mlp", "lstm")
@@ -61,6 +62,18 @@ class SoftPrompt(nn.Module):
     def vectors(self) -> torch.Tensor:
         """The (length x hidden) vectors that go into the input after ``<s>``."""
         return self.embeddings
+
+    def insert(self, words: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word embeddings with the prompt vectors inserted at ``offset``, and the widened mask."""
+        batch = words.shape[0]
+        prompt = self.vectors().to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
+        at = self.offset
+        ones = attention_mask.new_ones(batch, self.length)
+        return (torch.cat([words[:, :at], prompt, words[:, at:]], dim=1),
+                torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1))
+
+    def attach(self, backbone) -> None:
+        """Take what the method needs from the backbone (nothing for input-level prompts)."""
 
     def install(self, layers: nn.ModuleList) -> list:
         return []
@@ -192,14 +205,124 @@ class DeepPrompt(SoftPrompt):
         return {"prompt_embeddings": self.embeddings, "layer_prompts": self.layer_prompts}
 
 
-PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.PTUNING: PTuningPrompt, Method.DEEP: DeepPrompt}
+class UnifiedPrompt(SoftPrompt):
+    """UniPrompt's two towers (Huang et al. 2022), with the backbone frozen. The prompt vectors
+    run through a *prompt tower*: copies of the backbone's lower ``tower_layers`` layers, trained.
+    The input runs through the frozen backbone's own lower layers (the *context tower*) without
+    any prompt. Before the first upper layer the prompt tower's states are inserted after ``<s>``,
+    and the frozen upper layers read both. The prompt tower never sees the input, so its states are
+    computed once per forward pass in training and, at inference, once per run and reused (the
+    cache is keyed by the parameters' versions, so a changed prompt is never read stale).
+    Supports BERT/XLM-R style layers (``layer(hidden, attention_mask)``)."""
+
+    method = Method.UNIFIED
+
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos",
+                 tower_layers: int | None = None):
+        super().__init__(length, hidden, num_layers, position="after-bos")
+        if num_layers < 2:
+            raise XPromptError("--method unified needs a backbone of at least 2 layers")
+        self.split = tower_layers or num_layers // 2
+        if not 1 <= self.split < num_layers:
+            raise XPromptError(f"--tower-layers must be between 1 and {num_layers - 1}, got {self.split}")
+        self.tower = nn.ModuleList()
+        self._ends: tuple = ()  # (embeddings module, bos id, eos id): the backbone's, not ours to save
+        self.cache_enabled = True
+        self._cache: tuple | None = None
+
+    def attach(self, backbone) -> None:
+        import copy
+
+        layers = backbone.layers()
+        if len(self.tower) == 0:  # the tower starts as copies of the lower layers (then trained)
+            self.tower = nn.ModuleList(copy.deepcopy(layers[i]) for i in range(self.split))
+            self.tower.requires_grad_(True)
+            self.tower.to(next(layers.parameters()).device)
+        embeddings = getattr(backbone.model, "embeddings", None)
+        tok = backbone.tokenizer
+        bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        if embeddings is None or bos is None or backbone.kind == "seq2seq":
+            raise XPromptError(f"--method unified supports BERT/XLM-R style encoders; '{backbone.name}' is not one")
+        self._ends = (embeddings, backbone.input_embeddings(), bos, eos)
+
+    def insert(self, words: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return words, attention_mask  # the context tower reads the input alone
+
+    def tower_states(self) -> torch.Tensor:
+        """(length x hidden): the prompt tower's output at the prompt positions for ``<s> prompt </s>``."""
+        embeddings, words, bos, eos = self._ends
+        key = (tuple(p._version for p in self.parameters()), torch.is_autocast_enabled("cpu"),
+               torch.is_autocast_enabled("cuda"), self.embeddings.device)
+        if self.cache_enabled and not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        ends = words(torch.tensor([bos, eos], device=self.embeddings.device))
+        x = torch.cat([ends[:1], self.embeddings.to(ends.dtype), ends[1:]]).unsqueeze(0)
+        hidden = embeddings(inputs_embeds=x)
+        for layer in self.tower:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+        states = hidden[0, 1 : 1 + self.length]
+        if self.cache_enabled and not torch.is_grad_enabled():
+            self._cache = (key, states)
+        return states
+
+    def install(self, layers: nn.ModuleList) -> list:
+        states = self.tower_states()
+        length = self.length
+
+        def widen(mask, size):
+            """The input's attention mask with the prompt positions (visible to all) after <s>."""
+            if mask is None or mask.shape[-1] != size:
+                return mask
+            visible = torch.ones_like(mask[..., :1]) if mask.dtype == torch.bool else torch.zeros_like(mask[..., :1])
+            mask = torch.cat([mask[..., :1], visible.expand(*mask.shape[:-1], length), mask[..., 1:]], dim=-1)
+            if mask.shape[-2] == size:  # a row per query: the prompt's rows see what <s> sees
+                mask = torch.cat([mask[..., :1, :], mask[..., :1, :].expand(*mask.shape[:-2], length, -1),
+                                  mask[..., 1:, :]], dim=-2)
+            return mask
+
+        def hook(first: bool):
+            def fuse(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                size = hidden.shape[1] if first else hidden.shape[1] - length
+                if first:
+                    prompt = states.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+                    hidden = torch.cat([hidden[:, :1], prompt, hidden[:, 1:]], dim=1)
+                if args:
+                    args = (hidden, widen(args[1], size) if len(args) > 1 else None, *args[2:])
+                    if "attention_mask" in kwargs:
+                        kwargs["attention_mask"] = widen(kwargs["attention_mask"], size)
+                else:
+                    kwargs["hidden_states"] = hidden
+                    kwargs["attention_mask"] = widen(kwargs.get("attention_mask"), size)
+                return args, kwargs
+
+            return fuse
+
+        return [layers[i].register_forward_pre_hook(hook(i == self.split), with_kwargs=True)
+                for i in range(self.split, len(layers))]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tower = {f"tower.{k}": v.detach().contiguous() for k, v in self.tower.state_dict().items()}
+        return {"prompt_embeddings": self.embeddings.detach().contiguous(), **tower}
+
+    def named_tensor_params(self) -> dict[str, nn.Parameter]:
+        return {"prompt_embeddings": self.embeddings,
+                **{f"tower.{k}": v for k, v in self.tower.state_dict(keep_vars=True).items()}}
+
+
+PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.PTUNING: PTuningPrompt, Method.DEEP: DeepPrompt,
+                                           Method.UNIFIED: UnifiedPrompt}
 
 
 def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int, reparam: str = "mlp",
-                 position: str = "after-bos") -> SoftPrompt:
+                 position: str = "after-bos", tower_layers: int | None = None) -> SoftPrompt:
     try:
         cls = PROMPTS[Method(method)]
     except ValueError:
         known = ", ".join(m.value for m in Method)
         raise XPromptError(f"unknown method '{method}'; known: {known}") from None
+    if cls is UnifiedPrompt:
+        return cls(length, hidden, num_layers, tower_layers=tower_layers)
     return cls(length, hidden, num_layers, reparam, position)

@@ -152,6 +152,7 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "prompt_length": cfg.prompt_length,
         "reparam": cfg.reparam if cfg.method.value == "ptuning" else None,
         "position": cfg.prompt_position,
+        "tower_layers": cfg.tower_layers or (backbone.num_layers // 2 if cfg.method.value == "unified" else None),
         "init": cfg.init,
         "readout": cfg.readout,
         "task": task.name,
@@ -298,7 +299,7 @@ def train(
     verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
                                  cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
-                        cfg.prompt_position, verbalizer).to(where)
+                        cfg.prompt_position, verbalizer, cfg.tower_layers).to(where)
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
     pad = backbone.tokenizer.pad_token_id
     # every process scores its shard of the selection rows; the counts are summed
