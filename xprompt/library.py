@@ -144,8 +144,7 @@ def probe_prompt(model, train, cfg, device, steps: int, pad: int) -> dict[str, t
     from .training import accumulate_gradients
 
     start = snapshot(model)
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     done, epoch = 0, 0
     model.train()
     while done < steps:
@@ -224,8 +223,8 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
     sizes = [len(pool_rows) for pool_rows in data]
     schedule = mixture_schedule(sizes, steps, cfg.seed, cap=cfg.mixture_cap)
     _start_from(model, [(c.tensors, c.card) for c in sources], weights, task, [str(c.run) for c in sources])
-    params = [*model.prompt.parameters(), *(p for v in verbalizers for p in v.parameters())]
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [*model.prompt.param_groups(cfg.lr), {"params": [p for v in verbalizers for p in v.parameters()], "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad = backbone.tokenizer.pad_token_id
     streams = [_cycle(d, cfg, pad) for d in data]
     model.train()

@@ -37,7 +37,13 @@ class PromptModel(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in [*self.prompt.parameters(), *self.verbalizer.parameters()] if p.requires_grad]
+        return [p for group in self.param_groups(1.0) for p in group["params"]]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: the prompt's (a method may give a part its own rate) and the label vectors'."""
+        groups = [*self.prompt.param_groups(lr),
+                  {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr}]
+        return [g for g in groups if g["params"]]
 
     def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Word embeddings with whatever the prompt puts into the input, and the matching mask."""

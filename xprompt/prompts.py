@@ -75,6 +75,9 @@ class SoftPrompt(nn.Module):
     def attach(self, backbone) -> None:
         """Take what the method needs from the backbone (nothing for input-level prompts)."""
 
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
     def install(self, layers: nn.ModuleList) -> list:
         return []
 
@@ -216,6 +219,7 @@ class UnifiedPrompt(SoftPrompt):
     Supports BERT/XLM-R style layers (``layer(hidden, attention_mask)``)."""
 
     method = Method.UNIFIED
+    TOWER_LR_SCALE = 3e-3  # the tower is whole transformer layers: a fine-tuning rate (3e-2 -> 1e-4)
 
     def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos",
                  tower_layers: int | None = None):
@@ -302,6 +306,10 @@ class UnifiedPrompt(SoftPrompt):
 
         return [layers[i].register_forward_pre_hook(hook(i == self.split), with_kwargs=True)
                 for i in range(self.split, len(layers))]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": [self.embeddings], "lr": lr},
+                {"params": list(self.tower.parameters()), "lr": lr * self.TOWER_LR_SCALE}]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tower = {f"tower.{k}": v.detach().contiguous() for k, v in self.tower.state_dict().items()}

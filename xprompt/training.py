@@ -320,7 +320,7 @@ def train(
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     log_path = Path(run_dir) / "log.jsonl"
     log = (lambda record: append_jsonl(log_path, record)) if main else (lambda record: None)
