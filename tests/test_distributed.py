@@ -70,3 +70,26 @@ def test_two_gloo_processes_equal_one_process(tiny_bert_dir, tmp_path):
     for lang in single:
         assert split[lang]["accuracy"] == single[lang]["accuracy"]
         assert split[lang]["n"] == single[lang]["n"]
+
+
+def test_device_map_auto_loads_sharded_and_trains_the_same(tiny_bert_dir, tmp_path):
+    """On this CPU-only machine accelerate puts every layer on the CPU, so the result must equal the
+    plain run's; on GPUs the same flag spreads a large backbone over them."""
+    from safetensors.torch import load_file
+
+    from conftest import TEST_DATA
+    from test_cli import invoke
+
+    runs = tmp_path / "runs"
+    common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "3",
+              "--prompt-length", "3", "--dtype", "fp32"]
+    assert invoke("train", *common, "--run-name", "plain").exit_code == 0
+    sharded = invoke("train", *common, "--run-name", "sharded", "--device-map", "auto")
+    assert sharded.exit_code == 0, sharded.output
+    a, b = (load_file(str(runs / n / "prompt" / "prompt.safetensors")) for n in ("plain", "sharded"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ev = invoke("eval", "--run", runs / "sharded", "--langs", "en", "--data-dir", TEST_DATA, "--backbone", tiny_bert_dir,
+                "--device-map", "auto")
+    assert ev.exit_code == 0, ev.output
+    bad = invoke("train", *common, "--run-name", "x", "--device-map", "everywhere")
+    assert bad.exit_code == 2 and "--device-map must be" in bad.output

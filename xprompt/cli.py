@@ -95,6 +95,19 @@ def _data_dirs(data_dir: Optional[Path]) -> list[Path]:
     return [data_dir]
 
 
+def _device_map(value: Optional[str]) -> Optional[str]:
+    """Check --device-map: 'auto' (or accelerate's 'balanced' / 'sequential'), never under a launcher."""
+    from . import distributed
+
+    if value is None:
+        return None
+    if value not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise typer.BadParameter(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {value!r}")
+    if distributed.rank_world()[1] > 1:
+        raise XPromptError("--device-map shards one backbone over the devices; run it in one process, not under torchrun")
+    return value
+
+
 def _discard(run_dir: Path, resume: Optional[Path], runs_dir_is_new: bool) -> None:
     """Remove a run directory that failed before its first checkpoint (never a resumed one),
     and the runs folder too if this command created it."""
@@ -167,6 +180,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Examples per step, over all processes and micro-batches.")] = TrainConfig.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step: the same result with less memory.")] = TrainConfig.grad_accum,
     device: Annotated[Device, typer.Option(help="cpu, cuda or auto (under torchrun each process takes GPU LOCAL_RANK).")] = Device.CPU,
+    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a backbone too large for one device over the GPUs (accelerate's device_map); the prompt sits with the input embeddings. Not with torchrun.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
     dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
@@ -243,7 +257,8 @@ def train(
     spec.check_languages([first.lang], "train")
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {first.backbone}"):
-        bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code)
+        bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code,
+                           device_map=_device_map(device_map))
     for cfg, target in configs:
         _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device, cache_dir / ENCODED, tasks_dir)
 
@@ -341,6 +356,7 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
     dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
     device: Annotated[Device, typer.Option(help="cpu, cuda or auto (under torchrun the languages are shared out over the processes).")] = Device.CPU,
+    device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a backbone too large for one device over the GPUs (accelerate's device_map); the prompt sits with the input embeddings. Not with torchrun.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
     shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
     adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
@@ -372,10 +388,11 @@ def evaluate_cmd(
     spec.check_languages(wanted, split)
     dirs = _data_dirs(data_dir)
     with console.status(f"loading backbone {backbone or card['backbone']}"):
-        bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code)
+        bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code,
+                           device_map=_device_map(device_map))
     rank, world = distributed.setup()
     model, card = load_run_model(run_dir, bb)
-    model.to(distributed.local_device(device))
+    model.place(distributed.local_device(device))
     if shots:
         if world > 1:
             raise XPromptError("--shots adaptation runs in one process; start it without torchrun")

@@ -28,6 +28,18 @@ class PromptModel(nn.Module):
         self.verbalizer = verbalizer
         self.readout = readout
         self._layers = backbone.layers()
+        self._sharded = backbone.sharded
+        self._input_device = backbone.input_device()
+        self._output_device = backbone.output_device()
+
+    def place(self, device) -> "PromptModel":
+        """Move to ``device``; with a sharded backbone (device_map) only the prompt moves, to the
+        input embeddings' device, and the verbalizer to the last layer's."""
+        if self._sharded:
+            self.prompt.to(self._input_device)
+            self.verbalizer.to(self._output_device)
+            return self
+        return self.to(device)
 
     def train(self, mode: bool = True) -> "PromptModel":
         """Only the prompt and verbalizer switch modes: the frozen backbone stays in eval mode

@@ -66,7 +66,7 @@ class SoftPrompt(nn.Module):
     def insert(self, words: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Word embeddings with the prompt vectors inserted at ``offset``, and the widened mask."""
         batch = words.shape[0]
-        prompt = self.vectors().to(words.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = self.vectors().to(words.device, words.dtype).unsqueeze(0).expand(batch, -1, -1)
         at = self.offset
         ones = attention_mask.new_ones(batch, self.length)
         return (torch.cat([words[:, :at], prompt, words[:, at:]], dim=1),
@@ -186,7 +186,7 @@ class DeepPrompt(SoftPrompt):
                 hidden, rest = args[0], args[1:]
             else:
                 hidden, rest = kwargs.pop("hidden_states"), ()
-            vectors = self.layer_prompts[slot].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+            vectors = self.layer_prompts[slot].to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
             start, end = self.offset, self.offset + self.length
             hidden = torch.cat([hidden[:, :start], vectors, hidden[:, end:]], dim=1)
             return (hidden, *rest), kwargs
@@ -291,7 +291,7 @@ class UnifiedPrompt(SoftPrompt):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 size = hidden.shape[1] if first else hidden.shape[1] - length
                 if first:
-                    prompt = states.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+                    prompt = states.to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
                     hidden = torch.cat([hidden[:, :1], prompt, hidden[:, 1:]], dim=1)
                 if args:
                     args = (hidden, widen(args[1], size) if len(args) > 1 else None, *args[2:])

@@ -299,7 +299,9 @@ def train(
     verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
                                  cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
-                        cfg.prompt_position, verbalizer, cfg.tower_layers).to(where)
+                        cfg.prompt_position, verbalizer, cfg.tower_layers).place(where)
+    if backbone.sharded:
+        where = backbone.input_device()  # batches go where the input embeddings are
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
     pad = backbone.tokenizer.pad_token_id
     # every process scores its shard of the selection rows; the counts are summed
@@ -435,7 +437,7 @@ def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, devi
         piece = {k: v.to(device) for k, v in slice_batch(batch, part).items()}
         with autocast(cfg.dtype, device.type):
             logits = model(piece)
-        loss = torch.nn.functional.cross_entropy(logits.float(), piece["labels"], reduction="sum") / size
+        loss = torch.nn.functional.cross_entropy(logits.float(), piece["labels"].to(logits.device), reduction="sum") / size
         loss.backward()
         total += loss.detach()
     return total

@@ -35,7 +35,7 @@ class SoftVerbalizer(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) -> (batch, labels): -||h - w_c||^2 / 2 up to a per-row constant."""
-        w = self.weight.to(states.dtype)
+        w = self.weight.to(states.device, states.dtype)
         return states @ w.T - 0.5 * (w * w).sum(-1)
 
     @torch.no_grad()

@@ -32,6 +32,15 @@ class Backbone:
     sha256: str
     lm_head: nn.Module | None = None
     seq2seq: nn.Module | None = None  # seq2seq kind: the whole encoder-decoder, for decoder scoring
+    sharded: bool = False  # loaded with a device_map: its layers may sit on several devices
+
+    def input_device(self):
+        """Where inputs and the prompt go: the device of the input embeddings."""
+        return self.input_embeddings().weight.device
+
+    def output_device(self):
+        """Where the last layer's states come out (the verbalizer's device)."""
+        return next(self.layers()[-1].parameters()).device
 
     @property
     def hidden_size(self) -> int:
@@ -89,8 +98,11 @@ def load_backbone(
     cache_dir: Path,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> Backbone:
-    """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online)."""
+    """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online).
+    ``device_map="auto"`` spreads a backbone too large for one device over the GPUs (and CPU)
+    through accelerate; the prompt then sits with the input embeddings."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -110,7 +122,9 @@ def load_backbone(
         kind = _kind(config)
         # safetensors only: a checkpoint that would need unpickling is refused, not loaded
         auto = {"masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)
-        model = auto.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True)
+        placement = {"device_map": device_map} if device_map else {}
+        model = auto.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                     **placement)
     except (OSError, ValueError) as e:
         raise XPromptError(
             f"cannot load backbone '{name}': {str(e).splitlines()[0]} "
@@ -120,14 +134,19 @@ def load_backbone(
     if kind == "masked_lm":  # keep the encoder as the backbone and its LM head beside it
         lm_head = _lm_head(model)
         model = model.base_model
-        lm_head.requires_grad_(False).eval().to(device)
+        lm_head.requires_grad_(False).eval()
+        if not device_map:
+            lm_head.to(device)
     seq2seq = None
     if kind == "seq2seq":  # the prompt goes into the encoder; the decoder scores the label strings
-        seq2seq = model.requires_grad_(False).eval().to(device)
+        seq2seq = model.requires_grad_(False).eval()
+        if not device_map:
+            seq2seq.to(device)
         model = model.get_encoder()
     model.requires_grad_(False)
     model.eval()
-    model.to(device)
+    if not device_map:
+        model.to(device)
     local = Path(folder) if Path(str(folder)).is_dir() else _hub_snapshot(str(folder))
     return Backbone(
         name=name,
@@ -138,6 +157,7 @@ def load_backbone(
         sha256=weights_sha256(local) if local else "unknown",
         lm_head=lm_head,
         seq2seq=seq2seq,
+        sharded=bool(device_map),
     )
 
 
