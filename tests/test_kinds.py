@@ -196,3 +196,34 @@ def test_seq2seq_and_masked_lm_from_the_cli(tiny_mt5_dir, tiny_xlmr_mlm_dir, tmp
         dev = json.loads((runs / "r" / "metrics.json").read_text())["eval"]["xnli"]["dev"]
         assert set(dev) == {"en", "de", "zh"} and all(0 <= r["accuracy"] <= 1 for r in dev.values())
         assert json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())["label_reduce"] == reduce
+
+
+def test_soft_words_verbalizer_starts_at_the_label_words(mlm, tmp_path):
+    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.verbalizers import OutputWordsVerbalizer
+
+    xnli = load_task("xnli")
+    words = task_label_words(xnli)
+    pieces = label_pieces(mlm.tokenizer, words, list(xnli.labels))["en"]
+    assert all(len(ids) == 1 for ids in pieces)  # "Yes", "Maybe", "No": one piece each
+    soft = make_verbalizer(mlm, "soft-words", list(xnli.labels), words, "en")
+    hard = make_verbalizer(mlm, "hard", list(xnli.labels), words, "en")
+    assert isinstance(soft, OutputWordsVerbalizer) and soft.weight.requires_grad
+    states = torch.randn(5, 32)
+    with torch.no_grad():
+        diff = soft(states) - hard(states)  # hard = the same scores minus the softmax normaliser
+    torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), atol=1e-4, rtol=1e-4)
+
+    run = tmp_path / "sw"
+    run.mkdir()
+    cfg = TrainConfig(method="soft", prompt_length=3, max_steps=3, eval_every=3, batch_size=8, dtype="fp32",
+                      verbalizer="soft-words")
+    summary = train(cfg, mlm, xnli, run, [TEST_DATA])
+    assert summary["trainable_parameters"] == 3 * 32 + 3 * 32 + 3
+    model, card = load_run_model(run, mlm)
+    assert card["verbalizer"] == "soft-words"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "prompt" / "prompt.safetensors"))
+    assert torch.equal(model.verbalizer.weight, saved["verbalizer.weight"])
+    assert torch.equal(model.verbalizer.bias, saved["verbalizer.bias"])

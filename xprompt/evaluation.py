@@ -18,7 +18,7 @@ from .model import PromptModel
 from .prompts import build_prompt
 from .store import load_prompt
 from .tasks import TaskSpec
-from .verbalizers import DecoderVerbalizer, SoftVerbalizer, WordVerbalizer, label_pieces
+from .verbalizers import DecoderVerbalizer, OutputWordsVerbalizer, SoftVerbalizer, WordVerbalizer, label_pieces
 
 
 def autocast(dtype: DType | str, device: str = "cpu"):
@@ -126,8 +126,13 @@ def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dic
         kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "soft"
     if kind == "soft":
         return SoftVerbalizer(len(labels), backbone.hidden_size)
-    if kind != "hard":
-        raise XPromptError(f"unknown --verbalizer '{kind}'; known: auto, soft, hard")
+    if kind not in ("hard", "soft-words"):
+        raise XPromptError(f"unknown --verbalizer '{kind}'; known: auto, soft, hard, soft-words")
+    if kind == "soft-words":
+        if backbone.lm_head is None or readout != "mask":
+            raise XPromptError(f"--verbalizer soft-words needs a masked-LM backbone and --readout mask; '{backbone.name}' "
+                               f"is of kind {backbone.kind}")
+        return OutputWordsVerbalizer(backbone.lm_head, label_pieces(backbone.tokenizer, words, labels), lang)
     pieces = label_pieces(backbone.tokenizer, words, labels) if backbone.kind in ("masked_lm", "seq2seq") else None
     if backbone.seq2seq is not None:
         tok = backbone.tokenizer
@@ -163,9 +168,9 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
     verbalizer = None
-    if card.get("verbalizer") == "hard":
-        verbalizer = make_verbalizer(backbone, "hard", card["labels"], card["label_words"], card["train_language"],
-                                     card.get("label_reduce", "mean"))
+    if card.get("verbalizer") in ("hard", "soft-words"):
+        verbalizer = make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
+                                     card["train_language"], card.get("label_reduce", "mean"))
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),
                         position=card.get("position", "after-bos"), verbalizer=verbalizer,
                         tower_layers=card.get("tower_layers"))

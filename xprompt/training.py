@@ -160,7 +160,8 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "template": task.template,
         "labels": list(task.labels),
         "verbalizer": verbalizer_kind,
-        **({"label_words": task_label_words(task), "label_reduce": cfg.label_reduce} if verbalizer_kind == "hard" else {}),
+        **({"label_words": task_label_words(task), "label_reduce": cfg.label_reduce}
+           if verbalizer_kind in ("hard", "soft-words") else {}),
         "train_language": cfg.lang,
         "backbone": backbone.name,
         "backbone_sha256": backbone.sha256,
@@ -208,10 +209,12 @@ def _start_from(model: PromptModel, sources: list[tuple[dict, dict]], weights: l
         averaged[key] = average(key)
     model.prompt.load_tensors(averaged, where)
     # label vectors only from prompts of this very task: two tasks' "0"/"1" need not mean the same
-    same_labels = all(card.get("task") == task.name and card.get("labels") == list(task.labels)
-                      and "verbalizer.weight" in t for t, card in sources)
+    wanted = set(model.verbalizer.tensors())
+    same_labels = bool(wanted) and all(card.get("task") == task.name and card.get("labels") == list(task.labels)
+                                       and all(k in t and t[k].shape == model.verbalizer.tensors()[k].shape for k in wanted)
+                                       for t, card in sources)
     if same_labels:
-        model.verbalizer.load_tensors({"verbalizer.weight": average("verbalizer.weight")}, where)
+        model.verbalizer.load_tensors({k: average(k) for k in wanted}, where)
     kind = "prompt and label vectors" if same_labels else "prompt (label vectors from class means)"
     if len(sources) == 1:
         return f"{kind} from {names[0]}"

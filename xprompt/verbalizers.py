@@ -114,6 +114,60 @@ class WordVerbalizer(nn.Module):
         """Nothing is trained: the label words come from the card."""
 
 
+class OutputWordsVerbalizer(nn.Module):
+    """A soft verbalizer in the LM head's output space (WARP-style): the frozen head's transform of
+    the ``<mask>`` state, dotted with one trainable vector per label plus a bias, both initialised
+    from the label words' output embeddings and biases (mean over a word's pieces, over the training
+    language's words). At step 0 it is the hard verbalizer without the softmax normaliser."""
+
+    kind = "soft-words"
+    needs_init = False
+
+    def __init__(self, head: nn.Module, pieces: dict[str, list[list[int]]], lang: str):
+        super().__init__()
+        import copy
+
+        decoder = _vocab_projection(head)
+        # the head without its vocabulary projection (shared, frozen); the projection is not copied
+        self.transform = [copy.deepcopy(head, memo={id(decoder): nn.Identity()})]
+        hidden = decoder.weight.shape[1]
+        self.weight = nn.Parameter(torch.stack([decoder.weight[ids].detach().float().mean(0) for ids in pieces[lang]]))
+        bias = decoder.bias if decoder.bias is not None else torch.zeros(decoder.weight.shape[0])
+        self.bias = nn.Parameter(torch.stack([bias[ids].detach().float().mean() for ids in pieces[lang]]))
+        assert self.weight.shape[1] == hidden
+
+    def use_language(self, lang: str) -> None:
+        """Trained label vectors are language-agnostic: nothing to switch."""
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        transform = self.transform[0].to(states.device)
+        out = transform(states)
+        return out.float() @ self.weight.T + self.bias
+
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"verbalizer.weight": self.weight.detach().contiguous(), "verbalizer.bias": self.bias.detach().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        for name, param in (("verbalizer.weight", self.weight), ("verbalizer.bias", self.bias)):
+            value = tensors.get(name)
+            if value is None or tuple(value.shape) != tuple(param.shape):
+                raise XPromptError(f"{where}: '{name}' has shape {None if value is None else tuple(value.shape)}, "
+                                   f"this verbalizer needs {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(value)
+
+
+def _vocab_projection(head: nn.Module) -> nn.Linear:
+    """The LM head's last Linear layer onto the vocabulary (the largest output)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise XPromptError(f"cannot find the vocabulary projection of {type(head).__name__}")
+    return max(linears, key=lambda m: m.out_features)
+
+
 class DecoderVerbalizer(nn.Module):
     """Text-to-text scoring (mT5, T5, mT0): each label's word (from the task card, per language)
     followed by ``</s>`` is scored by the frozen decoder's log-likelihood given the prompted
