@@ -127,6 +127,8 @@ class OutputWordsVerbalizer(nn.Module):
         super().__init__()
         import copy
 
+        if lang not in pieces:
+            raise XPromptError(f"no label words for the training language '{lang}' in the task card")
         decoder = _vocab_projection(head)
         # the head without its vocabulary projection (shared, frozen); the projection is not copied
         self.transform = [copy.deepcopy(head, memo={id(decoder): nn.Identity()})]
