@@ -105,3 +105,16 @@ def xnli():
     from xprompt.tasks import load_task
 
     return load_task("xnli")
+
+
+def train_losses(model, batch, lr: float, steps: int) -> list[float]:
+    """The loss before each of ``steps`` AdamW steps on one batch (a quick "does it learn" check)."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TEST_DATA
+from conftest import TEST_DATA, train_losses
 from xprompt.backbones import load_backbone
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
@@ -85,14 +85,7 @@ def test_hard_verbalizer_loss_falls(mlm):
     model.prompt.embeddings.data.copy_(mlm.input_embeddings().weight[100:103])
     ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, mlm.tokenizer)
     batch = next(batches(ds, 16, mlm.tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1.0)
-    losses = []
-    for _ in range(8):
-        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = train_losses(model, batch, 1.0, 8)
     # a random tiny LM head is nearly flat over 250k pieces, so the steps are small but every one falls
     assert all(after < before for before, after in zip(losses, losses[1:]))
     assert all(p.grad is None for p in mlm.lm_head.parameters())
@@ -170,14 +163,7 @@ def test_seq2seq_loss_falls(mt5):
     model.prompt.embeddings.data.copy_(mt5.input_embeddings().weight[100:103])
     ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, mt5.tokenizer)
     batch = next(batches(ds, 16, mt5.tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=0.3)
-    losses = []
-    for _ in range(6):
-        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = train_losses(model, batch, 0.3, 6)
     assert losses[-1] < losses[0]
     assert all(p.grad is None for p in mt5.seq2seq.parameters())
 
@@ -199,7 +185,7 @@ def test_seq2seq_and_masked_lm_from_the_cli(tiny_mt5_dir, tiny_xlmr_mlm_dir, tmp
 
 
 def test_soft_words_verbalizer_starts_at_the_label_words(mlm, tmp_path):
-    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.evaluation import make_verbalizer, task_label_words
     from xprompt.verbalizers import OutputWordsVerbalizer
 
     xnli = load_task("xnli")

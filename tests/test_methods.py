@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TEST_DATA
+from conftest import TEST_DATA, train_losses
 from safetensors.torch import load_file
 
 from xprompt.config import TrainConfig
@@ -30,14 +30,7 @@ def test_ptuning_starts_at_its_seed_and_its_encoder_learns(reparam, backbone, xn
     model.prompt.embeddings.data.copy_(backbone.input_embeddings().weight[10:13])
     ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, tokenizer)
     batch = next(batches(ds, 16, tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-2)
-    losses = []
-    for _ in range(6):
-        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = train_losses(model, batch, 3e-2, 6)
     assert losses[-1] < losses[0]
     assert model.prompt.mlp[2].weight.abs().sum() > 0  # the encoder itself trained
     if reparam == "lstm":

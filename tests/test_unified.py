@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import TEST_DATA
+from conftest import TEST_DATA, train_losses
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
 from xprompt.evaluation import build_model, load_run_model
@@ -108,14 +108,7 @@ def test_unified_loss_falls(backbone, xnli):
     ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, backbone.tokenizer)
     batch = next(batches(ds, 16, backbone.tokenizer.pad_token_id))
     model.train()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = train_losses(model, batch, 1e-2, 6)
     assert losses[-1] < losses[0]
 
 

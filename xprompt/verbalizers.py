@@ -68,13 +68,27 @@ class SoftVerbalizer(nn.Module):
             self.weight.copy_(value)
 
 
-class WordVerbalizer(nn.Module):
+class _FixedWords(nn.Module):
+    """A verbalizer of fixed label words: nothing to initialise, save or load."""
+
+    needs_init = False
+
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Nothing is trained: the label words come from the card."""
+
+
+class WordVerbalizer(_FixedWords):
     """Hard verbalizer over a frozen LM head. ``pieces[lang][c]`` are the token ids of label c's
     word in language ``lang``; ``use_language`` picks the set (the training language's by default,
     and for a language the task card gives no words)."""
 
     kind = "hard"
-    needs_init = False
 
     def __init__(self, head: nn.Module, pieces: dict[str, list[list[int]]], lang: str, reduce: str = "mean"):
         super().__init__()
@@ -103,15 +117,6 @@ class WordVerbalizer(nn.Module):
             else:
                 scores.append(piece.max(-1).values)
         return torch.stack(scores, dim=-1)
-
-    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        return []
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Nothing is trained: the label words come from the card."""
 
 
 class OutputWordsVerbalizer(nn.Module):
@@ -170,13 +175,12 @@ def _vocab_projection(head: nn.Module) -> nn.Linear:
     return max(linears, key=lambda m: m.out_features)
 
 
-class DecoderVerbalizer(nn.Module):
+class DecoderVerbalizer(_FixedWords):
     """Text-to-text scoring (mT5, T5, mT0): each label's word (from the task card, per language)
     followed by ``</s>`` is scored by the frozen decoder's log-likelihood given the prompted
     encoder states, divided by its number of tokens. Reads the whole encoder sequence."""
 
     kind = "hard"
-    needs_init = False
     reads_sequence = True
 
     def __init__(self, seq2seq: nn.Module, pieces: dict[str, list[list[int]]], lang: str, eos_id: int):
@@ -204,15 +208,6 @@ class DecoderVerbalizer(nn.Module):
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             scores.append(logp.mean(-1))
         return torch.stack(scores, dim=-1)
-
-    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        return []
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Nothing is trained: the label words come from the card."""
 
 
 def label_pieces(tokenizer, words: dict[str, dict[str, str]], labels: list[str]) -> dict[str, list[list[int]]]:
