@@ -135,7 +135,7 @@ def test_seq2seq_kind_scores_label_strings_by_decoder_likelihood(mt5):
                 assert scores[row, c].item() == pytest.approx(-out.loss.item(), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["soft", "ptuning", "deep"])
+@pytest.mark.parametrize("method", ["soft", "ptuning", "deep", "unified"])
 def test_every_method_trains_on_seq2seq_and_masked_lm(method, mt5, mlm, tmp_path):
     xnli = load_task("xnli")
     for bb in (mt5, mlm):

@@ -129,7 +129,7 @@ def test_method_and_init_flags_from_the_cli(tiny_bert_dir, tmp_path):
     assert json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())["init"] == "label-words"
 
 
-@pytest.mark.parametrize("method", ["soft", "ptuning"])
+@pytest.mark.parametrize("method", ["soft", "ptuning", "prefix"])
 def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path):
     peft = pytest.importorskip("peft")
     from test_cli import invoke
@@ -157,6 +157,8 @@ def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path)
     with torch.no_grad():
         ours = model.encode(batch["input_ids"], batch["attention_mask"])
         theirs = twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if method == "prefix":  # PEFT returns the input's positions only (the prefix lives in the cache)
+            theirs = torch.cat([ours[:, :4], theirs], dim=1)
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
         # and the verbalizer on PEFT's <mask> states gives xprompt's logits
         rows = torch.arange(len(batch["labels"]))
@@ -166,9 +168,17 @@ def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path)
     again = invoke("train", *common, "--run-name", "dst", "--init-from", folder, "--lr", "1e-12", "--max-steps", "1",
                    "--eval-every", "1")
     assert again.exit_code == 0, again.output
-    start = load_file(str(runs / "dst" / "prompt" / "prompt.safetensors"))["prompt_embeddings"]
-    torch.testing.assert_close(start, load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"],
-                               atol=1e-6, rtol=1e-5)
+    start = load_file(str(runs / "dst" / "prompt" / "prompt.safetensors"))
+    exported = load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
+    if method == "prefix":  # PEFT's rows: per virtual token, layer by layer, key then value
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+        saved = load_file(str(folder / "prompt.safetensors"))
+        assert exported.shape == (4, 2 * 2 * 32)
+        torch.testing.assert_close(exported[2, 32 * 3 : 32 * 4], saved["values"][1, 2])
+        for key in ("keys", "values"):
+            torch.testing.assert_close(start[key], saved[key], atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(start["prompt_embeddings"], exported, atol=1e-6, rtol=1e-5)
 
 
 def test_peft_adapters_xprompt_cannot_use_are_refused(tmp_path):

@@ -31,7 +31,11 @@ def test_backbone_frozen_and_gradients_reach_prompt(backbone, xnli, tokenizer, m
     for _ in range(2):
         loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
         loss.backward()
-        assert model.prompt.embeddings.grad is not None and model.prompt.embeddings.grad.abs().sum() > 0
+        if method is Method.PREFIX:  # keys and values only: the placeholders reach no input token
+            assert model.prompt.embeddings.grad is None and not model.prompt.embeddings.requires_grad
+            assert model.prompt.keys.grad.abs().sum() > 0 and model.prompt.values.grad.abs().sum() > 0
+        else:
+            assert model.prompt.embeddings.grad is not None and model.prompt.embeddings.grad.abs().sum() > 0
         if method is Method.DEEP:
             assert model.prompt.layer_prompts.grad.abs().sum() > 0
         assert model.verbalizer.weight.grad.abs().sum() > 0
@@ -79,6 +83,33 @@ def test_deep_prompt_starts_as_the_soft_prompt(backbone, xnli, tokenizer):
     torch.testing.assert_close(soft(batch), deep_logits, rtol=1e-4, atol=1e-4)
     deep.prompt.layer_prompts.data[0] += 1.0
     assert not torch.allclose(deep(batch), deep_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mt5"])
+def test_prefix_starts_as_the_soft_prompt_and_is_a_key_value_prefix(backbone, tiny_mt5_dir, tmp_path, xnli, tokenizer, kind):
+    """The prefix method starts from the keys and values the input prompt produces (on the tiny BERT,
+    the soft prompt's output); then only its keys and values matter, not the placeholders."""
+    if kind == "mt5":
+        from xprompt.backbones import load_backbone
+
+        backbone = load_backbone(str(tiny_mt5_dir), tmp_path)
+    cfg = TrainConfig(method="prefix", prompt_length=3, dtype="fp32")
+    ds, batch = _batch(xnli, tokenizer)
+    prefix = build_model(backbone, 3, "prefix", 3, "mask")
+    init_prompt_and_verbalizer(prefix, backbone, ds, cfg)
+    soft = build_model(backbone, 3, "soft", 3, "mask")
+    soft.prompt.embeddings.data.copy_(prefix.prompt.embeddings.data)
+    soft.verbalizer.weight.data.copy_(prefix.verbalizer.weight.data)
+    with torch.no_grad():
+        logits = prefix(batch)
+        if kind == "bert":  # (mT5's relative positions make the bare prompt's keys differ in context)
+            torch.testing.assert_close(soft(batch), logits, rtol=1e-4, atol=1e-4)
+        prefix.prompt.embeddings.data.normal_()  # placeholders: no effect
+        torch.testing.assert_close(prefix(batch), logits, rtol=1e-5, atol=1e-5)
+        prefix.prompt.values.data[-1] += 1.0  # the last layer's values: an effect
+        assert not torch.allclose(prefix(batch), logits, atol=1e-4)
+    n_layers = backbone.num_layers
+    assert sum(p.numel() for p in prefix.prompt.param_groups(1.0)[0]["params"]) == 2 * n_layers * 3 * backbone.hidden_size
 
 
 def test_prompt_save_load_round_trip(backbone, xnli, tokenizer, tmp_path):

@@ -1,5 +1,7 @@
 """UniPrompt's two-tower prompt: the towers, the fusion, the cached prompt states."""
 
+import json
+
 import pytest
 import torch
 
@@ -112,10 +114,67 @@ def test_unified_loss_falls(backbone, xnli):
     assert losses[-1] < losses[0]
 
 
-def test_unified_refuses_a_seq2seq_backbone(tiny_mt5_dir, tmp_path):
+@pytest.fixture
+def mt5(tiny_mt5_dir, tmp_path):
     from xprompt.backbones import load_backbone
-    from xprompt.errors import XPromptError
 
-    mt5 = load_backbone(str(tiny_mt5_dir), tmp_path)
-    with pytest.raises(XPromptError, match="supports BERT/XLM-R style encoders"):
-        build_model(mt5, 3, "unified", 3, "mask")
+    return load_backbone(str(tiny_mt5_dir), tmp_path)
+
+
+def test_seq2seq_fusion_equals_running_the_towers_by_hand(mt5, xnli):
+    """mT5's relative position bias is made by its first layer and passed on: the prompt joins after
+    the first position and sees no relative position (zero bias); the tower runs its own bias."""
+    from xprompt.prompts import widen_mask
+
+    model = _model(mt5)
+    batch = _batch(mt5, xnli, 1)
+    ids = batch["input_ids"]
+    layers, n = mt5.layers(), ids.shape[1]
+    with torch.no_grad():
+        got = model.encode(ids, batch["attention_mask"])
+        tok = mt5.tokenizer  # the tests' mT5 shares the XLM-R vocabulary, so it has an <s> (real mT5: none)
+        first = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        bos, eos = (mt5.input_embeddings()(torch.tensor(ids, dtype=torch.long)) for ids in (first, [tok.eos_token_id]))
+        tower = model.prompt.tower[0](torch.cat([bos, model.prompt.embeddings, eos]).unsqueeze(0), None, None)[0]
+        tower = tower[:, len(first) :]
+        hidden, bias = layers[0](mt5.input_embeddings()(ids), None, None)[:2]
+        hidden = torch.cat([hidden[:, :1], tower[:, :3], hidden[:, 1:]], dim=1)
+        hidden = layers[1](hidden, None, widen_mask(bias, n, 3))[0]
+        hidden = mt5.model.final_layer_norm(hidden)
+    torch.testing.assert_close(got, hidden)
+    torch.testing.assert_close(model.prompt.tower_states(), tower[0, :3])
+    assert bias.shape[-1] == n and torch.count_nonzero(widen_mask(bias, n, 3)[..., 1:4]) == 0
+
+
+def test_seq2seq_cached_states_and_padding(mt5, xnli):
+    model = _model(mt5)
+    batch = _batch(mt5, xnli)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()
+    with torch.no_grad():
+        hidden, mask = model.sequence(batch["input_ids"], batch["attention_mask"])
+        assert mask.shape == hidden.shape[:2] and torch.equal(mask.sum(1), lengths + 3)
+        for row in (int(lengths.argmin()), int(lengths.argmax())):
+            k = int(lengths[row])
+            alone = model.encode(batch["input_ids"][row : row + 1, :k], batch["attention_mask"][row : row + 1, :k])
+            torch.testing.assert_close(hidden[row, : k + 3], alone[0], atol=1e-5, rtol=1e-4)
+        cached = model(batch)
+        model.prompt.cache_enabled = False
+        torch.testing.assert_close(model(batch), cached)
+
+
+def test_unified_on_seq2seq_and_masked_lm_from_the_cli(tiny_mt5_dir, tiny_xlmr_mlm_dir, tmp_path):
+    from test_cli import invoke
+
+    for folder in (tiny_mt5_dir, tiny_xlmr_mlm_dir):
+        runs = tmp_path / folder.name
+        common = ["--backbone", folder, "--data-dir", TEST_DATA, "--runs-dir", runs]
+        ok = invoke("train", *common, "--method", "unified", "--tower-layers", "1", "--max-steps", "2",
+                    "--prompt-length", "3", "--dtype", "fp32", "--run-name", "r")
+        assert ok.exit_code == 0, ok.output
+        ev = invoke("eval", "--run", runs / "r", "--langs", "en,de,zh", *common[:4])
+        assert ev.exit_code == 0, ev.output
+        dev = json.loads((runs / "r" / "metrics.json").read_text())["eval"]["xnli"]["dev"]
+        assert set(dev) == {"en", "de", "zh"} and all(0 <= r["accuracy"] <= 1 for r in dev.values())
+        card = json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())
+        assert card["method"] == "unified" and card["verbalizer"] == "hard"

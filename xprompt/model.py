@@ -71,7 +71,7 @@ class PromptModel(nn.Module):
         # The method's hooks live only for this call, so models sharing a backbone never interfere.
         handles = self.prompt.install(self._layers)
         try:
-            return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state, mask
+            return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state, self.prompt.joined_mask(mask)
         finally:
             for handle in handles:
                 handle.remove()
@@ -93,21 +93,18 @@ class PromptModel(nn.Module):
         return self.verbalizer(self.states(batch))
 
     @torch.no_grad()
-    def layer_prompt_states(self, bos_id: int, eos_id: int) -> list[torch.Tensor]:
-        """Inputs of layers 1..L-1 at the prompt positions for a bare ``<s> prompt </s>`` input,
-        computed with the input-level prompt alone (no method hooks)."""
-        captured: list[torch.Tensor] = []
-
-        def capture(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append(hidden[0, self.prompt.offset : self.prompt.offset + self.prompt.length].clone())
-
-        handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in list(self._layers)[1:]]
-        tok = torch.tensor([[bos_id, eos_id]], device=self.prompt.embeddings.device)
+    def init_layer_prompts(self, bos_id: int | None, eos_id: int) -> None:
+        """Start a method's per-layer vectors from what its input-level vectors produce for a bare
+        ``<s> prompt </s>`` input (no method hooks): the prompt records, then copies."""
+        handles = self.prompt.record(self._layers)
+        if not handles:
+            return
+        ids = [eos_id] if bos_id is None else [bos_id, eos_id]
+        tok = torch.tensor([ids], device=self.prompt.embeddings.device)
         inputs, mask = self._with_prompt(tok, torch.ones_like(tok))
         try:
             self.backbone(inputs_embeds=inputs, attention_mask=mask)
         finally:
             for handle in handles:
                 handle.remove()
-        return captured
+        self.prompt.init_layers()

@@ -1,11 +1,14 @@
-"""PEFT interop: soft and P-tuning prompts as PEFT ``PromptTuning`` adapters, and back.
+"""PEFT interop: soft and P-tuning prompts as PEFT ``PromptTuning`` adapters, prefix prompts as
+``PrefixTuning`` adapters, and back.
 
-A run of ``--method soft`` or ``ptuning`` also writes, beside its own prompt, PEFT's two files
-(``adapter_config.json`` and ``adapter_model.safetensors`` holding ``prompt_embeddings``), so
+A run of ``--method soft``, ``ptuning`` or ``prefix`` also writes, beside its own prompt, PEFT's two
+files (``adapter_config.json`` and ``adapter_model.safetensors`` holding ``prompt_embeddings``), so
 ``PeftModel.from_pretrained(base_model, run/prompt)`` loads it. PEFT puts the virtual tokens before
 ``<s>``; a run trained with ``--prompt-position first`` puts them there too, so the two give
 identical hidden states. A P-tuning prompt is exported by its resulting vectors (what PEFT's
-PromptTuning of those vectors computes). Deep prompts (per-layer hidden states) have no PEFT twin.
+PromptTuning of those vectors computes); a prefix prompt by its keys and values, one row per virtual
+token laid out as PEFT's ``past_key_values`` are read: layer by layer, key then value. Deep prompts
+as hidden states and unified prompts have no PEFT twin.
 
 Only the documented fields of PEFT's config are written by hand: xprompt does not need PEFT installed.
 """
@@ -24,7 +27,7 @@ from .store import atomic_write, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXPORTABLE = ("soft", "ptuning")
+EXPORTABLE = ("soft", "ptuning", "prefix")
 
 
 def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], card: dict, base_model: str, num_heads: int,
@@ -32,9 +35,13 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], card: dict, ba
     """Write PEFT's adapter files for a soft or P-tuning prompt; False (nothing written) for other methods."""
     if card.get("method") not in EXPORTABLE:
         return False
-    vectors = tensors["prompt_embeddings"]
+    prefix = card.get("method") == "prefix"
+    if prefix:  # (layers, tokens, hidden) keys and values -> (tokens, layers * 2 * hidden)
+        vectors = torch.stack([tensors["keys"], tensors["values"]], dim=1).permute(2, 0, 1, 3).flatten(1)
+    else:
+        vectors = tensors["prompt_embeddings"]
     config = {
-        "peft_type": "PROMPT_TUNING",
+        "peft_type": "PREFIX_TUNING" if prefix else "PROMPT_TUNING",
         "task_type": "FEATURE_EXTRACTION",
         "num_virtual_tokens": int(vectors.shape[0]),
         "token_dim": int(vectors.shape[1]),
@@ -50,6 +57,11 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], card: dict, ba
         "modules_to_save": None,
         "auto_mapping": None,
     }
+    if prefix:
+        for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path"):
+            del config[key]
+        config.update({"token_dim": int(tensors["keys"].shape[2]), "encoder_hidden_size": int(tensors["keys"].shape[2]),
+                       "prefix_projection": False})
     folder = Path(folder)
     atomic_write(folder / ADAPTER_WEIGHTS,
                  lambda tmp: save_file({"prompt_embeddings": vectors.contiguous()}, str(tmp), metadata={"format": "pt"}))
@@ -70,9 +82,12 @@ def read_adapter(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], di
     except (OSError, json.JSONDecodeError) as e:
         raise XPromptError(f"{folder / ADAPTER_CONFIG}: unreadable PEFT config ({e})") from None
     kind = config.get("peft_type")
-    if kind not in ("PROMPT_TUNING", "P_TUNING"):
+    if kind not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise XPromptError(f"{folder / ADAPTER_CONFIG}: peft_type {kind!r} is not a prompt xprompt can start from "
-                           "(PROMPT_TUNING or P_TUNING)")
+                           "(PROMPT_TUNING, P_TUNING or PREFIX_TUNING)")
+    if kind == "PREFIX_TUNING" and config.get("prefix_projection"):
+        raise XPromptError(f"{folder / ADAPTER_CONFIG}: a prefix with prefix_projection (an MLP over the prefix) is "
+                           "not a saved key/value prefix; export it without the projection")
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise XPromptError(f"{folder / ADAPTER_CONFIG}: a prompt for an encoder-decoder's two stacks "
                            "(num_transformer_submodules 2) does not fit this encoder prompt")
@@ -84,6 +99,14 @@ def read_adapter(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], di
     if "prompt_embeddings" not in tensors:
         raise XPromptError(f"{weights}: no 'prompt_embeddings' tensor (keys: {', '.join(tensors) or 'none'})")
     vectors = tensors["prompt_embeddings"].float()
+    if kind == "PREFIX_TUNING":  # (tokens, layers * 2 * hidden) -> keys and values (layers, tokens, hidden)
+        layers = int(config.get("num_layers") or 0)
+        if vectors.ndim != 2 or layers < 1 or vectors.shape[1] != layers * 2 * hidden:
+            raise XPromptError(f"{weights}: 'prompt_embeddings' has shape {tuple(vectors.shape)}; a prefix for this "
+                               f"backbone needs (N, num_layers x 2 x {hidden}) (another base model?)")
+        pairs = vectors.view(vectors.shape[0], layers, 2, hidden).permute(2, 1, 0, 3)
+        return {"keys": pairs[0].contiguous(), "values": pairs[1].contiguous(),
+                "prompt_embeddings": torch.zeros(vectors.shape[0], hidden)}, config
     if vectors.ndim != 2 or vectors.shape[1] != hidden:
         raise XPromptError(f"{weights}: 'prompt_embeddings' has shape {tuple(vectors.shape)}; this backbone needs "
                            f"(N, {hidden}) (was the adapter trained on another base model?)")

@@ -5,7 +5,10 @@
   an MLP or a bidirectional LSTM + MLP (``reparam``) trained end to end; its last layer starts at
   zero, so training starts from the same vectors as ``soft``. Saved as the resulting vectors.
 - ``deep``: the same input vectors plus ``length`` vectors for every further layer that overwrite
-  the prompt positions before that layer runs (P-tuning v2's deep prompts).
+  the prompt positions before that layer runs (deep prompts as hidden states).
+- ``prefix``: trainable keys and values for the prompt positions in every layer (P-tuning v2 /
+  prefix tuning; PEFT's ``PrefixTuning``).
+- ``unified``: UniPrompt's two towers (see ``UnifiedPrompt``).
 
 Interface: ``prompt.vectors()`` (length x hidden) goes into the input, ``prompt.embeddings`` is
 what initialisation writes; ``prompt.install(layers)`` registers whatever the method does inside
@@ -30,6 +33,7 @@ class Method(str, Enum):
     SOFT = "soft"
     PTUNING = "ptuning"
     DEEP = "deep"
+    PREFIX = "prefix"
     UNIFIED = "unified"
 
 
@@ -43,6 +47,20 @@ def vocab_init(embeddings: torch.Tensor, length: int, generator: torch.Generator
     high = min(embeddings.shape[0], low + top)
     rows = torch.randint(low, high, (length,), generator=generator)
     return embeddings[rows].detach().clone().float()
+
+
+def widen_mask(mask, size: int, length: int):
+    """A layer's attention mask for ``size`` input positions, widened by ``length`` prompt positions
+    after ``<s>`` that every position sees; the prompt's own rows (if the mask has rows) see what
+    ``<s>`` sees. A mask of another width (already widened) or None is returned as it is."""
+    if mask is None or mask.shape[-1] != size:
+        return mask
+    visible = torch.ones_like(mask[..., :1]) if mask.dtype == torch.bool else torch.zeros_like(mask[..., :1])
+    mask = torch.cat([mask[..., :1], visible.expand(*mask.shape[:-1], length), mask[..., 1:]], dim=-1)
+    if mask.shape[-2] == size:
+        mask = torch.cat([mask[..., :1, :], mask[..., :1, :].expand(*mask.shape[:-2], length, -1),
+                          mask[..., 1:, :]], dim=-2)
+    return mask
 
 
 class SoftPrompt(nn.Module):
@@ -75,6 +93,11 @@ class SoftPrompt(nn.Module):
     def attach(self, backbone) -> None:
         """Take what the method needs from the backbone (nothing for input-level prompts)."""
 
+    def joined_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of the final hidden states, given the mask of the input (with an
+        input-level prompt, already the same)."""
+        return attention_mask
+
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
@@ -88,8 +111,13 @@ class SoftPrompt(nn.Module):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         self.load_tensors(tensors, where)
 
-    def layer_init_needed(self) -> bool:
-        return False
+    def record(self, layers: nn.ModuleList) -> list:
+        """Hooks that record what the input-level vectors produce inside the backbone, for
+        ``init_layers`` (methods with per-layer vectors); none for input-level prompts."""
+        return []
+
+    def init_layers(self) -> None:
+        """Start the per-layer vectors from what ``record``'s hooks saw."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.embeddings.detach().contiguous()}
@@ -163,49 +191,129 @@ class PTuningPrompt(SoftPrompt):
 
 class DeepPrompt(SoftPrompt):
     """Input prompt plus one set of vectors per further layer, written over the prompt positions
-    before that layer; initialised (``init_layers``) from the states the input prompt produces, so
-    training starts exactly where the input-level prompt would."""
+    before that layer (deep prompts as hidden states); initialised from the states the input prompt
+    produces, so training starts exactly where the input-level prompt would."""
 
     method = Method.DEEP
 
     def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
         super().__init__(length, hidden, num_layers, position=position)
         self.layer_prompts = nn.Parameter(torch.zeros(num_layers - 1, length, hidden))
+        self._recorded: list[torch.Tensor] = []
 
     def install(self, layers: nn.ModuleList) -> list:
-        handles = []
-        for index, layer in enumerate(layers):
-            if index == 0:
-                continue
-            handles.append(layer.register_forward_pre_hook(self._hook(index - 1), with_kwargs=True))
-        return handles
+        return [layer.register_forward_pre_hook(self._hook(index - 1), with_kwargs=True)
+                for index, layer in enumerate(layers) if index > 0]
 
     def _hook(self, slot: int):
         def overwrite(module, args, kwargs):
-            if args:
-                hidden, rest = args[0], args[1:]
-            else:
-                hidden, rest = kwargs.pop("hidden_states"), ()
+            hidden = args[0] if args else kwargs["hidden_states"]
             vectors = self.layer_prompts[slot].to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
             start, end = self.offset, self.offset + self.length
             hidden = torch.cat([hidden[:, :start], vectors, hidden[:, end:]], dim=1)
-            return (hidden, *rest), kwargs
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
 
         return overwrite
 
-    def layer_init_needed(self) -> bool:
-        return True
+    def record(self, layers: nn.ModuleList) -> list:
+        """Hooks that record the inputs of layers 1..L-1 at the prompt positions."""
+        self._recorded = []
 
-    def init_layers(self, states: list[torch.Tensor]) -> None:
-        """``states[l]`` is the (length x hidden) input of layer l+1 at the prompt positions."""
+        def capture(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._recorded.append(hidden[0, self.offset : self.offset + self.length].detach().clone())
+
+        return [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in list(layers)[1:]]
+
+    def init_layers(self) -> None:
         with torch.no_grad():
-            self.layer_prompts.copy_(torch.stack(states))
+            self.layer_prompts.copy_(torch.stack(self._recorded))
+        self._recorded = []
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**super().tensors(), "layer_prompts": self.layer_prompts.detach().contiguous()}
 
     def named_tensor_params(self) -> dict[str, nn.Parameter]:
         return {"prompt_embeddings": self.embeddings, "layer_prompts": self.layer_prompts}
+
+
+def kv_projections(layer: nn.Module, where: str) -> tuple[nn.Linear, nn.Linear]:
+    """The self-attention's key and value projections of one transformer layer: BERT/XLM-R's
+    ``key``/``value``, T5's ``k``/``v`` (the first attention in the layer: the self-attention)."""
+    for module in layer.modules():
+        for k, v in (("key", "value"), ("k", "v")):
+            key, value = getattr(module, k, None), getattr(module, v, None)
+            if isinstance(key, nn.Linear) and isinstance(value, nn.Linear):
+                return key, value
+    raise XPromptError(f"--method prefix needs separate key and value projections in every layer; {where} has none "
+                       "(a fused qkv layer?): use --method deep")
+
+
+class PrefixPrompt(SoftPrompt):
+    """P-tuning v2 / prefix tuning (Li & Liang 2021; Liu et al. 2022): trainable key and value vectors
+    for the prompt positions in every layer's self-attention, PEFT ``PrefixTuning``'s twin. The
+    prompt positions hold placeholders whose keys and values are overwritten right after the frozen
+    projections, so every input token attends to ``length`` free key/value pairs per layer.
+    Initialised from the keys and values the sampled input prompt produces (where ``deep`` starts)."""
+
+    method = Method.PREFIX
+
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
+        super().__init__(length, hidden, num_layers, position=position)
+        self.embeddings.requires_grad_(False)  # placeholders: what they hold never reaches the input tokens
+        self.keys = nn.Parameter(torch.zeros(num_layers, length, hidden))
+        self.values = nn.Parameter(torch.zeros(num_layers, length, hidden))
+        self._projections: list[tuple[nn.Linear, nn.Linear]] = []
+        self._recorded: dict[tuple[int, int], torch.Tensor] = {}
+
+    def attach(self, backbone) -> None:
+        self._projections = [kv_projections(layer, backbone.name) for layer in backbone.layers()]
+
+    def install(self, layers: nn.ModuleList) -> list:
+        handles = []
+        for index, pair in enumerate(self._projections):
+            for table, projection in zip((self.keys, self.values), pair):
+                handles.append(projection.register_forward_hook(self._hook(table, index)))
+        return handles
+
+    def _hook(self, table: nn.Parameter, index: int):
+        def overwrite(module, args, out):
+            vectors = table[index].to(out.device, out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
+            start, end = self.offset, self.offset + self.length
+            return torch.cat([out[:, :start], vectors, out[:, end:]], dim=1)
+
+        return overwrite
+
+    def record(self, layers: nn.ModuleList) -> list:
+        """Hooks that record every layer's keys and values at the prompt positions."""
+        self._recorded = {}
+
+        def capture(slot):
+            def hook(module, args, out):
+                self._recorded[slot] = out[0, self.offset : self.offset + self.length].detach().clone()
+
+            return hook
+
+        return [projection.register_forward_hook(capture((index, which)))
+                for index, pair in enumerate(self._projections) for which, projection in enumerate(pair)]
+
+    def init_layers(self) -> None:
+        with torch.no_grad():
+            for (index, which), vectors in self._recorded.items():
+                (self.keys, self.values)[which][index].copy_(vectors)
+        self._recorded = {}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": [self.keys, self.values], "lr": lr}]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().tensors(), "keys": self.keys.detach().contiguous(), "values": self.values.detach().contiguous()}
+
+    def named_tensor_params(self) -> dict[str, nn.Parameter]:
+        return {"prompt_embeddings": self.embeddings, "keys": self.keys, "values": self.values}
 
 
 class UnifiedPrompt(SoftPrompt):
@@ -242,31 +350,46 @@ class UnifiedPrompt(SoftPrompt):
             self.tower = nn.ModuleList(copy.deepcopy(layers[i]) for i in range(self.split))
             self.tower.requires_grad_(True)
             self.tower.to(next(layers.parameters()).device)
-        embeddings = getattr(backbone.model, "embeddings", None)
         tok = backbone.tokenizer
         bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-        if embeddings is None or bos is None or backbone.kind == "seq2seq":
-            raise XPromptError(f"--method unified supports BERT/XLM-R style encoders; '{backbone.name}' is not one")
-        self._ends = (embeddings, backbone.input_embeddings(), bos, eos)
+        # BERT/XLM-R: an embeddings module (positions + LayerNorm) and layer(hidden, mask).
+        # T5/mT5 (seq2seq): bare word vectors, no <s>, and layer(hidden, mask, position_bias) with the
+        # relative position bias computed by the first layer and passed on.
+        embeddings = getattr(backbone.model, "embeddings", None)
+        relative = backbone.kind == "seq2seq"
+        if eos is None or (embeddings is None and not relative):
+            raise XPromptError(f"--method unified supports BERT/XLM-R and T5/mT5 style models; '{backbone.name}' is neither")
+        self._ends = (embeddings, backbone.input_embeddings(), bos, eos, relative)
 
     def insert(self, words: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return words, attention_mask  # the context tower reads the input alone
 
+    def joined_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mask of the final states: the prompt positions joined after the first position."""
+        ones = attention_mask.new_ones(attention_mask.shape[0], self.length)
+        return torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+
     def tower_states(self) -> torch.Tensor:
-        """(length x hidden): the prompt tower's output at the prompt positions for ``<s> prompt </s>``."""
-        embeddings, words, bos, eos = self._ends
+        """(length x hidden): the prompt tower's output at the prompt positions for ``<s> prompt </s>``
+        (``prompt </s>`` for models without ``<s>``)."""
+        embeddings, words, bos, eos, relative = self._ends
         key = (tuple(p._version for p in self.parameters()), torch.is_autocast_enabled("cpu"),
                torch.is_autocast_enabled("cuda"), self.embeddings.device)
         if self.cache_enabled and not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        ends = words(torch.tensor([bos, eos], device=self.embeddings.device))
-        x = torch.cat([ends[:1], self.embeddings.to(ends.dtype), ends[1:]]).unsqueeze(0)
-        hidden = embeddings(inputs_embeds=x)
+        ids = [eos] if bos is None else [bos, eos]
+        ends = words(torch.tensor(ids, device=self.embeddings.device))
+        start = len(ids) - 1
+        x = torch.cat([ends[:start], self.embeddings.to(ends.dtype), ends[start:]]).unsqueeze(0)
+        hidden = embeddings(inputs_embeds=x) if embeddings is not None else x
+        bias = None
         for layer in self.tower:
-            out = layer(hidden, None)
+            out = layer(hidden, None, bias) if relative else layer(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
-        states = hidden[0, 1 : 1 + self.length]
+            if relative:
+                bias = out[1]
+        states = hidden[0, start : start + self.length]
         if self.cache_enabled and not torch.is_grad_enabled():
             self._cache = (key, states)
         return states
@@ -276,15 +399,7 @@ class UnifiedPrompt(SoftPrompt):
         length = self.length
 
         def widen(mask, size):
-            """The input's attention mask with the prompt positions (visible to all) after <s>."""
-            if mask is None or mask.shape[-1] != size:
-                return mask
-            visible = torch.ones_like(mask[..., :1]) if mask.dtype == torch.bool else torch.zeros_like(mask[..., :1])
-            mask = torch.cat([mask[..., :1], visible.expand(*mask.shape[:-1], length), mask[..., 1:]], dim=-1)
-            if mask.shape[-2] == size:  # a row per query: the prompt's rows see what <s> sees
-                mask = torch.cat([mask[..., :1, :], mask[..., :1, :].expand(*mask.shape[:-2], length, -1),
-                                  mask[..., 1:, :]], dim=-2)
-            return mask
+            return widen_mask(mask, size, length)
 
         def hook(first: bool):
             def fuse(module, args, kwargs):
@@ -293,13 +408,15 @@ class UnifiedPrompt(SoftPrompt):
                 if first:
                     prompt = states.to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
                     hidden = torch.cat([hidden[:, :1], prompt, hidden[:, 1:]], dim=1)
+                # the attention mask and (T5) the relative position bias, (.., query, key) both:
+                # widened at the join; later layers get the layer's own widened bias back already
                 if args:
-                    args = (hidden, widen(args[1], size) if len(args) > 1 else None, *args[2:])
-                    if "attention_mask" in kwargs:
-                        kwargs["attention_mask"] = widen(kwargs["attention_mask"], size)
+                    args = (hidden, *(widen(a, size) if torch.is_tensor(a) else a for a in args[1:3]), *args[3:])
                 else:
                     kwargs["hidden_states"] = hidden
-                    kwargs["attention_mask"] = widen(kwargs.get("attention_mask"), size)
+                for name in ("attention_mask", "position_bias"):
+                    if torch.is_tensor(kwargs.get(name)):
+                        kwargs[name] = widen(kwargs[name], size)
                 return args, kwargs
 
             return fuse
@@ -321,7 +438,7 @@ class UnifiedPrompt(SoftPrompt):
 
 
 PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.PTUNING: PTuningPrompt, Method.DEEP: DeepPrompt,
-                                           Method.UNIFIED: UnifiedPrompt}
+                                           Method.PREFIX: PrefixPrompt, Method.UNIFIED: UnifiedPrompt}
 
 
 def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int, reparam: str = "mlp",

@@ -84,9 +84,9 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
     vectors from the class-mean states of (up to ``init_examples``) training rows read through it.
     Returns the labels that had no training row (their vectors start at the mean of all states)."""
     model.prompt.embeddings.copy_(initial_vectors(backbone, model.prompt.length, cfg, task))
-    if model.prompt.layer_init_needed():
-        tok = backbone.tokenizer
-        model.prompt.init_layers(model.layer_prompt_states(tok.cls_token_id, tok.sep_token_id))
+    tok = backbone.tokenizer
+    model.init_layer_prompts(tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,
+                             tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
     return set_class_means(model, init_sample(train, cfg.init_examples, cfg.seed), backbone.tokenizer.pad_token_id, cfg.dtype)
 
 
