@@ -23,7 +23,7 @@ from pathlib import Path
 from statistics import mean, median
 
 XPROMPT = [sys.executable, "-m", "xprompt"]
-METHODS = ("soft", "ptuning", "deep", "unified")
+METHODS = ("soft", "ptuning", "deep", "prefix", "unified")
 
 
 def run(*args: str) -> None:

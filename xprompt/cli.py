@@ -163,7 +163,7 @@ def train(
     task: Annotated[str, typer.Option(help="Task card name.")] = "xnli",
     lang: Annotated[str, typer.Option(help="Source language to train on.")] = "en",
     backbone: Annotated[str, typer.Option(help="'e5-small' (embedded), a local folder or a Hugging Face id.")] = "e5-small",
-    method: Annotated[Method, typer.Option(help="soft: input prompt (Lester); ptuning: input prompt through a trained MLP/LSTM encoder (P-tuning); deep: a prompt in every layer (P-tuning v2); unified: UniPrompt's two towers (the prompt through trained copies of the lower layers, joining the frozen upper layers).")] = Method.DEEP,
+    method: Annotated[Method, typer.Option(help="soft: input prompt (Lester); ptuning: input prompt through a trained MLP/LSTM encoder (P-tuning); deep: a prompt in every layer, as hidden states; prefix: trainable keys and values in every layer (P-tuning v2, PEFT PrefixTuning); unified: UniPrompt's two towers (the prompt through trained copies of the lower layers, joining the frozen upper layers).")] = Method.DEEP,
     tower_layers: Annotated[Optional[int], typer.Option(help="With --method unified: layers in the prompt tower (default: half the backbone's).")] = None,
     prompt_length: Annotated[int, typer.Option(help="Prompt vectors (per layer for deep).")] = TrainConfig.prompt_length,
     verbalizer: Annotated[str, typer.Option(help="auto (hard on a masked-LM backbone such as XLM-R, else soft), soft (trained label vectors from class means), hard (the task card's label words of each language under the frozen LM head) or soft-words (trained label vectors in the LM head's output space, started from the label words' output embeddings).")] = TrainConfig.verbalizer,
