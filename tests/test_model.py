@@ -144,3 +144,53 @@ def test_label_without_examples_starts_at_the_mean_of_all_states():
     missing = verbalizer.init_from_class_means(states, torch.tensor([0, 0, 2]))
     assert missing == [1]
     torch.testing.assert_close(verbalizer.weight.data, torch.tensor([[2.0, 0.0], [4 / 3, 4 / 3], [0.0, 4.0]]))
+
+
+def test_centered_verbalizer_keeps_its_ranking_when_states_shrink_to_the_centre():
+    from xprompt.verbalizers import CenteredVerbalizer
+
+    torch.manual_seed(0)
+    verbalizer = CenteredVerbalizer(3, 8)
+    states, labels = torch.randn(30, 8) + 2.0, torch.arange(30) % 3
+    states[labels == 1] += 1.5
+    assert verbalizer.init_from_class_means(states, labels) == []
+    means = torch.stack([states[labels == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(verbalizer.center, means.mean(0))
+    h = torch.randn(5, 8) + 2.0
+    logits = verbalizer(h)
+    # (h - c) . (w - c) by hand; zero at the centre; a state pulled halfway in keeps its ranking
+    torch.testing.assert_close(logits, (h - means.mean(0)) @ (means - means.mean(0)).T)
+    torch.testing.assert_close(verbalizer(verbalizer.center[None]), torch.zeros(1, 3), atol=1e-5, rtol=0)
+    shrunk = verbalizer.center + 0.5 * (h - verbalizer.center)
+    torch.testing.assert_close(verbalizer(shrunk), 0.5 * logits)
+    # entailment and contradiction far out on either side, neutral near the middle: a state pulled
+    # in towards the centre stays entailment here, while the distance verbalizer turns it neutral
+    d, side = torch.zeros(8), torch.zeros(8)
+    d[0], side[1] = 2.0, 0.3
+    base = torch.full((8,), 1.0)
+    vectors = torch.stack([base + d, base + 0.1 * d + side, base - d])
+    verbalizer.weight.data.copy_(vectors)
+    verbalizer.center.copy_(vectors.mean(0))
+    plain = SoftVerbalizer(3, 8)
+    plain.weight.data.copy_(vectors)
+    far, near = verbalizer.center + 1.0 * d, verbalizer.center + 0.1 * d
+    assert verbalizer(far[None]).argmax() == verbalizer(near[None]).argmax() == 0
+    assert plain(far[None]).argmax() == 0 and plain(near[None]).argmax() == 1
+
+
+def test_centered_verbalizer_round_trip_from_the_cli(tiny_bert_dir, tmp_path):
+    from test_cli import invoke
+
+    from xprompt.backbones import load_backbone
+
+    runs = tmp_path / "runs"
+    ok = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "2",
+                "--prompt-length", "3", "--dtype", "fp32", "--verbalizer", "centered", "--run-name", "c")
+    assert ok.exit_code == 0, ok.output
+    model, card = load_run_model(runs / "c", load_backbone(str(tiny_bert_dir), tmp_path / "cache"))
+    assert card["verbalizer"] == "centered" and type(model.verbalizer).__name__ == "CenteredVerbalizer"
+    assert model.verbalizer.center.abs().sum() > 0
+    from safetensors.torch import load_file
+
+    saved = load_file(str(runs / "c" / "prompt" / "prompt.safetensors"))
+    assert torch.equal(saved["verbalizer.center"], model.verbalizer.center)

@@ -27,7 +27,7 @@ class TrainConfig:
     backbone: str = field(default="e5-small", metadata={"help": "'e5-small', a local folder or a HF id"})
     method: Method = field(default=Method.DEEP, metadata={"help": "prompt method"})
     prompt_length: int = field(default=8, metadata={"help": "number of prompt vectors"})
-    verbalizer: str = field(default="auto", metadata={"help": "auto (hard for a masked-LM backbone, else soft), soft (label vectors), hard (label words under the LM head) or soft-words (trained label vectors in the LM head's output space, from the label words)"})
+    verbalizer: str = field(default="auto", metadata={"help": "auto (hard for a masked-LM backbone, else soft), soft (label vectors), centered (label vectors scored around the class means' centre), hard (label words under the LM head) or soft-words (trained label vectors in the LM head's output space, from the label words)"})
     label_reduce: str = field(default="mean", metadata={"help": "hard verbalizer: a multi-piece label word's score, mean/first/max of its pieces' log-probabilities"})
     prompt_position: str = field(default="after-bos", metadata={"help": "where the prompt goes: after-bos (after <s>) or first (before <s>, PEFT's place)"})
     tower_layers: int | None = field(default=None, metadata={"help": "unified: layers of the prompt tower (default: half the backbone's)"})
@@ -90,8 +90,8 @@ class TrainConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.init_from == "library" and self.init_weights is not None:
             raise ValueError("init_weights cannot be combined with init_from='library' (the scores weight the average)")
-        if self.verbalizer not in ("auto", "soft", "hard", "soft-words"):
-            raise ValueError(f"verbalizer must be auto, soft, hard or soft-words, got {self.verbalizer!r}")
+        if self.verbalizer not in ("auto", "soft", "centered", "hard", "soft-words"):
+            raise ValueError(f"verbalizer must be auto, soft, centered, hard or soft-words, got {self.verbalizer!r}")
         if self.label_reduce not in ("mean", "first", "max"):
             raise ValueError(f"label_reduce must be mean, first or max, got {self.label_reduce!r}")
         if self.prompt_position not in ("after-bos", "first"):

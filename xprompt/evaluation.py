@@ -18,7 +18,7 @@ from .model import PromptModel
 from .prompts import build_prompt
 from .store import load_prompt
 from .tasks import TaskSpec
-from .verbalizers import DecoderVerbalizer, OutputWordsVerbalizer, SoftVerbalizer, WordVerbalizer, label_pieces
+from .verbalizers import CenteredVerbalizer, DecoderVerbalizer, OutputWordsVerbalizer, SoftVerbalizer, WordVerbalizer, label_pieces
 
 
 def autocast(dtype: DType | str, device: str = "cpu"):
@@ -126,8 +126,10 @@ def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dic
         kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "soft"
     if kind == "soft":
         return SoftVerbalizer(len(labels), backbone.hidden_size)
+    if kind == "centered":
+        return CenteredVerbalizer(len(labels), backbone.hidden_size)
     if kind not in ("hard", "soft-words"):
-        raise XPromptError(f"unknown --verbalizer '{kind}'; known: auto, soft, hard, soft-words")
+        raise XPromptError(f"unknown --verbalizer '{kind}'; known: auto, soft, centered, hard, soft-words")
     if kind == "soft-words":
         if backbone.lm_head is None or readout != "mask":
             raise XPromptError(f"--verbalizer soft-words needs a masked-LM backbone and --readout mask; '{backbone.name}' "
@@ -168,7 +170,9 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
     verbalizer = None
-    if card.get("verbalizer") in ("hard", "soft-words"):
+    if card.get("verbalizer") == "centered":
+        verbalizer = make_verbalizer(backbone, "centered", card["labels"], {}, card["train_language"])
+    elif card.get("verbalizer") in ("hard", "soft-words"):
         verbalizer = make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
                                      card["train_language"], card.get("label_reduce", "mean"))
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),

@@ -68,6 +68,43 @@ class SoftVerbalizer(nn.Module):
             self.weight.copy_(value)
 
 
+class CenteredVerbalizer(SoftVerbalizer):
+    """Label vectors scored around a fixed centre ``c``, the mean of the class means of the
+    training states: ``(h - c) . (w_c - c)``. Every label scores 0 at the centre, so a state drawn
+    towards the centre (a less certain reading, as in languages the prompt was not trained on) keeps
+    its ranking of labels instead of falling to the label nearest the middle. The centre is set with
+    the label vectors at initialisation and saved with them."""
+
+    kind = "centered"
+
+    def __init__(self, num_labels: int, hidden: int):
+        super().__init__(num_labels, hidden)
+        self.register_buffer("center", torch.zeros(hidden))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(states.device, states.dtype)
+        c = self.center.to(states.device, states.dtype)
+        return (states - c) @ (w - c).T
+
+    @torch.no_grad()
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        missing = super().init_from_class_means(states, labels)
+        present = [c for c in range(self.weight.shape[0]) if c not in missing]
+        self.center.copy_(self.weight[present].mean(0))
+        return missing
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().tensors(), "verbalizer.center": self.center.detach().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        super().load_tensors(tensors, where)
+        value = tensors.get("verbalizer.center")
+        if value is None or tuple(value.shape) != tuple(self.center.shape):
+            raise XPromptError(f"{where}: 'verbalizer.center' is missing or of another shape; was it trained with "
+                               "--verbalizer centered?")
+        self.center.copy_(value)
+
+
 class _FixedWords(nn.Module):
     """A verbalizer of fixed label words: nothing to initialise, save or load."""
 
