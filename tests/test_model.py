@@ -194,3 +194,30 @@ def test_centered_verbalizer_round_trip_from_the_cli(tiny_bert_dir, tmp_path):
 
     saved = load_file(str(runs / "c" / "prompt" / "prompt.safetensors"))
     assert torch.equal(saved["verbalizer.center"], model.verbalizer.center)
+
+
+def test_centered_verbalizer_centre_follows_each_global_batch(backbone, xnli, tokenizer):
+    """After a step the centre moves 5% of the way to the batch's mean state, the same whether the
+    batch ran whole or in three micro-batches; evaluation leaves it alone."""
+    import copy
+
+    from xprompt.training import accumulate_gradients
+
+    ds, batch = _batch(xnli, tokenizer)
+    from xprompt.verbalizers import CenteredVerbalizer
+
+    model = build_model(backbone, 3, "deep", 3, "mask", verbalizer=CenteredVerbalizer(3, 32))
+    init_prompt_and_verbalizer(model, backbone, ds, TrainConfig(prompt_length=3, dtype="fp32", verbalizer="centered"))
+    start = model.verbalizer.center.clone()
+    with torch.no_grad():
+        model.eval()
+        model(batch)
+        expected = 0.95 * start + 0.05 * model.states(batch).mean(0)
+    assert torch.equal(model.verbalizer.center, start)  # evaluation: no update
+    centres = []
+    for accum in (1, 3):
+        twin = copy.deepcopy(model).train()
+        accumulate_gradients(twin, batch, TrainConfig(prompt_length=3, dtype="fp32", grad_accum=accum), torch.device("cpu"))
+        centres.append(twin.verbalizer.center)
+    torch.testing.assert_close(centres[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(centres[1], centres[0], atol=1e-6, rtol=1e-6)

@@ -172,7 +172,7 @@ def train(
     reparam: Annotated[str, typer.Option(help="With --method ptuning: the prompt encoder, mlp or lstm (a BiLSTM then the MLP).")] = TrainConfig.reparam,
     init: Annotated[str, typer.Option(help="Prompt start: vocab (sampled frequent word pieces), random, text (--init-text) or label-words (the task card's label words of --lang).")] = TrainConfig.init,
     init_text: Annotated[Optional[str], typer.Option(help="With --init text: the text whose word pieces start the prompt (repeated to the length).")] = None,
-    readout: Annotated[str, typer.Option(help="State the verbalizer reads: mask or mean.")] = TrainConfig.readout,
+    readout: Annotated[str, typer.Option(help="State the verbalizer reads: mask (the <mask> state), mean (the mean of the input tokens) or both (their average).")] = TrainConfig.readout,
     shots: Annotated[Optional[int], typer.Option(help="K training examples per class (default: the whole pool).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; 0 means use --epochs.")] = TrainConfig.max_steps,
     epochs: Annotated[float, typer.Option(help="Passes over the data when --max-steps is 0.")] = TrainConfig.epochs,

@@ -34,7 +34,7 @@ class TrainConfig:
     reparam: str = field(default="mlp", metadata={"help": "ptuning's prompt encoder: mlp or lstm (+ mlp)"})
     init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
     init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})
-    readout: str = field(default="mask", metadata={"help": "state read by the verbalizer: mask or mean"})
+    readout: str = field(default="mask", metadata={"help": "state read by the verbalizer: mask, mean or both (their average)"})
     shots: int | None = field(default=None, metadata={"help": "K examples per class (None: the whole pool)"})
     seed: int = field(default=42, metadata={"help": "seed for init, sampling and data order"})
     max_steps: int | None = field(default=1200, metadata={"help": "optimizer steps (overrides epochs)"})
@@ -104,8 +104,8 @@ class TrainConfig:
             raise ValueError("init='text' needs init_text (--init-text)")
         if self.init_text and self.init != "text":
             raise ValueError("init_text is only used with init='text' (--init text)")
-        if self.readout not in ("mask", "mean"):
-            raise ValueError(f"readout must be 'mask' or 'mean', got {self.readout!r}")
+        if self.readout not in ("mask", "mean", "both"):
+            raise ValueError(f"readout must be mask, mean or both, got {self.readout!r}")
 
     def to_dict(self) -> dict:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}

@@ -61,6 +61,16 @@ def sum_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch
     return flat[-1]
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over the processes (``t`` itself with one process)."""
+    _, world = rank_world()
+    if world == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def sum_ints(*values: int) -> list[int]:
     """Sum integers over the processes (e.g. correct predictions and rows of a split's shards)."""
     _, world = rank_world()

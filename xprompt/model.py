@@ -14,7 +14,7 @@ from .backbones import Backbone
 from .prompts import SoftPrompt
 from .verbalizers import SoftVerbalizer
 
-READOUTS = ("mask", "mean")
+READOUTS = ("mask", "mean", "both")
 
 
 class PromptModel(nn.Module):
@@ -79,13 +79,15 @@ class PromptModel(nn.Module):
     def states(self, batch: dict) -> torch.Tensor:
         """The (batch, hidden) states that the verbalizer scores."""
         hidden = self.encode(batch["input_ids"], batch["attention_mask"])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        at_mask = hidden[rows, batch["mask_pos"] + self.prompt.length]
         if self.readout == "mask":
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return hidden[rows, batch["mask_pos"] + self.prompt.length]
+            return at_mask
         # the input's own tokens after <s> (the mask's positions are those of the input)
         tokens = hidden[:, 1 + self.prompt.length :]
         mask = batch["attention_mask"][:, 1:].unsqueeze(-1).to(tokens.dtype)
-        return (tokens * mask).sum(1) / mask.sum(1)
+        pooled = (tokens * mask).sum(1) / mask.sum(1)
+        return pooled if self.readout == "mean" else 0.5 * (at_mask + pooled)
 
     def forward(self, batch: dict) -> torch.Tensor:
         if getattr(self.verbalizer, "reads_sequence", False):  # a decoder scores the label strings

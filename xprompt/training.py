@@ -443,4 +443,5 @@ def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, devi
         loss = torch.nn.functional.cross_entropy(logits.float(), piece["labels"].to(logits.device), reduction="sum") / size
         loss.backward()
         total += loss.detach()
+    model.verbalizer.end_step(distributed.sum_tensor if world > 1 else None)  # once per global batch
     return total

@@ -33,6 +33,9 @@ class SoftVerbalizer(nn.Module):
     def use_language(self, lang: str) -> None:
         """Label vectors are language-agnostic: nothing to switch."""
 
+    def end_step(self, reduce=None) -> None:
+        """Called after every optimizer step (the centered verbalizer moves its centre)."""
+
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) -> (batch, labels): -||h - w_c||^2 / 2 up to a per-row constant."""
         w = self.weight.to(states.device, states.dtype)
@@ -69,22 +72,39 @@ class SoftVerbalizer(nn.Module):
 
 
 class CenteredVerbalizer(SoftVerbalizer):
-    """Label vectors scored around a fixed centre ``c``, the mean of the class means of the
-    training states: ``(h - c) . (w_c - c)``. Every label scores 0 at the centre, so a state drawn
-    towards the centre (a less certain reading, as in languages the prompt was not trained on) keeps
-    its ranking of labels instead of falling to the label nearest the middle. The centre is set with
-    the label vectors at initialisation and saved with them."""
+    """Label vectors scored around a centre ``c``: ``(h - c) . (w_c - c)``. Every label scores 0 at
+    the centre, so a state drawn towards it (a less certain reading, as in the languages the prompt
+    was not trained on, whose states sit nearer the middle) keeps its ranking of labels instead of
+    falling to the label nearest the middle. The centre is the mean of the class means at
+    initialisation, then follows the training states as the prompt moves them: after every optimizer
+    step it moves ``momentum`` of the way to the mean state of that step's global batch (summed
+    over micro-batches and processes, so it does not depend on either). Saved with the vectors."""
 
     kind = "centered"
+    momentum = 0.05
 
     def __init__(self, num_labels: int, hidden: int):
         super().__init__(num_labels, hidden)
         self.register_buffer("center", torch.zeros(hidden))
+        self._sum, self._count = torch.zeros(hidden, dtype=torch.float64), 0
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():  # a training step: remember its states
+            self._sum = self._sum.to(states.device) + states.detach().double().sum(0)
+            self._count += states.shape[0]
         w = self.weight.to(states.device, states.dtype)
         c = self.center.to(states.device, states.dtype)
         return (states - c) @ (w - c).T
+
+    @torch.no_grad()
+    def end_step(self, reduce=None) -> None:
+        """Move the centre towards this step's mean training state (``reduce`` sums over processes)."""
+        total = torch.cat([self._sum, self._sum.new_tensor([self._count])])
+        total = reduce(total) if reduce is not None else total
+        if total[-1] > 0:
+            mean = (total[:-1] / total[-1]).to(self.center.device, self.center.dtype)
+            self.center.mul_(1 - self.momentum).add_(self.momentum * mean)
+        self._sum, self._count = torch.zeros_like(self._sum), 0
 
     @torch.no_grad()
     def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -109,6 +129,9 @@ class _FixedWords(nn.Module):
     """A verbalizer of fixed label words: nothing to initialise, save or load."""
 
     needs_init = False
+
+    def end_step(self, reduce=None) -> None:
+        """Nothing to update after a step."""
 
     def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
         return []
@@ -182,6 +205,9 @@ class OutputWordsVerbalizer(nn.Module):
 
     def use_language(self, lang: str) -> None:
         """Trained label vectors are language-agnostic: nothing to switch."""
+
+    def end_step(self, reduce=None) -> None:
+        """Nothing to update after a step."""
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         transform = self.transform[0].to(states.device)
