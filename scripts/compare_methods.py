@@ -64,6 +64,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--limit", type=int, default=300, help="dev rows per language")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--exclude-langs", default="ko",
+                        help="languages left out of the target average (ko: KorNLI's translation, not official XNLI)")
+    parser.add_argument("--verbalizer", default=None, help="--verbalizer for every run (default: xprompt's)")
+    parser.add_argument("--readout", default=None, help="--readout for every run (default: xprompt's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/compare"))
     parser.add_argument("--out", type=Path, default=Path("docs/compare_methods"))
@@ -75,10 +79,14 @@ def main() -> None:
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             name = f"{task}-{method}-{args.max_steps}-s{args.seed}"
+            if args.verbalizer or args.readout:
+                name += f"-{args.verbalizer or 'default'}-{args.readout or 'default'}"
             run_dir = args.runs_dir / name
             lr = getattr(args, f"lr_{method}")
             if not (run_dir / "prompt" / "prompt.safetensors").is_file():
                 flags = ["--lr", str(lr)] if lr else []
+                flags += ["--verbalizer", args.verbalizer] if args.verbalizer else []
+                flags += ["--readout", args.readout] if args.readout else []
                 if (run_dir / "checkpoint" / "state.json").is_file():
                     run("train", "--resume", str(run_dir))
                 else:
@@ -91,15 +99,19 @@ def main() -> None:
                 run("eval", "--run", str(run_dir), "--langs", "all", "--limit", str(args.limit))
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 dev = metrics["eval"][task]["dev"]
-            source = json.loads((run_dir / "config.json").read_text())["train"]["lang"]
-            targets = {lang: r["accuracy"] for lang, r in dev.items() if lang != source}
+            config = json.loads((run_dir / "config.json").read_text())["train"]
+            source = config["lang"]
+            left_out = set(args.exclude_langs.split(",")) if args.exclude_langs else set()
+            targets = {lang: r["accuracy"] for lang, r in dev.items() if lang != source and lang not in left_out}
+            card = json.loads((run_dir / "prompt" / "xprompt.json").read_text())
             row = {
-                "task": task, "method": method, "source": source, "source_acc": dev[source]["accuracy"],
+                "task": task, "method": method, "verbalizer": card["verbalizer"], "readout": card["readout"],
+                "source": source, "source_acc": dev[source]["accuracy"],
                 "target_avg": mean(targets.values()), "targets": len(targets),
                 "gap": dev[source]["accuracy"] - mean(targets.values()),
                 "trainable_parameters": metrics["train"]["trainable_parameters"],
                 "train_seconds": metrics["train"]["train_seconds"],
-                "lr": json.loads((run_dir / "config.json").read_text())["train"]["lr"],
+                "lr": config["lr"],
             }
             print(f"measuring eval speed of {name}", flush=True)
             if method == "unified":  # alternate cached / recomputed prompt states
@@ -117,13 +129,13 @@ def main() -> None:
              f"{args.seed}; dev accuracy on the first {args.limit} rows of every language; selection on held-out "
              "source-language train rows. Eval pairs/s: bf16, batch 64, median of "
              f"{args.repeats} on the source language's rows.", "",
-             "| task | method | lr | source | target avg | gap | trainable params | train s | eval pairs/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| task | method | verbalizer, readout | lr | source | target avg | gap | trainable params | train s | eval pairs/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['eval_pairs_per_s']:.0f}"
         if "eval_pairs_per_s_no_cache" in r:
             speed += f" (no cache: {r['eval_pairs_per_s_no_cache']:.0f})"
-        lines.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {100 * r['source_acc']:.1f} | "
+        lines.append(f"| {r['task']} | {r['method']} | {r['verbalizer']}, {r['readout']} | {r['lr']:g} | {100 * r['source_acc']:.1f} | "
                      f"{100 * r['target_avg']:.1f} ({r['targets']}) | {100 * r['gap']:.1f} | {r['trainable_parameters']:,} | "
                      f"{r['train_seconds']:.0f} | {speed} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

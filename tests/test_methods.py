@@ -43,13 +43,15 @@ def test_ptuning_run_saves_resulting_vectors_and_resumes_exactly(backbone, xnli,
     whole.mkdir()
     summary = train(_cfg(reparam="lstm"), backbone, xnli, whole, [TEST_DATA])
     saved = load_file(str(whole / "prompt" / "prompt.safetensors"))
-    assert set(saved) == {"prompt_embeddings", "verbalizer.weight"}  # the encoder is not part of the prompt
+    assert set(saved) == {"prompt_embeddings", "verbalizer.weight", "verbalizer.center"}  # not the encoder
     card = json.loads((whole / "prompt" / "xprompt.json").read_text())
     assert card["method"] == "ptuning" and card["reparam"] == "lstm" and summary["trainable_parameters"] > 3 * 32
 
     # loaded as a P-tuning prompt or as a plain soft prompt: the same logits
-    model, _ = load_run_model(whole, backbone)
-    soft = build_model(backbone, 3, "soft", 3, "mask")
+    model, card = load_run_model(whole, backbone)
+    from xprompt.evaluation import vector_verbalizer
+
+    soft = build_model(backbone, 3, "soft", 3, card["readout"], verbalizer=vector_verbalizer(card, 3, 32))
     soft.prompt.load_tensors(saved, "x")
     soft.verbalizer.load_tensors(saved, "x")
     ds = encode(load_split(xnli, "en", "dev", [TEST_DATA]), xnli.template, backbone.tokenizer)
@@ -139,7 +141,8 @@ def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path)
 
     runs = tmp_path / "runs"
     common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "3",
-              "--prompt-length", "4", "--dtype", "fp32", "--method", method, "--prompt-position", "first"]
+              "--prompt-length", "4", "--dtype", "fp32", "--method", method, "--prompt-position", "first",
+              "--readout", "mask"]
     assert invoke("train", *common, "--run-name", "src").exit_code == 0
     folder = runs / "src" / "prompt"
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()

@@ -113,7 +113,7 @@ def test_prefix_starts_as_the_soft_prompt_and_is_a_key_value_prefix(backbone, ti
 
 
 def test_prompt_save_load_round_trip(backbone, xnli, tokenizer, tmp_path):
-    cfg = TrainConfig(method="deep", prompt_length=3, dtype="fp32")
+    cfg = TrainConfig(method="deep", prompt_length=3, dtype="fp32", readout="mask")
     ds, batch = _batch(xnli, tokenizer)
     model = build_model(backbone, 3, cfg.method, 3, "mask")
     init_prompt_and_verbalizer(model, backbone, ds, cfg)

@@ -27,14 +27,14 @@ class TrainConfig:
     backbone: str = field(default="e5-small", metadata={"help": "'e5-small', a local folder or a HF id"})
     method: Method = field(default=Method.DEEP, metadata={"help": "prompt method"})
     prompt_length: int = field(default=8, metadata={"help": "number of prompt vectors"})
-    verbalizer: str = field(default="auto", metadata={"help": "auto (hard for a masked-LM backbone, else soft), soft (label vectors), centered (label vectors scored around the class means' centre), hard (label words under the LM head) or soft-words (trained label vectors in the LM head's output space, from the label words)"})
+    verbalizer: str = field(default="auto", metadata={"help": "auto (hard for a masked-LM or seq2seq backbone, else centered), soft (label vectors), centered (label vectors scored around the class means' centre), hard (label words under the LM head) or soft-words (trained label vectors in the LM head's output space, from the label words)"})
     label_reduce: str = field(default="mean", metadata={"help": "hard verbalizer: a multi-piece label word's score, mean/first/max of its pieces' log-probabilities"})
     prompt_position: str = field(default="after-bos", metadata={"help": "where the prompt goes: after-bos (after <s>) or first (before <s>, PEFT's place)"})
     tower_layers: int | None = field(default=None, metadata={"help": "unified: layers of the prompt tower (default: half the backbone's)"})
     reparam: str = field(default="mlp", metadata={"help": "ptuning's prompt encoder: mlp or lstm (+ mlp)"})
     init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
     init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})
-    readout: str = field(default="mask", metadata={"help": "state read by the verbalizer: mask, mean or both (their average)"})
+    readout: str = field(default="auto", metadata={"help": "state read by the verbalizer: mask, mean, both (their average) or auto (mask for label words, else mean)"})
     shots: int | None = field(default=None, metadata={"help": "K examples per class (None: the whole pool)"})
     seed: int = field(default=42, metadata={"help": "seed for init, sampling and data order"})
     max_steps: int | None = field(default=1200, metadata={"help": "optimizer steps (overrides epochs)"})
@@ -104,8 +104,8 @@ class TrainConfig:
             raise ValueError("init='text' needs init_text (--init-text)")
         if self.init_text and self.init != "text":
             raise ValueError("init_text is only used with init='text' (--init text)")
-        if self.readout not in ("mask", "mean", "both"):
-            raise ValueError(f"readout must be mask, mean or both, got {self.readout!r}")
+        if self.readout not in ("auto", "mask", "mean", "both"):
+            raise ValueError(f"readout must be auto, mask, mean or both, got {self.readout!r}")
 
     def to_dict(self) -> dict:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}

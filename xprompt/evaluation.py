@@ -115,15 +115,28 @@ def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length:
                           tower_layers)
     prompt.attach(backbone)
     verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
+    readout = resolve_choices(backbone, verbalizer.kind, readout)[1]  # "auto" by the verbalizer's kind
     return PromptModel(backbone, prompt, verbalizer, readout)
+
+
+VECTOR_READOUT = "mean"  # what label vectors read by default (docs/compare_methods.md: the best transfer)
+
+
+def resolve_choices(backbone: Backbone, kind: str, readout: str) -> tuple[str, str]:
+    """``--verbalizer auto``: hard when the backbone has an LM head or a decoder, else centered label
+    vectors; ``--readout auto``: the ``<mask>`` state for label words, else ``VECTOR_READOUT``."""
+    if kind == "auto":
+        kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "centered"
+    if readout == "auto":
+        readout = "mask" if kind in ("hard", "soft-words") else VECTOR_READOUT
+    return kind, readout
 
 
 def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dict[str, dict[str, str]], lang: str,
                     reduce: str = "mean", readout: str = "mask"):
-    """``soft`` (label vectors), ``hard`` (label words under the LM head) or ``auto`` (hard when
-    the backbone has an LM head, else soft)."""
-    if kind == "auto":
-        kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "soft"
+    """``soft`` or ``centered`` (label vectors), ``hard`` (label words under the LM head or the
+    decoder), ``soft-words``, or ``auto`` (see ``resolve_choices``)."""
+    kind, readout = resolve_choices(backbone, kind, readout)
     if kind == "soft":
         return SoftVerbalizer(len(labels), backbone.hidden_size)
     if kind == "centered":
@@ -148,6 +161,11 @@ def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dic
     return WordVerbalizer(backbone.lm_head, pieces, lang, reduce)
 
 
+def vector_verbalizer(card: dict, num_labels: int, hidden: int) -> SoftVerbalizer:
+    """An empty verbalizer of the label-vector kind a saved prompt was trained with (soft or centered)."""
+    return (CenteredVerbalizer if card.get("verbalizer") == "centered" else SoftVerbalizer)(num_labels, hidden)
+
+
 def task_label_words(task: TaskSpec) -> dict[str, dict[str, str]]:
     return {lang: dict(spec.label_words) for lang, spec in task.languages.items() if spec.label_words}
 
@@ -169,10 +187,8 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     check_backbone(card, backbone, where)
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
-    verbalizer = None
-    if card.get("verbalizer") == "centered":
-        verbalizer = make_verbalizer(backbone, "centered", card["labels"], {}, card["train_language"])
-    elif card.get("verbalizer") in ("hard", "soft-words"):
+    verbalizer = vector_verbalizer(card, len(card["labels"]), backbone.hidden_size)
+    if card.get("verbalizer") in ("hard", "soft-words"):
         verbalizer = make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
                                      card["train_language"], card.get("label_reduce", "mean"))
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),

@@ -107,7 +107,7 @@ def transfer_scores(backbone, task, candidates: list[Candidate], encoded, sample
     task card's declared label map (``own``/``mapped``), else the class means of ``sample`` read
     through it (``class means``); ``(None, "no label map")`` when neither exists (no train split
     to take means from). No training step."""
-    from .evaluation import build_model, predict
+    from .evaluation import build_model, predict, vector_verbalizer
 
     labels = np.asarray(encoded["label"])
     pad = backbone.tokenizer.pad_token_id
@@ -117,9 +117,10 @@ def transfer_scores(backbone, task, candidates: list[Candidate], encoded, sample
             bridge = task.bridge_from(c.card["task"], c.card["labels"])
         except XPromptError:
             bridge = None
-        model = build_model(backbone, len(c.card["labels"]) if bridge else len(task.labels), c.card["method"],
-                            int(c.card["prompt_length"]), c.card.get("readout", "mask"),
-                            position=c.card.get("position", "after-bos"))
+        n_labels = len(c.card["labels"]) if bridge else len(task.labels)
+        model = build_model(backbone, n_labels, c.card["method"], int(c.card["prompt_length"]), c.card.get("readout", "mask"),
+                            position=c.card.get("position", "after-bos"),
+                            verbalizer=vector_verbalizer(c.card, n_labels, backbone.hidden_size))
         model.prompt.load_tensors(c.tensors, f"{c.run}/prompt")
         if bridge is not None:
             model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
@@ -199,7 +200,7 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
     from .data import encode, holdout_split, load_split
     from .tasks import DEFAULT_TASKS_DIR, load_task
     from .training import _start_from, accumulate_gradients
-    from .verbalizers import SoftVerbalizer
+    from .evaluation import vector_verbalizer
 
     start = snapshot(model)
     own_verbalizer = model.verbalizer
@@ -216,7 +217,7 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
         train, _ = holdout_split(pool, min(cfg.select_size, len(pool) // 5), seed)
         train = train.shuffle(seed=cfg.seed).select(range(min(rows, len(train))))
         data.append(encode(train, source.template, backbone.tokenizer, cfg.max_length, cache_dir))
-        verbalizer = SoftVerbalizer(len(source.labels), hidden).to(model.verbalizer.weight.device)
+        verbalizer = vector_verbalizer(c.card, len(source.labels), hidden).to(model.verbalizer.weight.device)
         verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
         verbalizers.append(verbalizer)
         names.append(f"{source.name}/{lang}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -19,7 +20,7 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .data import batches, encode, holdout_split, load_split, sample_shots, slice_batch
 from .errors import XPromptError
-from .evaluation import autocast, build_model, check_backbone, make_verbalizer, predict, task_label_words
+from .evaluation import autocast, build_model, check_backbone, make_verbalizer, predict, resolve_choices, task_label_words
 from .library import LIBRARY, init_from_library, snapshot
 from .model import PromptModel
 from .peft_io import is_adapter, read_adapter, write_adapter
@@ -299,6 +300,8 @@ def train(
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
+    kind, readout = resolve_choices(backbone, cfg.verbalizer, cfg.readout)
+    cfg = dataclasses.replace(cfg, verbalizer=kind, readout=readout)  # "auto" settled (the card says which)
     verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
                                  cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
