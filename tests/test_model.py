@@ -69,6 +69,14 @@ def test_verbalizer_init_equals_class_means(backbone, xnli, tokenizer):
     assert v(torch.tensor([[0.1, 0.2, 0.0], [0.9, 0.8, 1.2]])).argmax(-1).tolist() == [0, 1]
 
 
+def _soft_twin(model, backbone):
+    """A soft prompt model holding ``model``'s input vectors and label vectors."""
+    soft = build_model(backbone, 3, "soft", model.prompt.length, "mask")
+    soft.prompt.embeddings.data.copy_(model.prompt.embeddings.data)
+    soft.verbalizer.weight.data.copy_(model.verbalizer.weight.data)
+    return soft
+
+
 def test_deep_prompt_starts_as_the_soft_prompt(backbone, xnli, tokenizer):
     """Initialised from the states the input prompt produces, the deep prompt gives the same
     output as the input-level prompt before training; changing a layer's vectors changes it."""
@@ -76,9 +84,7 @@ def test_deep_prompt_starts_as_the_soft_prompt(backbone, xnli, tokenizer):
     ds, batch = _batch(xnli, tokenizer)
     deep = build_model(backbone, 3, "deep", 3, "mask")
     init_prompt_and_verbalizer(deep, backbone, ds, cfg)
-    soft = build_model(backbone, 3, "soft", 3, "mask")
-    soft.prompt.embeddings.data.copy_(deep.prompt.embeddings.data)
-    soft.verbalizer.weight.data.copy_(deep.verbalizer.weight.data)
+    soft = _soft_twin(deep, backbone)
     deep_logits = deep(batch)
     torch.testing.assert_close(soft(batch), deep_logits, rtol=1e-4, atol=1e-4)
     deep.prompt.layer_prompts.data[0] += 1.0
@@ -97,9 +103,7 @@ def test_prefix_starts_as_the_soft_prompt_and_is_a_key_value_prefix(backbone, ti
     ds, batch = _batch(xnli, tokenizer)
     prefix = build_model(backbone, 3, "prefix", 3, "mask")
     init_prompt_and_verbalizer(prefix, backbone, ds, cfg)
-    soft = build_model(backbone, 3, "soft", 3, "mask")
-    soft.prompt.embeddings.data.copy_(prefix.prompt.embeddings.data)
-    soft.verbalizer.weight.data.copy_(prefix.verbalizer.weight.data)
+    soft = _soft_twin(prefix, backbone)
     with torch.no_grad():
         logits = prefix(batch)
         if kind == "bert":  # (mT5's relative positions make the bare prompt's keys differ in context)

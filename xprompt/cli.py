@@ -537,6 +537,7 @@ def library_similar(
     """Rank the library's prompts (finished runs under --runs-dir on the same backbone, of the same
     shape) by similarity to RUN's prompt: all three measures of the transferability paper."""
     from .backbones import load_backbone
+    from .data import sequence_ends
     from .evaluation import load_run_model
     from .similarity import MEASURES, activated_neurons, flat_cosine, mean_cosine, neuron_overlap, prompt_shapes
     from .store import load_prompt
@@ -546,9 +547,7 @@ def library_similar(
     tensors, card = load_prompt(run)
     with console.status(f"loading backbone {card['backbone']}"):
         bb = load_backbone(card["backbone"], cache_dir)
-    tok = bb.tokenizer
-    ids = (tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,
-           tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
+    ids = sequence_ends(bb.tokenizer)
     model, _ = load_run_model(run, bb)
     active = activated_neurons(model, *ids)
     rows, skipped = [], 0

@@ -170,6 +170,14 @@ def holdout_split(ds: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
     return ds.select(keep), ds.select(held)
 
 
+
+def sequence_ends(tokenizer) -> tuple[int | None, int | None]:
+    """The ids that open and close an input: ``<s>``/``</s>`` (BERT's [CLS]/[SEP]); (m)T5 has no
+    opening id (None)."""
+    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    return bos, eos
+
 class TemplateEncoder:
     """Tokenise rows through a template: ``<s> parts... </s>`` with the ``<mask>`` position recorded.
 
@@ -207,7 +215,7 @@ class TemplateEncoder:
                 second = max((len(v) for n, v in pieces.items() if n != longest), default=0)
                 cut = max(1, min(excess, len(pieces[longest]) - second))
                 del pieces[longest][-cut:]
-            start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+            start, end = sequence_ends(tok)
             ids = [] if start is None else [start]  # (m)T5 inputs have no <s>
             mask_pos = -1
             for kind, value in self.parts:
@@ -218,7 +226,7 @@ class TemplateEncoder:
                 else:
                     mask_pos = len(ids)
                     ids.append(self.mask_id)
-            ids.append(tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
+            ids.append(end)
             out_ids.append(ids)
             out_mask.append(mask_pos)
         return {"input_ids": out_ids, "mask_pos": out_mask, "length": [len(x) for x in out_ids]}

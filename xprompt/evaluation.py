@@ -187,10 +187,11 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     check_backbone(card, backbone, where)
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
-    verbalizer = vector_verbalizer(card, len(card["labels"]), backbone.hidden_size)
     if card.get("verbalizer") in ("hard", "soft-words"):
         verbalizer = make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
                                      card["train_language"], card.get("label_reduce", "mean"))
+    else:
+        verbalizer = vector_verbalizer(card, len(card["labels"]), backbone.hidden_size)
     model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),
                         position=card.get("position", "after-bos"), verbalizer=verbalizer,
                         tower_layers=card.get("tower_layers"))

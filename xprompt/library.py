@@ -277,10 +277,10 @@ def init_from_library(model, cfg, backbone, task, run_dir: Path, score, train, d
         if cfg.rank_by == "zero-shot":
             ranking = trial(candidates)
         else:
-            tok = backbone.tokenizer
-            bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-            eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-            probe = probe_prompt(model, train, cfg, device, cfg.probe_steps, tok.pad_token_id)
+            from .data import sequence_ends
+
+            bos, eos = sequence_ends(backbone.tokenizer)
+            probe = probe_prompt(model, train, cfg, device, cfg.probe_steps, backbone.tokenizer.pad_token_id)
             ranking = similarity_scores(model, probe, candidates, cfg.rank_by, bos, eos)
         order = sorted(range(len(candidates)), key=lambda i: -ranking[i])[: cfg.top_k]
         top = [candidates[i] for i in order]

@@ -79,15 +79,16 @@ class PromptModel(nn.Module):
     def states(self, batch: dict) -> torch.Tensor:
         """The (batch, hidden) states that the verbalizer scores."""
         hidden = self.encode(batch["input_ids"], batch["attention_mask"])
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        at_mask = hidden[rows, batch["mask_pos"] + self.prompt.length]
-        if self.readout == "mask":
-            return at_mask
-        # the input's own tokens after <s> (the mask's positions are those of the input)
-        tokens = hidden[:, 1 + self.prompt.length :]
-        mask = batch["attention_mask"][:, 1:].unsqueeze(-1).to(tokens.dtype)
-        pooled = (tokens * mask).sum(1) / mask.sum(1)
-        return pooled if self.readout == "mean" else 0.5 * (at_mask + pooled)
+        parts = []
+        if self.readout in ("mask", "both"):
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            parts.append(hidden[rows, batch["mask_pos"] + self.prompt.length])
+        if self.readout in ("mean", "both"):
+            # the input's own tokens after <s> (the mask's positions are those of the input)
+            tokens = hidden[:, 1 + self.prompt.length :]
+            mask = batch["attention_mask"][:, 1:].unsqueeze(-1).to(tokens.dtype)
+            parts.append((tokens * mask).sum(1) / mask.sum(1))
+        return parts[0] if len(parts) == 1 else 0.5 * (parts[0] + parts[1])
 
     def forward(self, batch: dict) -> torch.Tensor:
         if getattr(self.verbalizer, "reads_sequence", False):  # a decoder scores the label strings

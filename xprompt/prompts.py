@@ -192,7 +192,8 @@ class PTuningPrompt(SoftPrompt):
 class DeepPrompt(SoftPrompt):
     """Input prompt plus one set of vectors per further layer, written over the prompt positions
     before that layer (deep prompts as hidden states); initialised from the states the input prompt
-    produces, so training starts exactly where the input-level prompt would."""
+    produces for a bare ``<s> prompt </s>`` (in context, the later layers' prompt states differ a
+    little, so training starts close to where the input-level prompt would)."""
 
     method = Method.DEEP
 
@@ -350,9 +351,9 @@ class UnifiedPrompt(SoftPrompt):
             self.tower = nn.ModuleList(copy.deepcopy(layers[i]) for i in range(self.split))
             self.tower.requires_grad_(True)
             self.tower.to(next(layers.parameters()).device)
-        tok = backbone.tokenizer
-        bos = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-        eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        from .data import sequence_ends
+
+        bos, eos = sequence_ends(backbone.tokenizer)
         # BERT/XLM-R: an embeddings module (positions + LayerNorm) and layer(hidden, mask).
         # T5/mT5 (seq2seq): bare word vectors, no <s>, and layer(hidden, mask, position_bias) with the
         # relative position bias computed by the first layer and passed on.

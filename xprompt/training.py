@@ -18,7 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import __version__, distributed
 from .backbones import Backbone
 from .config import TrainConfig
-from .data import batches, encode, holdout_split, load_split, sample_shots, slice_batch
+from .data import batches, encode, holdout_split, load_split, sample_shots, sequence_ends, slice_batch
 from .errors import XPromptError
 from .evaluation import autocast, build_model, check_backbone, make_verbalizer, predict, resolve_choices, task_label_words
 from .library import LIBRARY, init_from_library, snapshot
@@ -85,9 +85,7 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
     vectors from the class-mean states of (up to ``init_examples``) training rows read through it.
     Returns the labels that had no training row (their vectors start at the mean of all states)."""
     model.prompt.embeddings.copy_(initial_vectors(backbone, model.prompt.length, cfg, task))
-    tok = backbone.tokenizer
-    model.init_layer_prompts(tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,
-                             tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id)
+    model.init_layer_prompts(*sequence_ends(backbone.tokenizer))
     return set_class_means(model, init_sample(train, cfg.init_examples, cfg.seed), backbone.tokenizer.pad_token_id, cfg.dtype)
 
 
