@@ -64,8 +64,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--limit", type=int, default=300, help="dev rows per language")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--exclude-langs", default="ko",
-                        help="languages left out of the target average (ko: KorNLI's translation, not official XNLI)")
+    parser.add_argument("--exclude-langs", default="xnli:ko",
+                        help="TASK:LANG (or LANG, for every task) left out of the target average; default xnli:ko "
+                             "(KorNLI's translation, not official XNLI; PAWS-X's ko is official)")
     parser.add_argument("--verbalizer", default=None, help="--verbalizer for every run (default: xprompt's)")
     parser.add_argument("--readout", default=None, help="--readout for every run (default: xprompt's)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -101,7 +102,8 @@ def main() -> None:
                 dev = metrics["eval"][task]["dev"]
             config = json.loads((run_dir / "config.json").read_text())["train"]
             source = config["lang"]
-            left_out = set(args.exclude_langs.split(",")) if args.exclude_langs else set()
+            left_out = {entry.rpartition(":")[2] for entry in (args.exclude_langs or "").split(",")
+                        if entry and entry.rpartition(":")[0] in ("", task)}
             targets = {lang: r["accuracy"] for lang, r in dev.items() if lang != source and lang not in left_out}
             card = json.loads((run_dir / "prompt" / "xprompt.json").read_text())
             row = {
