@@ -131,7 +131,7 @@ def test_method_and_init_flags_from_the_cli(tiny_bert_dir, tmp_path):
     assert json.loads((runs / "r" / "prompt" / "xprompt.json").read_text())["init"] == "label-words"
 
 
-@pytest.mark.parametrize("method", ["soft", "ptuning", "prefix"])
+@pytest.mark.parametrize("method", ["soft", "ptuning", "prefix", "prefix-projection"])
 def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path):
     peft = pytest.importorskip("peft")
     from test_cli import invoke
@@ -140,9 +140,10 @@ def test_peft_round_trip_gives_the_same_outputs(method, tiny_bert_dir, tmp_path)
     from xprompt.backbones import load_backbone
 
     runs = tmp_path / "runs"
+    method, *projection = method.split("-")  # prefix-projection: exported as the MLP's resulting table
     common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "3",
               "--prompt-length", "4", "--dtype", "fp32", "--method", method, "--prompt-position", "first",
-              "--readout", "mask"]
+              "--readout", "mask", *(["--prefix-projection"] if projection else [])]
     assert invoke("train", *common, "--run-name", "src").exit_code == 0
     folder = runs / "src" / "prompt"
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
@@ -198,3 +199,96 @@ def test_peft_adapters_xprompt_cannot_use_are_refused(tmp_path):
     save_file({"prompt_embeddings": torch.zeros(4, 16)}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(XPromptError, match=r"shape \(4, 16\); this backbone needs \(N, 32\)"):
         read_adapter(folder, 32)
+
+
+@pytest.mark.parametrize("method", ["deep", "prefix"])
+def test_prefix_projection_starts_at_the_tables_learns_and_saves_the_resulting_tables(method, backbone, xnli, tokenizer):
+    """P-tuning v2's reparameterisation: at the start the same outputs as the plain method; the MLP
+    trains; the saved tables reproduce the trained model without it; checkpoints resume it."""
+    from xprompt.training import init_prompt_and_verbalizer
+
+    ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, tokenizer)
+    batch = next(batches(ds, 16, tokenizer.pad_token_id))
+    cfg = TrainConfig(method=method, prompt_length=3, dtype="fp32", readout="mask", prefix_projection=True)
+    model = build_model(backbone, 3, method, 3, "mask", projection=True)
+    init_prompt_and_verbalizer(model, backbone, ds, cfg)
+    plain = build_model(backbone, 3, method, 3, "mask")
+    plain.prompt.load_tensors(model.prompt.tensors(), "x")
+    plain.verbalizer.load_tensors(model.verbalizer.tensors(), "x")
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), plain(batch))  # the MLP's last layer starts at zero
+    n_tables = {"deep": backbone.num_layers - 1, "prefix": 2 * backbone.num_layers}[method]
+    extra = 32 * 32 + 32 + 32 * n_tables * 32 + n_tables * 32
+    assert sum(p.numel() for p in model.trainable_parameters()) == sum(p.numel() for p in plain.trainable_parameters()) + extra
+
+    losses = train_losses(model, batch, 3e-2, 6)
+    assert losses[-1] < losses[0]
+    assert model.prompt.projection.mlp[2].weight.abs().sum() > 0  # the MLP itself trained
+    saved = model.prompt.tensors()
+    assert not any(k.startswith("projection") for k in saved)
+    plain.prompt.load_tensors(saved, "x")
+    plain.verbalizer.load_tensors(model.verbalizer.tensors(), "x")
+    resumed = build_model(backbone, 3, method, 3, "mask", projection=True)
+    resumed.prompt.load_state_tensors(model.prompt.state_tensors(), "x")
+    resumed.verbalizer.load_tensors(model.verbalizer.tensors(), "x")
+    reloaded = build_model(backbone, 3, method, 3, "mask", projection=True)  # --init-from a saved run
+    reloaded.prompt.load_tensors(saved, "x")
+    reloaded.verbalizer.load_tensors(model.verbalizer.tensors(), "x")
+    with torch.no_grad():
+        expected = model(batch)
+        for other in (plain, resumed, reloaded):
+            torch.testing.assert_close(other(batch), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(resumed.prompt.projection.mlp[2].weight, model.prompt.projection.mlp[2].weight)
+    with pytest.raises(XPromptError, match="ckpt: projection.mlp.0.weight, .* missing; was it saved with --prefix-projection"):
+        resumed.prompt.load_state_tensors(plain.prompt.state_tensors(), "ckpt")
+
+
+def test_prefix_projection_flag_from_the_cli(tiny_bert_dir, tmp_path):
+    from test_cli import invoke
+
+    runs = tmp_path / "runs"
+    common = ["--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", "2",
+              "--prompt-length", "3", "--dtype", "fp32"]
+    ok = invoke("train", *common, "--run-name", "d", "--method", "deep", "--prefix-projection")
+    assert ok.exit_code == 0, ok.output
+    card = json.loads((runs / "d" / "prompt" / "xprompt.json").read_text())
+    assert card["method"] == "deep" and card["prefix_projection"] is True
+    summary = json.loads((runs / "d" / "metrics.json").read_text())["train"]
+    assert summary["trainable_parameters"] > 32 * 32 * (2 - 1)
+    ev = invoke("eval", "--run", runs / "d", "--langs", "en,de", "--data-dir", TEST_DATA, "--backbone", tiny_bert_dir)
+    assert ev.exit_code == 0, ev.output
+    bad = invoke("train", *common, "--run-name", "s", "--method", "soft", "--prefix-projection")
+    assert bad.exit_code != 0 and "prefix_projection needs method deep or prefix" in bad.output
+    assert "Traceback" not in bad.output and not (runs / "s").exists()
+
+
+def test_a_peft_prefix_trained_with_prefix_projection_starts_a_run(tiny_bert_dir, tmp_path):
+    """PEFT saves a prefix_projection adapter as the MLP's resulting table; xprompt reads it and
+    gives PEFT's hidden states."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel
+
+    from xprompt.backbones import load_backbone
+    from xprompt.peft_io import read_adapter
+
+    torch.manual_seed(0)
+    base = AutoModel.from_pretrained(tiny_bert_dir)
+    config = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4, prefix_projection=True,
+                                     encoder_hidden_size=16)
+    theirs = peft.get_peft_model(base, config)
+    for param in theirs.prompt_encoder.default.transform.parameters():
+        param.data.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path / "adapter")
+    theirs.eval()
+    bb = load_backbone(str(tiny_bert_dir), tmp_path / "cache")
+    tensors, _ = read_adapter(tmp_path / "adapter", 32)
+    model = build_model(bb, 3, "prefix", 4, "mask", position="first")
+    model.prompt.load_tensors(tensors, "adapter")
+    model.eval()
+    xnli = load_task("xnli")
+    ds = encode(load_split(xnli, "en", "dev", [TEST_DATA]), xnli.template, bb.tokenizer)
+    batch = next(batches(ds, 8, bb.tokenizer.pad_token_id))
+    with torch.no_grad():
+        ours = model.encode(batch["input_ids"], batch["attention_mask"])[:, 4:]
+        peft_states = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(peft_states, ours, atol=1e-5, rtol=1e-4)

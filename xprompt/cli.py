@@ -170,6 +170,7 @@ def train(
     label_reduce: Annotated[str, typer.Option(help="With a hard verbalizer: score a label word of several pieces by the mean, first or max of their log-probabilities.")] = TrainConfig.label_reduce,
     prompt_position: Annotated[str, typer.Option(help="after-bos (after <s>) or first (before <s>, where PEFT puts it: the exported PEFT adapter then gives identical outputs).")] = TrainConfig.prompt_position,
     reparam: Annotated[str, typer.Option(help="With --method ptuning: the prompt encoder, mlp or lstm (a BiLSTM then the MLP).")] = TrainConfig.reparam,
+    prefix_projection: Annotated[bool, typer.Option(help="With --method deep or prefix: P-tuning v2's reparameterisation (PEFT's prefix_projection): the per-layer vectors are free tables plus an MLP of the prompt vectors (tanh, last layer starting at zero), trained end to end and saved as the resulting tables.")] = TrainConfig.prefix_projection,
     init: Annotated[str, typer.Option(help="Prompt start: vocab (sampled frequent word pieces), random, text (--init-text) or label-words (the task card's label words of --lang).")] = TrainConfig.init,
     init_text: Annotated[Optional[str], typer.Option(help="With --init text: the text whose word pieces start the prompt (repeated to the length).")] = None,
     readout: Annotated[str, typer.Option(help="State the verbalizer reads: mask (the <mask> state), mean (the mean of the input tokens), both (their average) or auto (mask for label words, else mean).")] = TrainConfig.readout,
@@ -232,7 +233,7 @@ def train(
             try:
                 cfg = TrainConfig(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
-                    reparam=reparam, init=init, init_text=init_text, prompt_position=prompt_position, tower_layers=tower_layers,
+                    reparam=reparam, prefix_projection=prefix_projection, init=init, init_text=init_text, prompt_position=prompt_position, tower_layers=tower_layers,
                     verbalizer=verbalizer, label_reduce=label_reduce,
                     readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,

@@ -32,6 +32,7 @@ class TrainConfig:
     prompt_position: str = field(default="after-bos", metadata={"help": "where the prompt goes: after-bos (after <s>) or first (before <s>, PEFT's place)"})
     tower_layers: int | None = field(default=None, metadata={"help": "unified: layers of the prompt tower (default: half the backbone's)"})
     reparam: str = field(default="mlp", metadata={"help": "ptuning's prompt encoder: mlp or lstm (+ mlp)"})
+    prefix_projection: bool = field(default=False, metadata={"help": "deep/prefix: P-tuning v2's reparameterisation, per-layer vectors = tables + MLP(prompt)"})
     init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
     init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})
     readout: str = field(default="auto", metadata={"help": "state read by the verbalizer: mask, mean, both (their average) or auto (mask for label words, else mean)"})
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"prompt_position must be 'after-bos' or 'first', got {self.prompt_position!r}")
         if self.reparam not in ("mlp", "lstm"):
             raise ValueError(f"reparam must be 'mlp' or 'lstm', got {self.reparam!r}")
+        if self.prefix_projection and Method(self.method) not in (Method.DEEP, Method.PREFIX):
+            raise ValueError(f"prefix_projection needs method deep or prefix, got {Method(self.method).value!r}")
         if self.init not in ("vocab", "random", "text", "label-words"):
             raise ValueError(f"init must be vocab, random, text or label-words, got {self.init!r}")
         if self.init == "text" and not (self.init_text or "").strip():

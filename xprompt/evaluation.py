@@ -106,13 +106,13 @@ def evaluate_languages(
 
 def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
                 reparam: str = "mlp", position: str = "after-bos", verbalizer=None,
-                tower_layers: int | None = None) -> PromptModel:
+                tower_layers: int | None = None, projection: bool = False) -> PromptModel:
     """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
     tok = backbone.tokenizer
     if position == "after-bos" and tok.cls_token_id is None and tok.bos_token_id is None:
         position = "first"  # (m)T5 inputs start without <s>: the prompt leads
     prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position,
-                          tower_layers)
+                          tower_layers, projection)
     prompt.attach(backbone)
     verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
     readout = resolve_choices(backbone, verbalizer.kind, readout)[1]  # "auto" by the verbalizer's kind

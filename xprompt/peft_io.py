@@ -74,8 +74,10 @@ def is_adapter(folder: Path) -> bool:
 
 
 def read_adapter(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """A PEFT PromptTuning (or P-tuning, saved with its embeddings) adapter folder as xprompt
-    prompt tensors ``{"prompt_embeddings"}`` and its config; refuses other adapter types and widths."""
+    """A PEFT PromptTuning or P-tuning adapter folder (saved as its embeddings) as xprompt prompt
+    tensors ``{"prompt_embeddings"}``, a PrefixTuning one (saved as its key/value table, with or
+    without prefix_projection) as ``{"keys", "values"}``, and its config; refuses other adapter
+    types and widths."""
     folder = Path(folder)
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -85,9 +87,8 @@ def read_adapter(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], di
     if kind not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise XPromptError(f"{folder / ADAPTER_CONFIG}: peft_type {kind!r} is not a prompt xprompt can start from "
                            "(PROMPT_TUNING, P_TUNING or PREFIX_TUNING)")
-    if kind == "PREFIX_TUNING" and config.get("prefix_projection"):
-        raise XPromptError(f"{folder / ADAPTER_CONFIG}: a prefix with prefix_projection (an MLP over the prefix) is "
-                           "not a saved key/value prefix; export it without the projection")
+    # (a PREFIX_TUNING adapter trained with prefix_projection is saved, by PEFT too, as the MLP's
+    # resulting table, which PEFT itself reads back in inference mode: read it like any other)
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise XPromptError(f"{folder / ADAPTER_CONFIG}: a prompt for an encoder-decoder's two stacks "
                            "(num_transformer_submodules 2) does not fit this encoder prompt")

@@ -8,6 +8,9 @@
   the prompt positions before that layer runs (deep prompts as hidden states).
 - ``prefix``: trainable keys and values for the prompt positions in every layer (P-tuning v2 /
   prefix tuning; PEFT's ``PrefixTuning``).
+- ``deep`` and ``prefix`` take P-tuning v2's optional reparameterisation (``projection``, PEFT's
+  ``prefix_projection``): their per-layer tables plus an MLP of the input vectors, trained end to
+  end, saved as the resulting tables (see ``LayerProjection``).
 - ``unified``: UniPrompt's two towers (see ``UnifiedPrompt``).
 
 Interface: ``prompt.vectors()`` (length x hidden) goes into the input, ``prompt.embeddings`` is
@@ -189,7 +192,58 @@ class PTuningPrompt(SoftPrompt):
                     param.copy_(tensors[f"encoder.{name}"])
 
 
-class DeepPrompt(SoftPrompt):
+class LayerProjection(nn.Module):
+    """P-tuning v2's reparameterisation of per-layer prompt vectors (PEFT's ``prefix_projection``),
+    made residual: vectors = free tables + MLP(input prompt vectors), the MLP hidden -> hidden ->
+    ``tables`` x hidden with a tanh between, its last layer starting at zero (so training starts
+    from the tables' initialisation, as ``ptuning``'s encoder does)."""
+
+    def __init__(self, hidden: int, tables: int):
+        super().__init__()
+        self.tables = tables
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, tables * hidden))
+        self.restart()
+
+    def restart(self) -> None:
+        with torch.no_grad():
+            self.mlp[2].weight.zero_()
+            self.mlp[2].bias.zero_()
+
+    def forward(self, seed: torch.Tensor) -> torch.Tensor:
+        """(length, hidden) input vectors -> (tables, length, hidden) additions."""
+        length, hidden = seed.shape
+        return self.mlp(seed).view(length, self.tables, hidden).transpose(0, 1)
+
+
+class _Projected:
+    """Saving and resuming for a method whose per-layer tables may go through a ``LayerProjection``
+    (``self.projection``): saved and exported as the resulting tables, loaded back as tables with
+    the projection restarted at zero; checkpoints keep the raw tables and the projection."""
+
+    projection: LayerProjection | None
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        SoftPrompt.load_tensors(self, tensors, where)
+        if self.projection is not None:
+            self.projection.restart()  # the loaded tables are the vectors
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().clone() for k, v in self.named_tensor_params().items()}
+        if self.projection is not None:
+            state.update({f"projection.{k}": v.detach().clone() for k, v in self.projection.state_dict().items()})
+        return state
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        SoftPrompt.load_tensors(self, tensors, where)
+        if self.projection is not None:
+            wanted = self.projection.state_dict()
+            missing = [f"projection.{k}" for k in wanted if f"projection.{k}" not in tensors]
+            if missing:
+                raise XPromptError(f"{where}: {', '.join(missing)} missing; was it saved with --prefix-projection?")
+            self.projection.load_state_dict({k: tensors[f"projection.{k}"] for k in wanted})
+
+
+class DeepPrompt(_Projected, SoftPrompt):
     """Input prompt plus one set of vectors per further layer, written over the prompt positions
     before that layer (deep prompts as hidden states); initialised from the states the input prompt
     produces for a bare ``<s> prompt </s>`` (in context, the later layers' prompt states differ a
@@ -197,19 +251,28 @@ class DeepPrompt(SoftPrompt):
 
     method = Method.DEEP
 
-    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos",
+                 projection: bool = False):
         super().__init__(length, hidden, num_layers, position=position)
         self.layer_prompts = nn.Parameter(torch.zeros(num_layers - 1, length, hidden))
+        self.projection = LayerProjection(hidden, num_layers - 1) if projection else None
         self._recorded: list[torch.Tensor] = []
 
+    def layer_vectors(self) -> torch.Tensor:
+        """(layers - 1, length, hidden): what goes over the prompt positions before layers 1..L-1."""
+        if self.projection is None:
+            return self.layer_prompts
+        return self.layer_prompts + self.projection(self.embeddings)
+
     def install(self, layers: nn.ModuleList) -> list:
-        return [layer.register_forward_pre_hook(self._hook(index - 1), with_kwargs=True)
+        tables = self.layer_vectors()  # once per forward pass
+        return [layer.register_forward_pre_hook(self._hook(tables[index - 1]), with_kwargs=True)
                 for index, layer in enumerate(layers) if index > 0]
 
-    def _hook(self, slot: int):
+    def _hook(self, table: torch.Tensor):
         def overwrite(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            vectors = self.layer_prompts[slot].to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+            vectors = table.to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
             start, end = self.offset, self.offset + self.length
             hidden = torch.cat([hidden[:, :start], vectors, hidden[:, end:]], dim=1)
             if args:
@@ -235,7 +298,8 @@ class DeepPrompt(SoftPrompt):
         self._recorded = []
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().tensors(), "layer_prompts": self.layer_prompts.detach().contiguous()}
+        with torch.no_grad():
+            return {**super().tensors(), "layer_prompts": self.layer_vectors().detach().contiguous()}
 
     def named_tensor_params(self) -> dict[str, nn.Parameter]:
         return {"prompt_embeddings": self.embeddings, "layer_prompts": self.layer_prompts}
@@ -253,7 +317,7 @@ def kv_projections(layer: nn.Module, where: str) -> tuple[nn.Linear, nn.Linear]:
                        "(a fused qkv layer?): use --method deep")
 
 
-class PrefixPrompt(SoftPrompt):
+class PrefixPrompt(_Projected, SoftPrompt):
     """P-tuning v2 / prefix tuning (Li & Liang 2021; Liu et al. 2022): trainable key and value vectors
     for the prompt positions in every layer's self-attention, PEFT ``PrefixTuning``'s twin. The
     prompt positions hold placeholders whose keys and values are overwritten right after the frozen
@@ -262,27 +326,39 @@ class PrefixPrompt(SoftPrompt):
 
     method = Method.PREFIX
 
-    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos"):
+    def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos",
+                 projection: bool = False):
         super().__init__(length, hidden, num_layers, position=position)
         self.embeddings.requires_grad_(False)  # placeholders: what they hold never reaches the input tokens
         self.keys = nn.Parameter(torch.zeros(num_layers, length, hidden))
         self.values = nn.Parameter(torch.zeros(num_layers, length, hidden))
+        # with a projection, the placeholders (sampled word vectors, fixed) are what the MLP reads
+        self.projection = LayerProjection(hidden, 2 * num_layers) if projection else None
         self._projections: list[tuple[nn.Linear, nn.Linear]] = []
         self._recorded: dict[tuple[int, int], torch.Tensor] = {}
 
     def attach(self, backbone) -> None:
         self._projections = [kv_projections(layer, backbone.name) for layer in backbone.layers()]
 
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, length, hidden) keys and values of the prompt positions."""
+        if self.projection is None:
+            return self.keys, self.values
+        extra = self.projection(self.embeddings)  # every layer's keys, then every layer's values
+        layers = self.keys.shape[0]
+        return self.keys + extra[:layers], self.values + extra[layers:]
+
     def install(self, layers: nn.ModuleList) -> list:
         handles = []
+        tables = self.key_values()  # once per forward pass
         for index, pair in enumerate(self._projections):
-            for table, projection in zip((self.keys, self.values), pair):
-                handles.append(projection.register_forward_hook(self._hook(table, index)))
+            for table, projection in zip(tables, pair):
+                handles.append(projection.register_forward_hook(self._hook(table[index])))
         return handles
 
-    def _hook(self, table: nn.Parameter, index: int):
+    def _hook(self, table: torch.Tensor):
         def overwrite(module, args, out):
-            vectors = table[index].to(out.device, out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
+            vectors = table.to(out.device, out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
             start, end = self.offset, self.offset + self.length
             return torch.cat([out[:, :start], vectors, out[:, end:]], dim=1)
 
@@ -308,10 +384,13 @@ class PrefixPrompt(SoftPrompt):
         self._recorded = {}
 
     def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [self.keys, self.values], "lr": lr}]
+        extra = list(self.projection.parameters()) if self.projection is not None else []
+        return [{"params": [self.keys, self.values, *extra], "lr": lr}]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().tensors(), "keys": self.keys.detach().contiguous(), "values": self.values.detach().contiguous()}
+        with torch.no_grad():
+            keys, values = self.key_values()
+            return {**super().tensors(), "keys": keys.detach().contiguous(), "values": values.detach().contiguous()}
 
     def named_tensor_params(self) -> dict[str, nn.Parameter]:
         return {"prompt_embeddings": self.embeddings, "keys": self.keys, "values": self.values}
@@ -443,7 +522,7 @@ PROMPTS: dict[Method, type[SoftPrompt]] = {Method.SOFT: SoftPrompt, Method.PTUNI
 
 
 def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int, reparam: str = "mlp",
-                 position: str = "after-bos", tower_layers: int | None = None) -> SoftPrompt:
+                 position: str = "after-bos", tower_layers: int | None = None, projection: bool = False) -> SoftPrompt:
     try:
         cls = PROMPTS[Method(method)]
     except ValueError:
@@ -451,4 +530,8 @@ def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int
         raise XPromptError(f"unknown method '{method}'; known: {known}") from None
     if cls is UnifiedPrompt:
         return cls(length, hidden, num_layers, tower_layers=tower_layers)
+    if projection:
+        if cls not in (DeepPrompt, PrefixPrompt):
+            raise XPromptError(f"--prefix-projection needs --method deep or prefix, not {cls.method.value}")
+        return cls(length, hidden, num_layers, reparam, position, projection=True)
     return cls(length, hidden, num_layers, reparam, position)

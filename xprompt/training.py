@@ -150,6 +150,7 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "method": cfg.method.value,
         "prompt_length": cfg.prompt_length,
         "reparam": cfg.reparam if cfg.method.value == "ptuning" else None,
+        "prefix_projection": cfg.prefix_projection,  # saved as the resulting tables: loads without it
         "position": cfg.prompt_position,
         "tower_layers": cfg.tower_layers or (backbone.num_layers // 2 if cfg.method.value == "unified" else None),
         "init": cfg.init,
@@ -303,7 +304,7 @@ def train(
     verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
                                  cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
-                        cfg.prompt_position, verbalizer, cfg.tower_layers).place(where)
+                        cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection).place(where)
     if backbone.sharded:
         where = backbone.input_device()  # batches go where the input embeddings are
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
