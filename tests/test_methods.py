@@ -254,7 +254,8 @@ def test_prefix_projection_flag_from_the_cli(tiny_bert_dir, tmp_path):
     card = json.loads((runs / "d" / "prompt" / "xprompt.json").read_text())
     assert card["method"] == "deep" and card["prefix_projection"] is True
     summary = json.loads((runs / "d" / "metrics.json").read_text())["train"]
-    assert summary["trainable_parameters"] > 32 * 32 * (2 - 1)
+    # input prompt, one layer's vectors, 3 label vectors, and the MLP (32 -> 32 -> 1 layer x 32)
+    assert summary["trainable_parameters"] == 3 * 32 + 3 * 32 + 3 * 32 + (32 * 32 + 32) * 2
     ev = invoke("eval", "--run", runs / "d", "--langs", "en,de", "--data-dir", TEST_DATA, "--backbone", tiny_bert_dir)
     assert ev.exit_code == 0, ev.output
     bad = invoke("train", *common, "--run-name", "s", "--method", "soft", "--prefix-projection")

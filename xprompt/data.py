@@ -170,13 +170,13 @@ def holdout_split(ds: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
     return ds.select(keep), ds.select(held)
 
 
-
 def sequence_ends(tokenizer) -> tuple[int | None, int | None]:
     """The ids that open and close an input: ``<s>``/``</s>`` (BERT's [CLS]/[SEP]); (m)T5 has no
     opening id (None)."""
     bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     return bos, eos
+
 
 class TemplateEncoder:
     """Tokenise rows through a template: ``<s> parts... </s>`` with the ``<mask>`` position recorded.

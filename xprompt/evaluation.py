@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from .backbones import Backbone
 from .config import DType
-from .data import NO_LABEL, batches, encode, load_split
+from .data import NO_LABEL, batches, encode, load_split, sequence_ends
 from .errors import XPromptError
 from .model import PromptModel
 from .prompts import build_prompt
@@ -108,8 +108,7 @@ def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length:
                 reparam: str = "mlp", position: str = "after-bos", verbalizer=None,
                 tower_layers: int | None = None, projection: bool = False) -> PromptModel:
     """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
-    tok = backbone.tokenizer
-    if position == "after-bos" and tok.cls_token_id is None and tok.bos_token_id is None:
+    if position == "after-bos" and sequence_ends(backbone.tokenizer)[0] is None:
         position = "first"  # (m)T5 inputs start without <s>: the prompt leads
     prompt = build_prompt(method, prompt_length, backbone.hidden_size, backbone.num_layers, reparam, position,
                           tower_layers, projection)
