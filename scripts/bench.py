@@ -77,11 +77,15 @@ def xprompt_train(args) -> dict:
         summary = train(cfg, bb, task, Path(run), on_step=on_step)
         model, _ = load_run_model(Path(run), bb)
     _, dev = xnli_rows("dev", "en", args.acc_rows)
-    preds = predict(model, encode(dev, task.template, bb.tokenizer), 64, bb.tokenizer.pad_token_id, args.dtype)
+    encoded = encode(dev, task.template, bb.tokenizer)
+    preds = predict(model, encoded, 64, bb.tokenizer.pad_token_id, args.dtype)
+    preds_fp32 = predict(model, encoded, 64, bb.tokenizer.pad_token_id, "fp32")
     timed = (args.steps - 2) * args.batch_size
     return {
         "train_examples_per_s": timed / (stamps[args.steps - 1] - stamps[1]),
         "accuracy_en_dev": float((preds == np.asarray(dev["label"])).mean()),
+        "accuracy_en_dev_fp32": float((preds_fp32 == np.asarray(dev["label"])).mean()),
+        f"{args.dtype}_fp32_agreement": float((preds == preds_fp32).mean()),
         "trainable_parameters": summary["trainable_parameters"],
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -96,21 +100,38 @@ def encoder_flops_per_sequence(config, tokens: int) -> float:
 
 
 def xprompt_eval(args) -> dict:
+    """The default model (centered label vectors on the mean state); timed with xprompt's CPU
+    attention and, alternating in the same process, with transformers' sdpa, for the ratio."""
+    import numpy as np
+
+    from xprompt.attention import NAME
     from xprompt.backbones import load_backbone
     from xprompt.data import encode
-    from xprompt.evaluation import build_model, predict
+    from xprompt.evaluation import VECTOR_READOUT, build_model, predict
     from xprompt.tasks import load_task
+    from xprompt.verbalizers import CenteredVerbalizer
 
     bb = load_backbone("e5-small", CACHE)
     task = load_task("xnli")
-    model = build_model(bb, 3, args.method, args.prompt_length, "mask")
+    model = build_model(bb, 3, args.method, args.prompt_length, VECTOR_READOUT,
+                        verbalizer=CenteredVerbalizer(3, bb.hidden_size))
     encoded = encode(eval_set(args.eval_rows), task.template, bb.tokenizer)
-    predict(model, encoded.select(range(min(128, len(encoded)))), 64, bb.tokenizer.pad_token_id, args.dtype)  # warm-up
-    start = time.perf_counter()
-    predict(model, encoded, 64, bb.tokenizer.pad_token_id, args.dtype)
-    seconds = time.perf_counter() - start
+    pad = bb.tokenizer.pad_token_id
+    predict(model, encoded.select(range(min(128, len(encoded)))), 64, pad, args.dtype)  # warm-up
+    seconds: dict[str, list[float]] = {NAME: [], "sdpa": []}
+    preds = {}
+    for _ in range(args.inner):
+        for impl in seconds:
+            bb.model.set_attn_implementation(impl)
+            start = time.perf_counter()
+            preds[impl] = predict(model, encoded, 64, pad, args.dtype)
+            seconds[impl].append(time.perf_counter() - start)
+    bb.model.set_attn_implementation(NAME)
+    best, sdpa = median(seconds[NAME]), median(seconds["sdpa"])
     flops = sum(encoder_flops_per_sequence(bb.model.config, n + args.prompt_length) for n in encoded["length"])
-    return {"eval_pairs_per_s": len(encoded) / seconds, "eval_gflop_per_s": flops / seconds / 1e9,
+    return {"eval_pairs_per_s": len(encoded) / best, "eval_gflop_per_s": flops / best / 1e9,
+            "eval_pairs_per_s_sdpa": len(encoded) / sdpa, "attention_speedup": sdpa / best,
+            "attention_agreement": float(np.mean(preds[NAME] == preds["sdpa"])),
             "pairs": len(encoded), "mean_tokens": sum(encoded["length"]) / len(encoded) + args.prompt_length,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -228,7 +249,7 @@ def spawn(args, worker: str, system: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--system", system, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--prompt-length", str(args.prompt_length), "--lr", str(args.lr),
            "--eval-rows", str(args.eval_rows), "--acc-rows", str(args.acc_rows), "--threads", str(args.threads),
-           "--method", args.method, "--dtype", args.dtype]
+           "--method", args.method, "--dtype", args.dtype, "--inner", str(args.inner)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -251,6 +272,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=200, help="dev rows per language (15 languages)")
     parser.add_argument("--acc-rows", type=int, default=1000, help="English dev rows scored after training")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--inner", type=int, default=2, help="timed passes per attention kind in one eval process")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", choices=["train", "eval", "matmul"])
     parser.add_argument("--system", default="none")
@@ -290,6 +312,11 @@ def main() -> None:
         "xprompt_eval_gflop_per_s": med("eval-xprompt", "eval_gflop_per_s"),
         f"matmul_gflop_per_s_{args.dtype}": limit,
         "eval_fraction_of_matmul_limit": med("eval-xprompt", "eval_gflop_per_s") / limit,
+        "xprompt_eval_pairs_per_s_sdpa": med("eval-xprompt", "eval_pairs_per_s_sdpa"),
+        "attention_speedup": med("eval-xprompt", "attention_speedup"),
+        "attention_agreement": med("eval-xprompt", "attention_agreement"),
+        "xprompt_accuracy_en_dev_fp32": med("train-xprompt", "accuracy_en_dev_fp32"),
+        f"{args.dtype}_fp32_agreement": med("train-xprompt", f"{args.dtype}_fp32_agreement"),
         "raw": rows,
     }
     table = [
@@ -299,6 +326,10 @@ def main() -> None:
         f"| en dev accuracy after {args.steps} steps | {100 * summary['xprompt_accuracy_en_dev']:.1f} | {100 * summary['peft_accuracy_en_dev']:.1f} | |",
         f"| train peak RSS (MB) | {summary['xprompt_train_peak_rss_mb']:.0f} | {summary['peft_train_peak_rss_mb']:.0f} | |",
         f"| eval GFLOP/s (share of the {args.dtype} matmul limit {limit:.0f}) | {summary['xprompt_eval_gflop_per_s']:.0f} ({100 * summary['eval_fraction_of_matmul_limit']:.0f}%) | | |",
+        f"| eval pairs/s with transformers' sdpa instead (same process) | {summary['xprompt_eval_pairs_per_s_sdpa']:.1f} "
+        f"(CPU attention {summary['attention_speedup']:.2f}x, same predictions on {100 * summary['attention_agreement']:.1f}%) | | |",
+        f"| {args.dtype} vs fp32 predictions of the trained prompt (en dev) | {100 * summary[f'{args.dtype}_fp32_agreement']:.1f}% agree; "
+        f"fp32 accuracy {100 * summary['xprompt_accuracy_en_dev_fp32']:.1f} | | |",
     ]
     print("\n".join(table))
     if args.out:

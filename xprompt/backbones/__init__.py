@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..attention import use_cpu_attention
 from ..errors import XPromptError
 from .embedded import EMBEDDED_NAME, embedded_folder, file_sha256
 
@@ -147,6 +148,7 @@ def load_backbone(
     model.eval()
     if not device_map:
         model.to(device)
+    use_cpu_attention(model)  # faster bf16 evaluation on CPU; sdpa everywhere else
     local = Path(folder) if Path(str(folder)).is_dir() else _hub_snapshot(str(folder))
     return Backbone(
         name=name,

@@ -1,0 +1,87 @@
+"""xprompt's CPU attention: the same sums as transformers' sdpa, and sdpa itself wherever it does not apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from xprompt.attention import NAME, cpu_attention, use_cpu_attention
+from xprompt.backbones import load_backbone
+from xprompt.data import encode, load_split
+from xprompt.evaluation import build_model, predict
+
+
+class _Module(torch.nn.Module):
+    is_causal = False
+
+
+def _inputs(dtype, seed=0, batch=5, heads=4, length=11, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(dtype) for _ in range(3))
+    lengths = torch.tensor([11, 7, 3, 11, 1])
+    keep = torch.arange(length)[None, :] < lengths[:, None]
+    mask = keep[:, None, None, :].expand(batch, 1, length, length)  # sdpa's boolean padding mask
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_bf16_attention_matches_sdpa_in_float32(masked):
+    q, k, v, mask = _inputs(torch.bfloat16)
+    mask = mask if masked else None
+    with torch.inference_mode():
+        ours, weights = cpu_attention(_Module(), q, k, v, mask, scaling=0.3)
+        # the reference: the same bf16 inputs, attention summed in float32 by sdpa
+        ref, _ = sdpa_attention_forward(_Module(), q.float(), k.float(), v.float(), mask, scaling=0.3)
+    assert weights is None and ours.dtype == torch.bfloat16
+    assert ours.shape == (5, 11, 4, 8)  # (batch, length, heads, dim), as sdpa returns it
+    assert torch.allclose(ours.float(), ref, atol=2e-2, rtol=2e-2)
+    if masked:  # a padded key changes nothing: give it garbage and the output stays put
+        k2, v2 = k.clone(), v.clone()
+        k2[2, :, 5:], v2[2, :, 5:] = 100.0, -100.0
+        with torch.inference_mode():
+            again, _ = cpu_attention(_Module(), q, k2, v2, mask, scaling=0.3)
+        assert torch.equal(again[2, :3], ours[2, :3])
+
+
+def test_additive_float_mask_is_added():
+    q, k, v, mask = _inputs(torch.bfloat16, seed=1)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    with torch.inference_mode():
+        a, _ = cpu_attention(_Module(), q, k, v, mask, scaling=0.5)
+        b, _ = cpu_attention(_Module(), q, k, v, additive, scaling=0.5)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["fp32", "grad", "position_bias"])
+def test_everything_else_goes_to_sdpa(case):
+    q, k, v, mask = _inputs(torch.float32 if case == "fp32" else torch.bfloat16, seed=2)
+    kwargs = {"position_bias": torch.zeros(1, 4, 11, 11, dtype=q.dtype)} if case == "position_bias" else {}
+    grad = torch.enable_grad() if case == "grad" else torch.inference_mode()
+    with grad:
+        ours, _ = cpu_attention(_Module(), q, k, v, mask, scaling=0.25, **kwargs)
+        ref, _ = sdpa_attention_forward(_Module(), q, k, v, mask, scaling=0.25, **kwargs)
+    assert torch.equal(ours, ref)  # bit for bit: it is sdpa
+
+
+def test_backbones_switch_and_evaluate_the_same(tiny_bert_dir, tiny_mt5_dir, tmp_path, xnli):
+    bb = load_backbone(str(tiny_bert_dir), tmp_path)
+    assert bb.model.config._attn_implementation == NAME
+    t5 = load_backbone(str(tiny_mt5_dir), tmp_path)  # an encoder-decoder keeps sdpa (T5's position bias)
+    assert t5.model.config._attn_implementation != NAME and not use_cpu_attention(t5.model)
+
+    torch.manual_seed(0)
+    model = build_model(bb, 3, "deep", 4, "mean")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    ds = load_split(xnli, "en", "dev").select(range(40))
+    encoded = encode(ds, xnli.template, bb.tokenizer)
+    pad = bb.tokenizer.pad_token_id
+    ours = predict(model, encoded, 16, pad, "bf16")
+    bb.model.set_attn_implementation("sdpa")
+    theirs = predict(model, encoded, 16, pad, "bf16")
+    fp32 = predict(model, encoded, 16, pad, "fp32")
+    assert np.mean(ours == theirs) >= 0.95 and np.mean(ours == fp32) >= 0.95
