@@ -29,6 +29,19 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xpro
 EVAL_LANGS = ["en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur"]
 
 
+def cpu_name() -> str:
+    """The CPU model, so a figure says which machine it came from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -299,6 +312,7 @@ def main() -> None:
     limit = med("matmul", f"matmul_gflop_per_s_{args.dtype}")
     summary = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "system", "out")},
+        "cpu": cpu_name(),
         "xprompt_train_examples_per_s": med("train-xprompt", "train_examples_per_s"),
         "peft_train_examples_per_s": med("train-peft", "train_examples_per_s"),
         "train_ratio": ratio("train", "train_examples_per_s"),
