@@ -54,14 +54,31 @@ def test_additive_float_mask_is_added():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["fp32", "grad", "position_bias"])
+def test_gradients_match_sdpa_in_float32():
+    """Training runs through it too: the gradients reaching q, k and v are sdpa's."""
+    q, k, v, mask = _inputs(torch.bfloat16, seed=3)
+    upstream = torch.randn(5, 11, 4, 8)
+    grads = []
+    for fn, dtype in ((cpu_attention, torch.bfloat16), (sdpa_attention_forward, torch.float32)):
+        leaves = [t.detach().to(dtype).clone().requires_grad_(True) for t in (q, k, v)]
+        out, _ = fn(_Module(), *leaves, mask, scaling=0.3)
+        (out.float() * upstream).sum().backward()
+        grads.append([t.grad.float() for t in leaves])
+    for ours, ref in zip(*grads):
+        assert torch.allclose(ours, ref, atol=5e-2, rtol=5e-2), (ours - ref).abs().max()
+    # padded keys get no gradient, as with sdpa
+    assert torch.count_nonzero(grads[0][1][2, :, 3:]) == 0 and torch.count_nonzero(grads[0][2][4, :, 1:]) == 0
+
+
+@pytest.mark.parametrize("case", ["fp32", "dropout", "position_bias"])
 def test_everything_else_goes_to_sdpa(case):
     q, k, v, mask = _inputs(torch.float32 if case == "fp32" else torch.bfloat16, seed=2)
     kwargs = {"position_bias": torch.zeros(1, 4, 11, 11, dtype=q.dtype)} if case == "position_bias" else {}
-    grad = torch.enable_grad() if case == "grad" else torch.inference_mode()
-    with grad:
-        ours, _ = cpu_attention(_Module(), q, k, v, mask, scaling=0.25, **kwargs)
-        ref, _ = sdpa_attention_forward(_Module(), q, k, v, mask, scaling=0.25, **kwargs)
+    dropout = 0.5 if case == "dropout" else 0.0
+    torch.manual_seed(0)
+    ours, _ = cpu_attention(_Module(), q, k, v, mask, dropout=dropout, scaling=0.25, **kwargs)
+    torch.manual_seed(0)
+    ref, _ = sdpa_attention_forward(_Module(), q, k, v, mask, dropout=dropout, scaling=0.25, **kwargs)
     assert torch.equal(ours, ref)  # bit for bit: it is sdpa
 
 

@@ -1,11 +1,11 @@
 """Attention for short bf16 sequences on CPU, registered with transformers' ``AttentionInterface``.
 
 On XNLI-length inputs (about 57 tokens with the prompt, 12 heads of 32 dimensions) PyTorch's fused
-CPU attention kernel runs at a tenth of the machine's matmul speed and takes a fifth of an
-evaluation. Two batched bf16 matmuls around a float32 softmax do the same sum faster
-(``scripts/bench.py --attention``). Everything else goes to transformers' own ``sdpa`` unchanged:
-GPUs, float32, anything that needs gradients (training), T5's position bias, causal or cross
-attention.
+CPU attention kernel runs at a tenth of the machine's matmul speed: a fifth of an evaluation, and
+its backward pass is slower still. Two batched bf16 matmuls around a float32 softmax do the same
+sum faster, forward and backward (``scripts/bench.py`` times both against ``sdpa``). Everything
+else goes to transformers' own ``sdpa`` unchanged: GPUs, float32, dropout, T5's position bias,
+causal or cross attention.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     inputs, a boolean (True = attend) or additive mask, output (batch, length, heads, dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.device.type != "cpu" or query.dtype != torch.bfloat16 or torch.is_grad_enabled()
+    if (query.device.type != "cpu" or query.dtype != torch.bfloat16
             or kwargs.get("position_bias") is not None or kwargs.get("is_causal") or getattr(module, "is_causal", False)
             or key.shape[1] != query.shape[1] or dropout):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
