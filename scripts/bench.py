@@ -6,11 +6,13 @@ xprompt/PEFT ratio of each pair. PEFT runs the standard way: ``PromptTuningConfi
 train on the XNLI English pool with the same prompt length, batch size, steps, learning rate and
 threads; both are scored on the same English dev rows. A large matmul in its own process gives
 the machine's FLOP limit, and the eval FLOPs are counted from the model's shapes and the real
-token counts.
+token counts. xprompt's CPU attention (``xprompt/attention.py``) is measured against transformers'
+sdpa: in training as a third system in the rotation, in evaluation alternating in one process.
 
     pip install -e '.[bench]'                                  # PEFT, the peer
     python scripts/bench.py --repeats 3 --steps 60 --out docs/bench.json
     python scripts/bench.py --worker train --system peft      # one measurement, JSON on stdout
+                                                              # (systems: xprompt, xprompt-sdpa, peft)
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def eval_set(rows_per_lang: int):
 
 # ---------------------------------------------------------------- xprompt workers
 
-def xprompt_train(args) -> dict:
+def xprompt_train(args, attention: str | None = None) -> dict:
+    """xprompt's default training run; ``attention="sdpa"`` swaps its CPU attention for transformers' sdpa."""
     from xprompt.backbones import load_backbone
     from xprompt.config import TrainConfig
     from xprompt.evaluation import load_run_model, predict
@@ -77,6 +80,8 @@ def xprompt_train(args) -> dict:
     import numpy as np
 
     bb = load_backbone("e5-small", CACHE)
+    if attention:
+        bb.model.set_attn_implementation(attention)
     task = load_task("xnli")
     stamps = {}
 
@@ -255,6 +260,7 @@ def matmul(args) -> dict:
 
 
 WORKERS = {("train", "xprompt"): xprompt_train, ("train", "peft"): peft_train,
+           ("train", "xprompt-sdpa"): lambda args: xprompt_train(args, attention="sdpa"),
            ("eval", "xprompt"): xprompt_eval, ("eval", "peft"): peft_eval, ("matmul", "none"): matmul}
 
 
@@ -297,18 +303,20 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker, args.system](args)))
         return
 
-    rows: dict[str, list[dict]] = {k: [] for k in ("train-xprompt", "train-peft", "eval-xprompt", "eval-peft", "matmul")}
+    keys = ("train-xprompt", "train-xprompt-sdpa", "train-peft", "eval-xprompt", "eval-peft", "matmul")
+    rows: dict[str, list[dict]] = {k: [] for k in keys}
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", flush=True)
         rows["matmul"].append(spawn(args, "matmul", "none"))
         for worker in ("train", "eval"):
-            pair = ("xprompt", "peft") if r % 2 == 0 else ("peft", "xprompt")  # alternate who goes first
-            for system in pair:
+            systems = ["xprompt", "xprompt-sdpa", "peft"] if worker == "train" else ["xprompt", "peft"]
+            shift = r % len(systems)  # rotate who goes first
+            for system in systems[shift:] + systems[:shift]:
                 rows[f"{worker}-{system}"].append(spawn(args, worker, system))
 
     med = lambda key, field: median(x[field] for x in rows[key])  # noqa: E731
-    ratio = lambda worker, field: median(  # noqa: E731
-        a[field] / b[field] for a, b in zip(rows[f"{worker}-xprompt"], rows[f"{worker}-peft"]))
+    ratio = lambda worker, field, peer="peft": median(  # noqa: E731
+        a[field] / b[field] for a, b in zip(rows[f"{worker}-xprompt"], rows[f"{worker}-{peer}"]))
     limit = med("matmul", f"matmul_gflop_per_s_{args.dtype}")
     summary = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "system", "out")},
@@ -327,6 +335,9 @@ def main() -> None:
         f"matmul_gflop_per_s_{args.dtype}": limit,
         "eval_fraction_of_matmul_limit": med("eval-xprompt", "eval_gflop_per_s") / limit,
         "xprompt_eval_pairs_per_s_sdpa": med("eval-xprompt", "eval_pairs_per_s_sdpa"),
+        "xprompt_train_examples_per_s_sdpa": med("train-xprompt-sdpa", "train_examples_per_s"),
+        "train_attention_speedup": ratio("train", "train_examples_per_s", "xprompt-sdpa"),
+        "xprompt_accuracy_en_dev_sdpa": med("train-xprompt-sdpa", "accuracy_en_dev"),
         "attention_speedup": med("eval-xprompt", "attention_speedup"),
         "attention_agreement": med("eval-xprompt", "attention_agreement"),
         "xprompt_accuracy_en_dev_fp32": med("train-xprompt", "accuracy_en_dev_fp32"),
@@ -342,6 +353,8 @@ def main() -> None:
         f"| eval GFLOP/s (share of the {args.dtype} matmul limit {limit:.0f}) | {summary['xprompt_eval_gflop_per_s']:.0f} ({100 * summary['eval_fraction_of_matmul_limit']:.0f}%) | | |",
         f"| eval pairs/s with transformers' sdpa instead (same process) | {summary['xprompt_eval_pairs_per_s_sdpa']:.1f} "
         f"(CPU attention {summary['attention_speedup']:.2f}x, same predictions on {100 * summary['attention_agreement']:.1f}%) | | |",
+        f"| train examples/s with transformers' sdpa instead (separate process) | {summary['xprompt_train_examples_per_s_sdpa']:.1f} "
+        f"(CPU attention {summary['train_attention_speedup']:.2f}x; en dev accuracy {100 * summary['xprompt_accuracy_en_dev_sdpa']:.1f}) | | |",
         f"| {args.dtype} vs fp32 predictions of the trained prompt (en dev) | {100 * summary[f'{args.dtype}_fp32_agreement']:.1f}% agree; "
         f"fp32 accuracy {100 * summary['xprompt_accuracy_en_dev_fp32']:.1f} | | |",
     ]
