@@ -9,8 +9,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from xprompt.attention import NAME, cpu_attention, use_cpu_attention
 from xprompt.backbones import load_backbone
-from xprompt.data import encode, load_split
-from xprompt.evaluation import build_model, predict
+from xprompt.data import batches, encode, load_split
+from xprompt.evaluation import autocast, build_model, predict
 
 
 class _Module(torch.nn.Module):
@@ -88,17 +88,24 @@ def test_backbones_switch_and_evaluate_the_same(tiny_bert_dir, tiny_mt5_dir, tmp
     t5 = load_backbone(str(tiny_mt5_dir), tmp_path)  # an encoder-decoder keeps sdpa (T5's position bias)
     assert t5.model.config._attn_implementation != NAME and not use_cpu_attention(t5.model)
 
-    torch.manual_seed(0)
-    model = build_model(bb, 3, "deep", 4, "mean")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_()
     ds = load_split(xnli, "en", "dev").select(range(40))
     encoded = encode(ds, xnli.template, bb.tokenizer)
     pad = bb.tokenizer.pad_token_id
-    ours = predict(model, encoded, 16, pad, "bf16")
-    bb.model.set_attn_implementation("sdpa")
-    theirs = predict(model, encoded, 16, pad, "bf16")
-    fp32 = predict(model, encoded, 16, pad, "fp32")
-    assert np.mean(ours == theirs) >= 0.95 and np.mean(ours == fp32) >= 0.95
+    batch = next(batches(encoded, 16, pad))
+    for method in ("soft", "deep", "prefix", "unified"):  # prefix: keys longer than queries
+        torch.manual_seed(0)
+        model = build_model(bb, 3, method, 4, "mean")
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        logits = {}
+        for impl in (NAME, "sdpa"):
+            bb.model.set_attn_implementation(impl)
+            with torch.inference_mode(), autocast("bf16"):
+                logits[impl] = model(batch).float()
+        assert torch.allclose(logits[NAME], logits["sdpa"], atol=0.1, rtol=0.05), method
+        bb.model.set_attn_implementation(NAME)
+        ours = predict(model, encoded, 16, pad, "bf16")
+        fp32 = predict(model, encoded, 16, pad, "fp32")
+        assert np.mean(ours == fp32) >= 0.95, method
