@@ -52,9 +52,8 @@ def use_cpu_attention(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or config.is_encoder_decoder:
         return False
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, cpu_attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets
+    AttentionInterface.register(NAME, cpu_attention)  # idempotent: the same function under the same name
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, ImportError):  # a model that only knows its built-in backends

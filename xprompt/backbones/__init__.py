@@ -148,7 +148,7 @@ def load_backbone(
     model.eval()
     if not device_map:
         model.to(device)
-    use_cpu_attention(model)  # faster bf16 evaluation on CPU; sdpa everywhere else
+    use_cpu_attention(model)  # faster bf16 training and evaluation on CPU; sdpa everywhere else
     local = Path(folder) if Path(str(folder)).is_dir() else _hub_snapshot(str(folder))
     return Backbone(
         name=name,
