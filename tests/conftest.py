@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
+
+# The tests never reach the hub (CI is offline): say so before huggingface_hub reads it, so that a
+# hub id fails at once instead of after its network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
@@ -61,8 +66,22 @@ def other_bert_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_xlmr_mlm_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny random XLMRobertaForMaskedLM (an LM head: the masked_lm kind) with the embedded vocabulary."""
+def xlmr_spm(tmp_path_factory) -> Path:
+    """XLM-R's sentencepiece.bpe.model (the real vocabulary, in SentencePiece's own format)."""
+    from hub_layout import write_xlmr_sentencepiece
+
+    return write_xlmr_sentencepiece(tmp_path_factory.mktemp("xlmr_spm") / "sentencepiece.bpe.model")
+
+
+@pytest.fixture(scope="session")
+def mt5_spm(tmp_path_factory) -> Path:
+    """A small spiece.model in mT5's layout: <pad> </s> <unk>, no <s> or <mask>, 100 sentinels last."""
+    from hub_layout import write_mt5_sentencepiece
+
+    return write_mt5_sentencepiece(tmp_path_factory.mktemp("mt5_spm") / "spiece.model")
+
+
+def _tiny_xlmr_mlm():
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
     torch.manual_seed(2)
@@ -71,21 +90,51 @@ def tiny_xlmr_mlm_dir(tmp_path_factory, tokenizer_dir) -> Path:
         max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2,
     )
     config.architectures = ["XLMRobertaForMaskedLM"]
-    return save_backbone(XLMRobertaForMaskedLM(config), tokenizer_dir, tmp_path_factory.mktemp("tiny_xlmr_mlm"))
+    return XLMRobertaForMaskedLM(config)
 
 
 @pytest.fixture(scope="session")
-def tiny_mt5_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny random MT5ForConditionalGeneration (the seq2seq kind) with the embedded vocabulary."""
+def tiny_xlmr_mlm_dir(tmp_path_factory, xlmr_spm) -> Path:
+    """A tiny random XLMRobertaForMaskedLM (the masked_lm kind) laid out as FacebookAI/xlm-roberta-base
+    on the hub: config, model.safetensors, sentencepiece.bpe.model, tokenizer.json."""
+    from hub_layout import save_xlmr
+
+    return save_xlmr(_tiny_xlmr_mlm(), tmp_path_factory.mktemp("tiny_xlmr_mlm"), xlmr_spm)
+
+
+def _tiny_mt5(vocab: int):
     from transformers import MT5Config, MT5ForConditionalGeneration
 
     torch.manual_seed(3)
     config = MT5Config(
-        vocab_size=250002, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        vocab_size=vocab + 12, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     config.architectures = ["MT5ForConditionalGeneration"]
-    return save_backbone(MT5ForConditionalGeneration(config), tokenizer_dir, tmp_path_factory.mktemp("tiny_mt5"))
+    return MT5ForConditionalGeneration(config)
+
+
+def _spm_size(path: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+
+
+@pytest.fixture(scope="session")
+def tiny_mt5_dir(tmp_path_factory, mt5_spm) -> Path:
+    """A tiny random MT5ForConditionalGeneration (the seq2seq kind) laid out as google/mt5-small on
+    the hub (spiece.model, T5Tokenizer config, no tokenizer.json), with safetensors weights."""
+    from hub_layout import save_mt5
+
+    return save_mt5(_tiny_mt5(_spm_size(mt5_spm)), tmp_path_factory.mktemp("tiny_mt5"), mt5_spm)
+
+
+@pytest.fixture(scope="session")
+def tiny_mt5_bin_dir(tmp_path_factory, mt5_spm) -> Path:
+    """The same mT5 as the hub's main branch holds it: pytorch_model.bin only."""
+    from hub_layout import save_mt5
+
+    return save_mt5(_tiny_mt5(_spm_size(mt5_spm)), tmp_path_factory.mktemp("tiny_mt5_bin"), mt5_spm, weights="bin")
 
 
 @pytest.fixture(scope="session")

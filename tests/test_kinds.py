@@ -126,13 +126,22 @@ def test_seq2seq_kind_scores_label_strings_by_decoder_likelihood(mt5):
         hidden, mask = model.sequence(batch["input_ids"], batch["attention_mask"])
         from transformers.modeling_outputs import BaseModelOutput
 
-        for c, label in enumerate(xnli.labels):  # -loss of one row is its mean token log-likelihood
-            ids = mt5.tokenizer(xnli.languages["de"].label_words[label], add_special_tokens=False)["input_ids"]
-            ids = [i for i in ids if mt5.tokenizer.convert_ids_to_tokens(i) != "▁"] + [2]
+        # mT5's span format: the input holds <extra_id_0> (the last piece of its SentencePiece model)
+        # at the mask; the target is "<extra_id_0> word <extra_id_1> </s>"; word + <extra_id_1> are scored
+        tok = mt5.tokenizer
+        first, second = len(tok) - 1, len(tok) - 2
+        assert tok.convert_ids_to_tokens([first, second]) == ["<extra_id_0>", "<extra_id_1>"]
+        assert (batch["input_ids"][torch.arange(4), batch["mask_pos"]] == first).all()
+        for c, label in enumerate(xnli.labels):
+            ids = tok(xnli.languages["de"].label_words[label], add_special_tokens=False)["input_ids"]
+            word = [i for i in ids if tok.convert_ids_to_tokens(i) != "▁"]
+            target = [first, *word, second, tok.eos_token_id]
+            assert model.verbalizer.targets["de"][c] == target and tok.eos_token_id == 1
             for row in range(2):
-                out = mt5.seq2seq(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[row : row + 1]),
-                                  attention_mask=mask[row : row + 1], labels=torch.tensor([ids]))
-                assert scores[row, c].item() == pytest.approx(-out.loss.item(), rel=1e-4, abs=1e-5)
+                logits = mt5.seq2seq(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[row : row + 1]),
+                                     attention_mask=mask[row : row + 1], labels=torch.tensor([target])).logits
+                logp = torch.log_softmax(logits[0].float(), -1)[torch.arange(len(target)), target]
+                assert scores[row, c].item() == pytest.approx(logp[1:-1].mean().item(), rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["soft", "ptuning", "deep", "unified"])

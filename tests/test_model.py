@@ -100,7 +100,7 @@ def test_prefix_starts_as_the_soft_prompt_and_is_a_key_value_prefix(backbone, ti
 
         backbone = load_backbone(str(tiny_mt5_dir), tmp_path)
     cfg = TrainConfig(method="prefix", prompt_length=3, dtype="fp32")
-    ds, batch = _batch(xnli, tokenizer)
+    ds, batch = _batch(xnli, backbone.tokenizer)
     prefix = build_model(backbone, 3, "prefix", 3, "mask")
     init_prompt_and_verbalizer(prefix, backbone, ds, cfg)
     soft = _soft_twin(prefix, backbone)

@@ -122,8 +122,8 @@ def mt5(tiny_mt5_dir, tmp_path):
 
 
 def test_seq2seq_fusion_equals_running_the_towers_by_hand(mt5, xnli):
-    """mT5's relative position bias is made by its first layer and passed on: the prompt joins after
-    the first position and sees no relative position (zero bias); the tower runs its own bias."""
+    """mT5's relative position bias is made by its first layer and passed on: the prompt joins in
+    front (mT5 inputs have no <s>) and sees no relative position (zero bias); the tower runs its own bias."""
     from xprompt.prompts import widen_mask
 
     model = _model(mt5)
@@ -132,18 +132,17 @@ def test_seq2seq_fusion_equals_running_the_towers_by_hand(mt5, xnli):
     layers, n = mt5.layers(), ids.shape[1]
     with torch.no_grad():
         got = model.encode(ids, batch["attention_mask"])
-        tok = mt5.tokenizer  # the tests' mT5 shares the XLM-R vocabulary, so it has an <s> (real mT5: none)
-        first = [] if tok.bos_token_id is None else [tok.bos_token_id]
-        bos, eos = (mt5.input_embeddings()(torch.tensor(ids, dtype=torch.long)) for ids in (first, [tok.eos_token_id]))
-        tower = model.prompt.tower[0](torch.cat([bos, model.prompt.embeddings, eos]).unsqueeze(0), None, None)[0]
-        tower = tower[:, len(first) :]
+        tok = mt5.tokenizer  # mT5 as the hub ships it: no <s>, so the prompt leads
+        assert tok.bos_token_id is None and tok.cls_token_id is None and model.prompt.offset == 0
+        eos = mt5.input_embeddings()(torch.tensor([tok.eos_token_id]))
+        tower = model.prompt.tower[0](torch.cat([model.prompt.embeddings, eos]).unsqueeze(0), None, None)[0]
         hidden, bias = layers[0](mt5.input_embeddings()(ids), None, None)[:2]
-        hidden = torch.cat([hidden[:, :1], tower[:, :3], hidden[:, 1:]], dim=1)
-        hidden = layers[1](hidden, None, widen_mask(bias, n, 3))[0]
+        hidden = torch.cat([tower[:, :3], hidden], dim=1)
+        hidden = layers[1](hidden, None, widen_mask(bias, n, 3, at=0))[0]
         hidden = mt5.model.final_layer_norm(hidden)
     torch.testing.assert_close(got, hidden)
     torch.testing.assert_close(model.prompt.tower_states(), tower[0, :3])
-    assert bias.shape[-1] == n and torch.count_nonzero(widen_mask(bias, n, 3)[..., 1:4]) == 0
+    assert bias.shape[-1] == n and torch.count_nonzero(widen_mask(bias, n, 3, at=0)[..., :3]) == 0
 
 
 def test_seq2seq_cached_states_and_padding(mt5, xnli):

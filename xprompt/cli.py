@@ -49,6 +49,9 @@ DataDir = Annotated[
 TasksDir = Annotated[Optional[Path], typer.Option("--tasks-dir", help="Folder of task cards (default: the bundled tasks/).")]
 TrustRemote = Annotated[bool, typer.Option(help="Let a hub backbone run its own Python code (off unless you ask).")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone and the tokenised splits are cached.")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision of the backbone: a branch, tag, commit or refs/pr/N (where the hub keeps a .bin-only model's safetensors conversion).")]
+AllowBin = Annotated[bool, typer.Option("--allow-bin-weights", help="Load a backbone that has only pytorch_model.bin weights, through torch.load(weights_only=True) (tensors only, never arbitrary unpickling). Off: safetensors only.")]
+DTypeOption = Annotated[DType, typer.Option(help="Backbone compute dtype: auto (bf16 where the hardware runs it natively: GPUs with bf16, CPUs with AVX512_BF16 or AMX; else fp32), bf16 (autocast) or fp32.")]
 
 
 def command(name: str | None = None, group: typer.Typer | None = None):
@@ -78,6 +81,7 @@ def main_options(
     import datasets
 
     datasets.disable_progress_bars()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA call: repeatable cuBLAS
     _state["debug"] = debug
 
 
@@ -108,6 +112,26 @@ def _device_map(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _open_backbone(name: str, cache_dir: Path, device: Device | str = Device.CPU, dtype: DType = DType.AUTO,
+                   trust_remote_code: bool = False, device_map: Optional[str] = None, revision: Optional[str] = None,
+                   allow_bin_weights: bool = False, quiet: bool = False):
+    """Load a backbone onto this process's device (its GPU under torchrun) and settle ``--dtype
+    auto`` there; prints the choice and its reason once. Returns (backbone, dtype, reason)."""
+    from . import distributed
+    from .backbones import load_backbone
+    from .hardware import resolve_dtype
+
+    where = distributed.local_device(Device(device).value)
+    resolved, reason = resolve_dtype(dtype, where)
+    with console.status(f"loading backbone {name}"):
+        bb = load_backbone(name, cache_dir, device=str(where), trust_remote_code=trust_remote_code,
+                           device_map=_device_map(device_map), revision=revision, allow_bin_weights=allow_bin_weights,
+                           dtype=resolved)
+    if not quiet and distributed.rank_world()[0] == 0:
+        err_console.print(f"compute: {resolved.value} on {where.type} ({reason})", highlight=False)
+    return bb, resolved, reason
+
+
 def _discard(run_dir: Path, resume: Optional[Path], runs_dir_is_new: bool) -> None:
     """Remove a run directory that failed before its first checkpoint (never a resumed one),
     and the runs folder too if this command created it."""
@@ -115,6 +139,17 @@ def _discard(run_dir: Path, resume: Optional[Path], runs_dir_is_new: bool) -> No
         shutil.rmtree(run_dir, ignore_errors=True)
         if runs_dir_is_new:
             shutil.rmtree(run_dir.parent, ignore_errors=True)
+
+
+def _repeatable() -> None:
+    """What ``--seed`` promises: the same seed gives the same bits (on CPU and, with cuBLAS's fixed
+    workspace and deterministic kernels, on CUDA; set before the first CUDA call)."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _interrupt(signum, frame):
@@ -184,7 +219,10 @@ def train(
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a backbone too large for one device over the GPUs (accelerate's device_map); the prompt sits with the input embeddings. Not with torchrun.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for init, sampling and data order.")] = TrainConfig.seed,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
-    dtype: Annotated[DType, typer.Option(help="Backbone compute dtype (bf16 autocast or fp32).")] = TrainConfig.dtype,
+    dtype: DTypeOption = TrainConfig.dtype,
+    template: Annotated[str, typer.Option(help="agnostic (the task card's one template for every language), native (each language's own cloze template from the card) or auto (native when label words are scored: an LM head or a decoder; else agnostic).")] = TrainConfig.template,
+    revision: Revision = None,
+    allow_bin_weights: AllowBin = False,
     eval_every: Annotated[int, typer.Option(help="Steps between model-selection evaluations.")] = TrainConfig.eval_every,
     init_from: Annotated[Optional[str], typer.Option(help="Start from saved prompts: a run folder, several comma-separated (their weighted average), or 'library' (retrieve from the trained runs). Label vectors come along when the task's labels match.")] = None,
     init_weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights of the --init-from runs (default: equal).")] = None,
@@ -205,15 +243,17 @@ def train(
 ):
     """Train one prompt on the source language (one per seed with --seeds); select on held-out
     source-language rows only. Runs data-parallel under torchrun or accelerate launch."""
-    from . import distributed
-    from .backbones import load_backbone
+    from . import distributed, hardware
     from .store import read_json
 
     distributed.setup()
 
     if resume is not None:
         saved = read_json(resume / "config.json")
-        configs = [(TrainConfig.from_dict(saved["train"]), resume)]
+        cfg = TrainConfig.from_dict(saved["train"])
+        if cfg.dtype is DType.AUTO and saved.get("compute", {}).get("dtype"):
+            cfg.dtype = DType(saved["compute"]["dtype"])  # the dtype it started with: the same computation
+        configs = [(cfg, resume)]
         data_dir = Path(saved["data_dir"]) if saved.get("data_dir") else None
     else:
         try:
@@ -235,7 +275,8 @@ def train(
                     task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length,
                     reparam=reparam, prefix_projection=prefix_projection, init=init, init_text=init_text, prompt_position=prompt_position, tower_layers=tower_layers,
                     verbalizer=verbalizer, label_reduce=label_reduce,
-                    readout=readout, shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
+                    readout=readout, template=template, revision=revision, allow_bin_weights=allow_bin_weights,
+                    shots=shots, max_steps=max_steps or None, epochs=epochs, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, seed=one, dtype=dtype, eval_every=eval_every,
                     init_from=init_from, init_weights=weight_list, top_k=top_k, transfer=transfer,
                     library=str(library) if library else None, rank_by=rank_by, same_task=same_task,
@@ -257,15 +298,16 @@ def train(
     spec = _load_task(first.task, tasks_dir)
     spec.check_languages([first.lang], "train")
     dirs = _data_dirs(data_dir)
-    with console.status(f"loading backbone {first.backbone}"):
-        bb = load_backbone(first.backbone, cache_dir, trust_remote_code=trust_remote_code,
-                           device_map=_device_map(device_map))
+    bb, resolved, reason = _open_backbone(first.backbone, cache_dir, device, first.dtype, trust_remote_code, device_map,
+                                          first.revision, first.allow_bin_weights)
+    compute = {"dtype": resolved.value, "reason": reason, "device": device.value, **hardware.describe(device.value)}
     for cfg, target in configs:
-        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device, cache_dir / ENCODED, tasks_dir)
+        _train_one(cfg, bb, spec, target, runs_dir, dirs, data_dir, device, cache_dir / ENCODED, tasks_dir, compute)
 
 
 def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Path], data_dir: Optional[Path],
-               device: Device = Device.CPU, encoded_cache: Optional[Path] = None, tasks_dir: Optional[Path] = None) -> None:
+               device: Device = Device.CPU, encoded_cache: Optional[Path] = None, tasks_dir: Optional[Path] = None,
+               compute: Optional[dict] = None) -> None:
     """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None: default).
     Under a launcher, rank 0 creates, locks, writes and prints; the other processes only compute."""
     import contextlib
@@ -277,7 +319,7 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
     from .store import default_run_name, new_run_dir, read_json, run_lock, write_json
     from .training import train as run_training
 
-    torch.use_deterministic_algorithms(True, warn_only=True)  # repeatable runs: same seed, same bits
+    _repeatable()
     rank, world = distributed.rank_world()
     main = rank == 0
     runs_dir_is_new = not runs_dir.exists()
@@ -299,7 +341,8 @@ def _train_one(cfg: TrainConfig, bb, spec, target, runs_dir: Path, dirs: list[Pa
             run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method.value, cfg.seed))
             write_json(run_dir / "config.json", {
                 "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": _git_commit(),
-                "versions": _versions(), "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256},
+                "versions": _versions(), "compute": compute or {},
+                "backbone": {"name": bb.name, "kind": bb.kind, "sha256": bb.sha256, "revision": bb.revision},
                 "task_version": spec.version, "data_dir": str(data_dir) if data_dir else None,
             })
         run_dir = distributed.broadcast(run_dir)
@@ -355,13 +398,15 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option(help="At most N rows per language.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone (default: the run's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
-    dtype: Annotated[DType, typer.Option(help="bf16 autocast or fp32.")] = DType.BF16,
+    dtype: DTypeOption = DType.AUTO,
     device: Annotated[Device, typer.Option(help="cpu, cuda or auto (under torchrun the languages are shared out over the processes).")] = Device.CPU,
     device_map: Annotated[Optional[str], typer.Option(help="'auto': spread a backbone too large for one device over the GPUs (accelerate's device_map); the prompt sits with the input embeddings. Not with torchrun.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
     shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
     adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the few-shot sample and adaptation.")] = 42,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of the backbone (default: the one the run was trained at).")] = None,
+    allow_bin_weights: AllowBin = False,
     trust_remote_code: TrustRemote = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
@@ -372,7 +417,6 @@ def evaluate_cmd(
     With --shots K, also adapt a copy per language on K target examples per class.
     Under torchrun / accelerate launch the languages are shared out over the processes and merged."""
     from . import distributed
-    from .backbones import load_backbone
     from .evaluation import evaluate_languages, load_run_model
     from .registry import index_run
     from .reports import language_rows, summarize
@@ -388,10 +432,10 @@ def evaluate_cmd(
     wanted = spec.split_languages(split) if langs == "all" else [x.strip() for x in langs.split(",") if x.strip()]
     spec.check_languages(wanted, split)
     dirs = _data_dirs(data_dir)
-    with console.status(f"loading backbone {backbone or card['backbone']}"):
-        bb = load_backbone(backbone or card["backbone"], cache_dir, trust_remote_code=trust_remote_code,
-                           device_map=_device_map(device_map))
     rank, world = distributed.setup()
+    bb, dtype, _ = _open_backbone(backbone or card["backbone"], cache_dir, device, dtype, trust_remote_code, device_map,
+                                  revision or card.get("backbone_revision"),
+                                  allow_bin_weights or bool(card.get("backbone_bin_weights")))
     model, card = load_run_model(run_dir, bb)
     model.place(distributed.local_device(device))
     if shots:
@@ -411,6 +455,7 @@ def evaluate_cmd(
     mine = evaluate_languages(
         model, spec, bb.tokenizer, wanted[rank::world], split, dirs, limit, batch_size, dtype=dtype,
         on_language=on_language, bridge=bridge, cache_dir=cache_dir / ENCODED,
+        template=card.get("template_style", "agnostic"),
     )
     merged = {lang: result for part in distributed.gather(mine) for lang, result in part.items()}
     if rank != 0:
@@ -465,6 +510,7 @@ def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, 
         source_split = "train" if lang in spec.split_languages("train") else "dev"
         try:
             cfg = TrainConfig.from_dict({**base, "lang": lang, "shots": shots, "seed": seed, "max_steps": steps,
+                                         "dtype": DType(dtype).value,
                                          "eval_every": max(1, steps // 2), "source_split": source_split,
                                          "init_from": str(run_dir)})
         except ValueError as e:
@@ -476,11 +522,12 @@ def _adapt(run_dir, card, model, bb, spec, langs, split, dirs, data_dir, shots, 
                        device=device, encoded_cache=encoded_cache)
         used = read_json(adapted_dir / "metrics.json")["train"].get("used_ids") or []
         exclude = {lang: set(used)}
+        style = card.get("template_style", "agnostic")
         zero = evaluate_languages(model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size, dtype=dtype,
-                                  exclude_ids=exclude, cache_dir=encoded_cache)[lang]
+                                  exclude_ids=exclude, cache_dir=encoded_cache, template=style)[lang]
         adapted_model, _ = load_run_model(adapted_dir, bb)
         few = evaluate_languages(adapted_model, spec, bb.tokenizer, [lang], split, dirs, limit, batch_size,
-                                 dtype=dtype, exclude_ids=exclude, cache_dir=encoded_cache)[lang]
+                                 dtype=dtype, exclude_ids=exclude, cache_dir=encoded_cache, template=style)[lang]
         metrics = read_json(adapted_dir / "metrics.json")
         for result in (zero, few):
             result.pop("ids")
@@ -532,12 +579,12 @@ def library_similar(
     measure: Annotated[str, typer.Option(help="Rank by flat (cosine of the flattened prompts), mean (cosine of the mean prompt vectors) or neurons (shared activated FFN neurons).")] = "flat",
     top_k: Annotated[int, typer.Option(help="Show the K most similar prompts.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    allow_bin_weights: AllowBin = False,
     runs_dir: RunsDir = Path("runs"),
     cache_dir: CacheDir = _default_cache(),
 ):
     """Rank the library's prompts (finished runs under --runs-dir on the same backbone, of the same
     shape) by similarity to RUN's prompt: all three measures of the transferability paper."""
-    from .backbones import load_backbone
     from .data import sequence_ends
     from .evaluation import load_run_model
     from .similarity import MEASURES, activated_neurons, flat_cosine, mean_cosine, neuron_overlap, prompt_shapes
@@ -546,8 +593,8 @@ def library_similar(
     if measure not in MEASURES:
         raise typer.BadParameter(f"--measure must be one of {', '.join(MEASURES)}, got {measure!r}")
     tensors, card = load_prompt(run)
-    with console.status(f"loading backbone {card['backbone']}"):
-        bb = load_backbone(card["backbone"], cache_dir)
+    bb, _, _ = _open_backbone(card["backbone"], cache_dir, revision=card.get("backbone_revision"),
+                              allow_bin_weights=allow_bin_weights or bool(card.get("backbone_bin_weights")), quiet=True)
     ids = sequence_ends(bb.tokenizer)
     model, _ = load_run_model(run, bb)
     active = activated_neurons(model, *ids)
@@ -666,6 +713,9 @@ def library_transfer(
     limit: Annotated[int, typer.Option(help="Rows of the split to score on (the first N).")] = 300,
     backbone: Annotated[str, typer.Option(help="The backbone whose library prompts to score.")] = "e5-small",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    dtype: DTypeOption = DType.AUTO,
+    revision: Revision = None,
+    allow_bin_weights: AllowBin = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
@@ -677,9 +727,8 @@ def library_transfer(
     training rows read through the prompt; no training step."""
     import numpy as np
 
-    from .backbones import load_backbone
     from .config import TrainConfig
-    from .data import encode, load_split
+    from .data import load_split
     from .library import library_prompts, transfer_scores
     from .training import init_sample
 
@@ -687,8 +736,7 @@ def library_transfer(
     lang = lang or spec.source_language
     spec.check_languages([lang], split)
     dirs = _data_dirs(data_dir)
-    with console.status(f"loading backbone {backbone}"):
-        bb = load_backbone(backbone, cache_dir)
+    bb, dtype, _ = _open_backbone(backbone, cache_dir, dtype=dtype, revision=revision, allow_bin_weights=allow_bin_weights)
     candidates = library_prompts(runs_dir, bb.sha256)
     if not candidates:
         raise XPromptError(f"no prompt under {runs_dir} was trained on '{backbone}'; build a library first "
@@ -696,16 +744,12 @@ def library_transfer(
     rows = load_split(spec, lang, split, dirs)
     rows = rows.select(range(min(limit, len(rows))))
     defaults = TrainConfig()
-    encoded_cache = cache_dir / ENCODED
     sample = None  # without a train split only prompts with a declared label map can be scored
     if "train" in spec.splits:
         train_lang = lang if lang in spec.split_languages("train") else spec.source_language
-        pool = load_split(spec, train_lang, "train", dirs)
-        sample = encode(init_sample(pool, defaults.init_examples, defaults.seed), spec.template, bb.tokenizer,
-                        defaults.max_length, encoded_cache)
-    encoded = encode(rows, spec.template, bb.tokenizer, defaults.max_length, encoded_cache)
+        sample = init_sample(load_split(spec, train_lang, "train", dirs), defaults.init_examples, defaults.seed)
     with console.status(f"scoring {len(candidates)} prompts on {len(rows)} {task}/{lang} {split} rows"):
-        scores = transfer_scores(bb, spec, candidates, encoded, sample, defaults.dtype)
+        scores = transfer_scores(bb, spec, lang, candidates, rows, sample, dtype, defaults.max_length, cache_dir / ENCODED)
     counts = np.bincount(np.asarray(rows["label"]), minlength=len(spec.labels))
     majority = float(counts.max() / len(rows))
     result = sorted(({"run": c.run.name, "task": c.card.get("task"), "lang": c.card.get("train_language"),

@@ -10,8 +10,12 @@ from .prompts import Method
 
 
 class DType(str, Enum):
+    AUTO = "auto"  # bf16 where the hardware runs it natively, else fp32 (xprompt.hardware)
     FP32 = "fp32"
     BF16 = "bf16"
+
+
+TEMPLATES = ("auto", "agnostic", "native")
 
 
 class Device(str, Enum):
@@ -25,6 +29,8 @@ class TrainConfig:
     task: str = field(default="xnli", metadata={"help": "task card name under tasks/"})
     lang: str = field(default="en", metadata={"help": "source language to train on"})
     backbone: str = field(default="e5-small", metadata={"help": "'e5-small', a local folder or a HF id"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision of the backbone (a branch, tag, commit or refs/pr/N)"})
+    allow_bin_weights: bool = field(default=False, metadata={"help": "load a pytorch_model.bin checkpoint with torch.load(weights_only=True)"})
     method: Method = field(default=Method.DEEP, metadata={"help": "prompt method"})
     prompt_length: int = field(default=8, metadata={"help": "number of prompt vectors"})
     verbalizer: str = field(default="auto", metadata={"help": "auto (hard for a masked-LM or seq2seq backbone, else centered), soft (label vectors), centered (label vectors scored around the class means' centre), hard (label words under the LM head) or soft-words (trained label vectors in the LM head's output space, from the label words)"})
@@ -35,6 +41,7 @@ class TrainConfig:
     prefix_projection: bool = field(default=False, metadata={"help": "deep/prefix: P-tuning v2's reparameterisation, per-layer vectors = tables + MLP(prompt)"})
     init: str = field(default="vocab", metadata={"help": "prompt start: vocab (sampled frequent pieces), random, text (init_text) or label-words"})
     init_text: str | None = field(default=None, metadata={"help": "with init='text': the text whose piece embeddings start the prompt"})
+    template: str = field(default="auto", metadata={"help": "agnostic (the card's one template for every language), native (each language's own cloze template) or auto (native for label words, else agnostic)"})
     readout: str = field(default="auto", metadata={"help": "state read by the verbalizer: mask, mean, both (their average) or auto (mask for label words, else mean)"})
     shots: int | None = field(default=None, metadata={"help": "K examples per class (None: the whole pool)"})
     seed: int = field(default=42, metadata={"help": "seed for init, sampling and data order"})
@@ -49,7 +56,7 @@ class TrainConfig:
     select_size: int = field(default=500, metadata={"help": "source-language rows held out for model selection"})
     eval_every: int = field(default=200, metadata={"help": "steps between selection evaluations"})
     init_examples: int = field(default=256, metadata={"help": "examples whose class-mean <mask> states initialise the verbalizer"})
-    dtype: DType = field(default=DType.BF16, metadata={"help": "compute dtype of the frozen backbone (autocast)"})
+    dtype: DType = field(default=DType.AUTO, metadata={"help": "compute dtype of the frozen backbone: auto (bf16 where the hardware runs it natively, else fp32), bf16 (autocast) or fp32"})
     source_split: str = field(default="train", metadata={"help": "split the training rows come from (dev: target-language few-shot adaptation)"})
     init_from: str | None = field(default=None, metadata={"help": "run directories (comma-separated) whose prompts start training"})
     init_weights: list[float] | None = field(default=None, metadata={"help": "weights of the init_from runs' average (default equal)"})
@@ -107,6 +114,8 @@ class TrainConfig:
             raise ValueError("init='text' needs init_text (--init-text)")
         if self.init_text and self.init != "text":
             raise ValueError("init_text is only used with init='text' (--init text)")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be auto, agnostic or native, got {self.template!r}")
         if self.readout not in ("auto", "mask", "mean", "both"):
             raise ValueError(f"readout must be auto, mask, mean or both, got {self.readout!r}")
 

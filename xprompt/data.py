@@ -243,6 +243,17 @@ def mask_token_id(tokenizer) -> int:
     return sentinel
 
 
+def span_sentinels(tokenizer) -> tuple[int, int] | None:
+    """T5's first two sentinels (``<extra_id_0>``, ``<extra_id_1>``) when the template's ``<mask>``
+    becomes ``<extra_id_0>`` (a tokenizer without a mask token), for span-format decoder targets."""
+    if tokenizer.mask_token_id is not None:
+        return None
+    ids = tokenizer.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_1>"])
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        return None
+    return ids[0], ids[1]
+
+
 ENCODING_VERSION = 1  # bump when TemplateEncoder's output changes: old cache files are then ignored
 _tokenizer_keys: dict[int, str] = {}
 

@@ -16,14 +16,26 @@ import torch.distributed as dist
 
 
 def setup() -> tuple[int, int]:
-    """(rank, world size); joins the process group the launcher describes (gloo on CPU, nccl on GPU)."""
+    """(rank, world size); joins the process group the launcher describes (gloo on CPU, nccl on GPU).
+    Under nccl each process first takes its own GPU (``LOCAL_RANK``), so that collectives and
+    object broadcasts run there rather than piling onto cuda:0."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("XPROMPT_DIST_BACKEND") != "gloo" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def collective_device() -> torch.device:
+    """Where tensors must be for a collective: this process's GPU under nccl (which refuses CPU
+    tensors), else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def rank_world() -> tuple[int, int]:
@@ -50,15 +62,16 @@ def sum_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch
     _, world = rank_world()
     if world == 1:
         return loss
+    device = collective_device()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    flat = torch.cat([g.reshape(-1).to(device) for g in grads] + [loss.detach().reshape(1).to(device, grads[0].dtype)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).clone()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.device).clone()
         offset += n
-    return flat[-1]
+    return flat[-1].to(loss.device)
 
 
 def sum_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -66,9 +79,9 @@ def sum_tensor(t: torch.Tensor) -> torch.Tensor:
     _, world = rank_world()
     if world == 1:
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    summed = t.to(collective_device(), copy=True)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(t.device)
 
 
 def sum_ints(*values: int) -> list[int]:
@@ -76,7 +89,7 @@ def sum_ints(*values: int) -> list[int]:
     _, world = rank_world()
     if world == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return [int(v) for v in t.tolist()]
 

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from .backbones import Backbone
 from .config import DType
-from .data import NO_LABEL, batches, encode, load_split, sequence_ends
+from .data import NO_LABEL, batches, encode, load_split, sequence_ends, span_sentinels
 from .errors import XPromptError
 from .model import PromptModel
 from .prompts import build_prompt
@@ -22,7 +22,10 @@ from .verbalizers import CenteredVerbalizer, DecoderVerbalizer, OutputWordsVerba
 
 
 def autocast(dtype: DType | str, device: str = "cpu"):
-    if DType(dtype) is DType.BF16:
+    """bf16 autocast on ``device`` for ``bf16`` (and for ``auto`` where bf16 is native), else nothing."""
+    from .hardware import resolve_dtype
+
+    if resolve_dtype(dtype, device)[0] is DType.BF16:
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -62,12 +65,14 @@ def evaluate_languages(
     bridge: list[int] | None = None,
     exclude_ids: dict[str, set[str]] | None = None,
     cache_dir: Path | None = None,
+    template: str = "agnostic",
 ) -> dict:
     """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
     labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only.
     ``bridge[i]`` is the task's label index for the model's label i (a prompt from another task);
     ``exclude_ids[lang]`` are rows left out (those a few-shot adaptation trained on); ``cache_dir``
-    keeps each split's tokenisation for the next call."""
+    keeps each split's tokenisation for the next call; ``template`` is the run's template style
+    (``agnostic``: the card's one template; ``native``: each language's own)."""
     task.check_languages(langs, split)
     results: dict[str, dict] = {}
     for lang in langs:
@@ -77,7 +82,7 @@ def evaluate_languages(
             ds = ds.filter(lambda row: row["id"] not in left_out)
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
-        encoded = encode(ds, task.template, tokenizer, max_length, cache_dir)
+        encoded = encode(ds, task.template_for(lang, template), tokenizer, max_length, cache_dir)
         model.verbalizer.use_language(lang)  # a hard verbalizer scores this language's label words
         start = time.perf_counter()
         preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
@@ -131,6 +136,14 @@ def resolve_choices(backbone: Backbone, kind: str, readout: str) -> tuple[str, s
     return kind, readout
 
 
+def resolve_template(style: str, kind: str) -> str:
+    """``--template auto``: each language's own cloze template (``native``) when label words are
+    scored (an LM head or a decoder), else the language-agnostic one (``agnostic``)."""
+    if style == "auto":
+        return "native" if kind in ("hard", "soft-words") else "agnostic"
+    return style
+
+
 def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dict[str, dict[str, str]], lang: str,
                     reduce: str = "mean", readout: str = "mask"):
     """``soft`` or ``centered`` (label vectors), ``hard`` (label words under the LM head or the
@@ -151,7 +164,7 @@ def make_verbalizer(backbone: Backbone, kind: str, labels: list[str], words: dic
     if backbone.seq2seq is not None:
         tok = backbone.tokenizer
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        return DecoderVerbalizer(backbone.seq2seq, pieces, lang, eos)
+        return DecoderVerbalizer(backbone.seq2seq, pieces, lang, eos, span_sentinels(tok))
     if backbone.lm_head is None:
         raise XPromptError(f"--verbalizer hard needs a masked-LM or seq2seq backbone (an LM head); '{backbone.name}' "
                            f"is of kind {backbone.kind}: use --verbalizer soft")
@@ -179,6 +192,24 @@ def check_backbone(card: dict, backbone: Backbone, where: str) -> None:
         )
 
 
+def verbalizer_from_card(card: dict, backbone: Backbone, num_labels: int | None = None):
+    """An empty verbalizer of the kind a saved prompt was trained with: label words from its card,
+    or label vectors (soft or centered) for ``num_labels`` labels (default: the card's)."""
+    if card.get("verbalizer") in ("hard", "soft-words"):
+        return make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
+                               card["train_language"], card.get("label_reduce", "mean"))
+    return vector_verbalizer(card, num_labels or len(card["labels"]), backbone.hidden_size)
+
+
+def model_from_card(card: dict, backbone: Backbone, verbalizer=None) -> PromptModel:
+    """The PromptModel a prompt card describes (method, length, position, tower, readout), without
+    its tensors; ``verbalizer`` defaults to the card's own kind."""
+    verbalizer = verbalizer if verbalizer is not None else verbalizer_from_card(card, backbone)
+    return build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]),
+                       card.get("readout", "mask"), position=card.get("position", "after-bos"), verbalizer=verbalizer,
+                       tower_layers=card.get("tower_layers"))
+
+
 def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict]:
     """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone."""
     tensors, card = load_prompt(run_dir)
@@ -186,14 +217,7 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     check_backbone(card, backbone, where)
     if not card.get("labels"):
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
-    if card.get("verbalizer") in ("hard", "soft-words"):
-        verbalizer = make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
-                                     card["train_language"], card.get("label_reduce", "mean"))
-    else:
-        verbalizer = vector_verbalizer(card, len(card["labels"]), backbone.hidden_size)
-    model = build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]), card.get("readout", "mask"),
-                        position=card.get("position", "after-bos"), verbalizer=verbalizer,
-                        tower_layers=card.get("tower_layers"))
+    model = model_from_card(card, backbone)
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

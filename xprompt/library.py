@@ -101,39 +101,60 @@ def zero_shot_scores(model, candidates: list[Candidate], task, score, sample, pa
     return scores
 
 
-def transfer_scores(backbone, task, candidates: list[Candidate], encoded, sample, dtype) -> list[tuple[float | None, str]]:
-    """Task similarity by zero-shot transfer: each library prompt's accuracy on ``encoded`` (a
-    sample of the target task's rows), and which label vectors it used: its own, through the
-    task card's declared label map (``own``/``mapped``), else the class means of ``sample`` read
-    through it (``class means``); ``(None, "no label map")`` when neither exists (no train split
-    to take means from). No training step."""
-    from .evaluation import build_model, predict, vector_verbalizer
+def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows, sample, dtype, max_length: int = 128,
+                    cache_dir=None) -> list[tuple[float | None, str]]:
+    """Task similarity by zero-shot transfer: each library prompt's accuracy on ``rows`` (a sample
+    of the target task's rows in ``lang``, encoded with the template style the prompt was trained
+    with), and which verbalizer it used: its own label vectors or words, through the task card's
+    declared label map (``own``/``mapped``); else, for label words, this task's own words for
+    ``lang`` (``task words``), for label vectors the class means of ``sample`` (training rows)
+    read through it (``class means``); ``(None, "no label map")`` when neither exists (no train
+    split to take means from). No training step."""
+    from .data import encode
+    from .evaluation import make_verbalizer, model_from_card, predict, task_label_words, verbalizer_from_card
 
-    labels = np.asarray(encoded["label"])
+    labels = np.asarray(rows["label"])
     pad = backbone.tokenizer.pad_token_id
+    encoded: dict[tuple[str, str], object] = {}
+
+    def rows_as(style: str, which):  # each template style encoded once
+        key = (style, "sample" if which is sample else "rows")
+        if key not in encoded:
+            template = task.template_for(lang, style)
+            encoded[key] = encode(which, template, backbone.tokenizer, max_length, cache_dir)
+        return encoded[key]
+
     scores = []
     for c in candidates:
+        style = c.card.get("template_style", "agnostic")
         try:
             bridge = task.bridge_from(c.card["task"], c.card["labels"])
         except XPromptError:
             bridge = None
-        n_labels = len(c.card["labels"]) if bridge else len(task.labels)
-        model = build_model(backbone, n_labels, c.card["method"], int(c.card["prompt_length"]), c.card.get("readout", "mask"),
-                            position=c.card.get("position", "after-bos"),
-                            verbalizer=vector_verbalizer(c.card, n_labels, backbone.hidden_size))
-        model.prompt.load_tensors(c.tensors, f"{c.run}/prompt")
+        words = c.card.get("verbalizer") in ("hard", "soft-words")
         if bridge is not None:
-            model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
-            preds = np.asarray(bridge)[predict(model, encoded, 64, pad, dtype)]
-            used = "own" if c.card["task"] == task.name else "mapped"
+            verbalizer, used = verbalizer_from_card(c.card, backbone), "own" if c.card["task"] == task.name else "mapped"
+        elif words:  # label words: this task's own words for the language
+            verbalizer = make_verbalizer(backbone, c.card["verbalizer"], list(task.labels), task_label_words(task), lang,
+                                         c.card.get("label_reduce", "mean"))
+            used = "task words"
         elif sample is not None:
-            from .training import set_class_means
-
-            set_class_means(model, sample, pad, dtype)
-            preds, used = predict(model, encoded, 64, pad, dtype), "class means"
+            verbalizer, used = verbalizer_from_card(c.card, backbone, len(task.labels)), "class means"
         else:
             scores.append((None, "no label map"))
             continue
+        model = model_from_card(c.card, backbone, verbalizer)
+        model.prompt.load_tensors(c.tensors, f"{c.run}/prompt")
+        model.verbalizer.use_language(lang)
+        if used in ("own", "mapped"):
+            model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
+        elif used == "class means":
+            from .training import set_class_means
+
+            set_class_means(model, rows_as(style, sample), pad, dtype)
+        preds = predict(model, rows_as(style, rows), 64, pad, dtype)
+        if bridge is not None:
+            preds = np.asarray(bridge)[preds]
         scores.append((float((preds == labels).mean()), used))
     return scores
 
@@ -199,12 +220,11 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
     tensors and what was mixed; the model is left as it was."""
     from .data import encode, holdout_split, load_split
     from .tasks import DEFAULT_TASKS_DIR, load_task
+    from .evaluation import verbalizer_from_card
     from .training import _start_from, accumulate_gradients
-    from .evaluation import vector_verbalizer
 
     start = snapshot(model)
     own_verbalizer = model.verbalizer
-    hidden = model.verbalizer.weight.shape[1]
     rows = steps * cfg.batch_size  # enough rows that no source repeats before the mixture ends
     data, verbalizers, names = [], [], []
     for c in sources:
@@ -216,8 +236,9 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
         seed = int(read_json(config)["train"].get("seed", cfg.seed)) if config.is_file() else cfg.seed
         train, _ = holdout_split(pool, min(cfg.select_size, len(pool) // 5), seed)
         train = train.shuffle(seed=cfg.seed).select(range(min(rows, len(train))))
-        data.append(encode(train, source.template, backbone.tokenizer, cfg.max_length, cache_dir))
-        verbalizer = vector_verbalizer(c.card, len(source.labels), hidden).to(model.verbalizer.weight.device)
+        template = source.template_for(lang, c.card.get("template_style", "agnostic"))
+        data.append(encode(train, template, backbone.tokenizer, cfg.max_length, cache_dir))
+        verbalizer = verbalizer_from_card(c.card, backbone, len(source.labels)).to(device)
         verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
         verbalizers.append(verbalizer)
         names.append(f"{source.name}/{lang}")
@@ -225,7 +246,7 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
     schedule = mixture_schedule(sizes, steps, cfg.seed, cap=cfg.mixture_cap)
     _start_from(model, [(c.tensors, c.card) for c in sources], weights, task, [str(c.run) for c in sources])
     groups = [*model.prompt.param_groups(cfg.lr), {"params": [p for v in verbalizers for p in v.parameters()], "lr": cfg.lr}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad = backbone.tokenizer.pad_token_id
     streams = [_cycle(d, cfg, pad) for d in data]
     model.train()

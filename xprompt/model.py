@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
+from .data import sequence_ends
 from .prompts import SoftPrompt
 from .verbalizers import SoftVerbalizer
 
@@ -28,6 +29,7 @@ class PromptModel(nn.Module):
         self.verbalizer = verbalizer
         self.readout = readout
         self._layers = backbone.layers()
+        self._skip = 0 if sequence_ends(backbone.tokenizer)[0] is None else 1  # <s> ((m)T5 inputs have none)
         self._sharded = backbone.sharded
         self._input_device = backbone.input_device()
         self._output_device = backbone.output_device()
@@ -84,9 +86,9 @@ class PromptModel(nn.Module):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             parts.append(hidden[rows, batch["mask_pos"] + self.prompt.length])
         if self.readout in ("mean", "both"):
-            # the input's own tokens after <s> (the mask's positions are those of the input)
-            tokens = hidden[:, 1 + self.prompt.length :]
-            mask = batch["attention_mask"][:, 1:].unsqueeze(-1).to(tokens.dtype)
+            # the input's own tokens after <s>, if any (the prompt sits before them, before or after <s>)
+            tokens = hidden[:, self._skip + self.prompt.length :]
+            mask = batch["attention_mask"][:, self._skip :].unsqueeze(-1).to(tokens.dtype)
             parts.append((tokens * mask).sum(1) / mask.sum(1))
         return parts[0] if len(parts) == 1 else 0.5 * (parts[0] + parts[1])
 

@@ -32,8 +32,13 @@ EXPORTABLE = ("soft", "ptuning", "prefix")
 
 def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], card: dict, base_model: str, num_heads: int,
                   num_layers: int) -> bool:
-    """Write PEFT's adapter files for a soft or P-tuning prompt; False (nothing written) for other methods."""
+    """Write PEFT's adapter files for a soft, P-tuning or prefix prompt; False (nothing written) for
+    other methods, and for a prefix on an encoder-decoder (PEFT's T5 prefix is another computation).
+    An encoder-decoder's prompt lives in its encoder: the twin is a FEATURE_EXTRACTION adapter over
+    the encoder alone (``MT5EncoderModel``)."""
     if card.get("method") not in EXPORTABLE:
+        return False
+    if card.get("method") == "prefix" and card.get("backbone_kind") == "seq2seq":
         return False
     prefix = card.get("method") == "prefix"
     if prefix:  # (layers, tokens, hidden) keys and values -> (tokens, layers * 2 * hidden)

@@ -52,17 +52,18 @@ def vocab_init(embeddings: torch.Tensor, length: int, generator: torch.Generator
     return embeddings[rows].detach().clone().float()
 
 
-def widen_mask(mask, size: int, length: int):
+def widen_mask(mask, size: int, length: int, at: int = 1):
     """A layer's attention mask for ``size`` input positions, widened by ``length`` prompt positions
-    after ``<s>`` that every position sees; the prompt's own rows (if the mask has rows) see what
-    ``<s>`` sees. A mask of another width (already widened) or None is returned as it is."""
+    inserted at ``at`` (after ``<s>``; 0 for inputs without it) that every position sees; the
+    prompt's own rows (if the mask has rows) see what the first position sees. A mask of another
+    width (already widened) or None is returned as it is."""
     if mask is None or mask.shape[-1] != size:
         return mask
     visible = torch.ones_like(mask[..., :1]) if mask.dtype == torch.bool else torch.zeros_like(mask[..., :1])
-    mask = torch.cat([mask[..., :1], visible.expand(*mask.shape[:-1], length), mask[..., 1:]], dim=-1)
+    mask = torch.cat([mask[..., :at], visible.expand(*mask.shape[:-1], length), mask[..., at:]], dim=-1)
     if mask.shape[-2] == size:
-        mask = torch.cat([mask[..., :1, :], mask[..., :1, :].expand(*mask.shape[:-2], length, -1),
-                          mask[..., 1:, :]], dim=-2)
+        mask = torch.cat([mask[..., :at, :], mask[..., :1, :].expand(*mask.shape[:-2], length, -1),
+                          mask[..., at:, :]], dim=-2)
     return mask
 
 
@@ -411,7 +412,7 @@ class UnifiedPrompt(SoftPrompt):
 
     def __init__(self, length: int, hidden: int, num_layers: int, reparam: str = "mlp", position: str = "after-bos",
                  tower_layers: int | None = None):
-        super().__init__(length, hidden, num_layers, position="after-bos")
+        super().__init__(length, hidden, num_layers, position=position)
         if num_layers < 2:
             raise XPromptError("--method unified needs a backbone of at least 2 layers")
         self.split = tower_layers or num_layers // 2
@@ -428,6 +429,7 @@ class UnifiedPrompt(SoftPrompt):
         layers = backbone.layers()
         if len(self.tower) == 0:  # the tower starts as copies of the lower layers (then trained)
             self.tower = nn.ModuleList(copy.deepcopy(layers[i]) for i in range(self.split))
+            self.tower.float()  # trained: fp32 weights even where the frozen backbone holds bf16 (GPU)
             self.tower.requires_grad_(True)
             self.tower.to(next(layers.parameters()).device)
         from .data import sequence_ends
@@ -446,9 +448,10 @@ class UnifiedPrompt(SoftPrompt):
         return words, attention_mask  # the context tower reads the input alone
 
     def joined_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The mask of the final states: the prompt positions joined after the first position."""
+        """The mask of the final states: the prompt positions joined at ``offset`` (after ``<s>``)."""
         ones = attention_mask.new_ones(attention_mask.shape[0], self.length)
-        return torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        at = self.offset
+        return torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
 
     def tower_states(self) -> torch.Tensor:
         """(length x hidden): the prompt tower's output at the prompt positions for ``<s> prompt </s>``
@@ -460,7 +463,7 @@ class UnifiedPrompt(SoftPrompt):
             return self._cache[1]
         ids = [eos] if bos is None else [bos, eos]
         ends = words(torch.tensor(ids, device=self.embeddings.device))
-        start = len(ids) - 1
+        start = min(self.offset, len(ids) - 1)
         x = torch.cat([ends[:start], self.embeddings.to(ends.dtype), ends[start:]]).unsqueeze(0)
         hidden = embeddings(inputs_embeds=x) if embeddings is not None else x
         bias = None
@@ -476,10 +479,10 @@ class UnifiedPrompt(SoftPrompt):
 
     def install(self, layers: nn.ModuleList) -> list:
         states = self.tower_states()
-        length = self.length
+        length, at = self.length, self.offset
 
         def widen(mask, size):
-            return widen_mask(mask, size, length)
+            return widen_mask(mask, size, length, at)
 
         def hook(first: bool):
             def fuse(module, args, kwargs):
@@ -487,7 +490,7 @@ class UnifiedPrompt(SoftPrompt):
                 size = hidden.shape[1] if first else hidden.shape[1] - length
                 if first:
                     prompt = states.to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
-                    hidden = torch.cat([hidden[:, :1], prompt, hidden[:, 1:]], dim=1)
+                    hidden = torch.cat([hidden[:, :at], prompt, hidden[:, at:]], dim=1)
                 # the attention mask and (T5) the relative position bias, (.., query, key) both:
                 # widened at the join; later layers get the layer's own widened bias back already
                 if args:
@@ -529,7 +532,7 @@ def build_prompt(method: Method | str, length: int, hidden: int, num_layers: int
         known = ", ".join(m.value for m in Method)
         raise XPromptError(f"unknown method '{method}'; known: {known}") from None
     if cls is UnifiedPrompt:
-        return cls(length, hidden, num_layers, tower_layers=tower_layers)
+        return cls(length, hidden, num_layers, position=position, tower_layers=tower_layers)
     if projection:
         if cls not in (DeepPrompt, PrefixPrompt):
             raise XPromptError(f"--prefix-projection needs --method deep or prefix, not {cls.method.value}")

@@ -22,12 +22,14 @@ def _prompt_tensors(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def prompt_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple]:
-    """The shapes of a saved prompt's prompt tensors (not its verbalizer, whose label set may differ)."""
-    return [tuple(t.shape) for t in _prompt_tensors(tensors)]
+    """The names and shapes of every prompt tensor a saved prompt holds (not its verbalizer's, whose
+    label set may differ): two prompts with equal shapes load into the same model (a unified prompt's
+    tower of other depth, or a prefix of other width, does not)."""
+    return [(name, tuple(t.shape)) for name, t in sorted(tensors.items()) if not name.startswith("verbalizer.")]
 
 
 def _check_same_shape(a: dict, b: dict) -> None:
-    shapes_a, shapes_b = prompt_shapes(a), prompt_shapes(b)
+    shapes_a, shapes_b = [tuple(t.shape) for t in _prompt_tensors(a)], [tuple(t.shape) for t in _prompt_tensors(b)]
     if shapes_a != shapes_b:
         raise XPromptError(f"prompts of different shapes cannot be compared: {shapes_a} vs {shapes_b}")
 
@@ -57,19 +59,26 @@ def neuron_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum().item() / union) if union else 1.0
 
 
+FFN_BLOCKS = ("intermediate", "mlp", "DenseReluDense")  # BERT/XLM-R, most decoders, T5/mT5 (under layer[-1])
+
+
 def _ffn_activations(layer: torch.nn.Module) -> torch.nn.Module:
-    """The module whose output is a layer's FFN activation (BERT/XLM-R ``intermediate``)."""
-    for name in ("intermediate", "mlp", "DenseReluDense"):
-        module = getattr(layer, name, None)
-        if module is not None:
-            return module
+    """The module whose output is a layer's FFN neuron activations: the block's activation function
+    where it is a module of its own (T5/mT5's ``DenseReluDense.act``: ReLU, or the GELU gate of a
+    gated FFN; BERT's ``intermediate_act_fn``), else the block itself (BERT/XLM-R ``intermediate``,
+    whose output is the activation)."""
+    for name, block in layer.named_modules():
+        if name.rsplit(".", 1)[-1] in FFN_BLOCKS:
+            act = getattr(block, "act", None)
+            return act if isinstance(act, torch.nn.Module) else block
     raise XPromptError(f"cannot find the feed-forward block of {type(layer).__name__} to read its neurons")
 
 
 @torch.no_grad()
-def activated_neurons(model, bos_id: int, eos_id: int) -> torch.Tensor:
+def activated_neurons(model, bos_id: int | None, eos_id: int) -> torch.Tensor:
     """(layers, ffn) booleans: the neurons whose activation is positive at any prompt position
-    when the backbone reads ``<s> prompt </s>`` (with the method's per-layer vectors in place)."""
+    when the backbone reads ``<s> prompt </s>`` (``prompt </s>`` without ``<s>``, as (m)T5), with
+    the method's per-layer vectors in place."""
     captured: list[torch.Tensor] = []
     length = model.prompt.length
 
@@ -78,7 +87,7 @@ def activated_neurons(model, bos_id: int, eos_id: int) -> torch.Tensor:
 
     handles = [_ffn_activations(layer).register_forward_hook(capture) for layer in model._layers]
     device = model.prompt.embeddings.device
-    tok = torch.tensor([[bos_id, eos_id]], device=device)
+    tok = torch.tensor([[eos_id] if bos_id is None else [bos_id, eos_id]], device=device)
     try:
         model.eval()
         model.encode(tok, torch.ones_like(tok))

@@ -62,6 +62,16 @@ class TaskSpec:
     def language_codes(self) -> list[str]:
         return list(self.languages)
 
+    def template_for(self, lang: str, style: str = "agnostic") -> str:
+        """The template a language's rows are encoded with: the card's one language-agnostic
+        ``template`` (``agnostic``), or the language's own cloze template (``native``; the
+        agnostic one for a language the card declares none for)."""
+        if style == "native" and lang in self.languages:
+            return self.languages[lang].template
+        if style not in ("agnostic", "native"):
+            raise XPromptError(f"unknown template style {style!r}; use agnostic or native")
+        return self.template
+
     def split_languages(self, split: str) -> list[str]:
         source = self.splits.get(split)
         if source is None:

@@ -20,7 +20,17 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .data import batches, encode, holdout_split, load_split, sample_shots, sequence_ends, slice_batch
 from .errors import XPromptError
-from .evaluation import autocast, build_model, check_backbone, make_verbalizer, predict, resolve_choices, task_label_words
+from .evaluation import (
+    autocast,
+    build_model,
+    check_backbone,
+    make_verbalizer,
+    predict,
+    resolve_choices,
+    resolve_template,
+    task_label_words,
+)
+from .hardware import resolve_dtype
 from .library import LIBRARY, init_from_library, snapshot
 from .model import PromptModel
 from .peft_io import is_adapter, read_adapter, write_adapter
@@ -67,9 +77,10 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
         size = min(cfg.select_size, len(pool) // 5)
         train, select = holdout_split(pool, size, cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
+    template = task.template_for(cfg.lang, cfg.template)
     return TrainData(
-        encode(train, task.template, tokenizer, cfg.max_length, cache_dir),
-        encode(select, task.template, tokenizer, cfg.max_length, cache_dir),
+        encode(train, template, tokenizer, cfg.max_length, cache_dir),
+        encode(select, template, tokenizer, cfg.max_length, cache_dir),
         describe,
         [*train["id"], *select["id"]],
     )
@@ -157,13 +168,18 @@ def prompt_card(cfg: TrainConfig, task: TaskSpec, backbone: Backbone, extra: dic
         "readout": cfg.readout,
         "task": task.name,
         "task_version": task.version,
-        "template": task.template,
+        "template": task.template_for(cfg.lang, resolve_template(cfg.template, verbalizer_kind)),
+        # agnostic: one template for every language; native: each language's own
+        "template_style": resolve_template(cfg.template, verbalizer_kind),
         "labels": list(task.labels),
         "verbalizer": verbalizer_kind,
         **({"label_words": task_label_words(task), "label_reduce": cfg.label_reduce}
            if verbalizer_kind in ("hard", "soft-words") else {}),
         "train_language": cfg.lang,
         "backbone": backbone.name,
+        "backbone_kind": backbone.kind,
+        "backbone_revision": backbone.revision,
+        "backbone_bin_weights": backbone.bin_weights,
         "backbone_sha256": backbone.sha256,
         "hidden_size": backbone.hidden_size,
         **extra,
@@ -298,9 +314,13 @@ def train(
     main = rank == 0
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
-    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
     kind, readout = resolve_choices(backbone, cfg.verbalizer, cfg.readout)
-    cfg = dataclasses.replace(cfg, verbalizer=kind, readout=readout)  # "auto" settled (the card says which)
+    dtype, _ = resolve_dtype(cfg.dtype, where)
+    # every "auto" settled (the card says which)
+    position = cfg.prompt_position if sequence_ends(backbone.tokenizer)[0] is not None else "first"  # (m)T5: no <s>
+    cfg = dataclasses.replace(cfg, verbalizer=kind, readout=readout, template=resolve_template(cfg.template, kind),
+                              dtype=dtype, prompt_position=position)
+    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
     verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
                                  cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
@@ -403,6 +423,7 @@ def train(
     seconds = time.perf_counter() - started
     summary = {
         "train_rows": len(data.train),
+        "dtype": cfg.dtype.value,
         "data": data.describe,
         "steps": total,
         "best_step": best["step"],

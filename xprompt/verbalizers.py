@@ -146,7 +146,8 @@ class _FixedWords(nn.Module):
 class WordVerbalizer(_FixedWords):
     """Hard verbalizer over a frozen LM head. ``pieces[lang][c]`` are the token ids of label c's
     word in language ``lang``; ``use_language`` picks the set (the training language's by default,
-    and for a language the task card gives no words)."""
+    and for a language the task card gives no words). The head is the backbone's, kept out of this
+    module's submodules so that moving the verbalizer never moves (a shard of) the backbone."""
 
     kind = "hard"
 
@@ -156,11 +157,15 @@ class WordVerbalizer(_FixedWords):
             raise XPromptError(f"unknown --label-reduce '{reduce}'; known: {', '.join(REDUCES)}")
         if lang not in pieces:
             raise XPromptError(f"no label words for the training language '{lang}' in the task card")
-        self.head = head
+        self._head = (head,)
         self.pieces = pieces
         self.default = lang
         self.lang = lang
         self.reduce = reduce
+
+    @property
+    def head(self) -> nn.Module:
+        return self._head[0]
 
     def use_language(self, lang: str) -> None:
         self.lang = lang if lang in self.pieces else self.default
@@ -239,21 +244,37 @@ def _vocab_projection(head: nn.Module) -> nn.Linear:
 
 
 class DecoderVerbalizer(_FixedWords):
-    """Text-to-text scoring (mT5, T5, mT0): each label's word (from the task card, per language)
-    followed by ``</s>`` is scored by the frozen decoder's log-likelihood given the prompted
-    encoder states, divided by its number of tokens. Reads the whole encoder sequence."""
+    """Text-to-text scoring (mT5, T5, mT0): each label's word (from the task card, per language) is
+    scored by the frozen decoder's log-likelihood given the prompted encoder states, divided by its
+    number of scored tokens. In T5's span-corruption format (``sentinels``: the input holds
+    ``<extra_id_0>`` where the template has ``<mask>``) the target is ``<extra_id_0> word
+    <extra_id_1> </s>`` and the word's pieces plus the closing sentinel are scored (the opening
+    sentinel and ``</s>`` are the same for every label); otherwise the target is ``word </s>``,
+    all scored. Reads the whole encoder sequence. The encoder-decoder is the backbone's, kept out
+    of this module's submodules so that moving the verbalizer never moves (a shard of) the model."""
 
     kind = "hard"
     reads_sequence = True
 
-    def __init__(self, seq2seq: nn.Module, pieces: dict[str, list[list[int]]], lang: str, eos_id: int):
+    def __init__(self, seq2seq: nn.Module, pieces: dict[str, list[list[int]]], lang: str, eos_id: int,
+                 sentinels: tuple[int, int] | None = None):
         super().__init__()
         if lang not in pieces:
             raise XPromptError(f"no label words for the training language '{lang}' in the task card")
-        self.seq2seq = seq2seq
-        self.targets = {lg: [ids + [eos_id] for ids in by_label] for lg, by_label in pieces.items()}
+        self._seq2seq = (seq2seq,)
+        if sentinels is not None:
+            first, second = sentinels
+            self.targets = {lg: [[first, *ids, second, eos_id] for ids in by_label] for lg, by_label in pieces.items()}
+            self.scored = slice(1, -1)
+        else:
+            self.targets = {lg: [[*ids, eos_id] for ids in by_label] for lg, by_label in pieces.items()}
+            self.scored = slice(0, None)
         self.default = lang
         self.lang = lang
+
+    @property
+    def seq2seq(self) -> nn.Module:
+        return self._seq2seq[0]
 
     def use_language(self, lang: str) -> None:
         self.lang = lang if lang in self.targets else self.default
@@ -269,7 +290,7 @@ class DecoderVerbalizer(_FixedWords):
             logits = self.seq2seq(encoder_outputs=encoder_outputs, attention_mask=mask,
                                   decoder_input_ids=decoder_input_ids).logits
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            scores.append(logp.mean(-1))
+            scores.append(logp[:, self.scored].mean(-1))
         return torch.stack(scores, dim=-1)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from ..attention import use_cpu_attention
+from ..config import DType
+from ..hardware import resolve_dtype
 from ..errors import XPromptError
 from .embedded import EMBEDDED_NAME, embedded_folder, file_sha256
 
@@ -34,6 +36,8 @@ class Backbone:
     lm_head: nn.Module | None = None
     seq2seq: nn.Module | None = None  # seq2seq kind: the whole encoder-decoder, for decoder scoring
     sharded: bool = False  # loaded with a device_map: its layers may sit on several devices
+    revision: str | None = None  # the hub revision it was loaded at (None: the default branch)
+    bin_weights: bool = False  # read from pytorch_model.bin (torch.load(weights_only=True)) by the user's choice
 
     def input_device(self):
         """Where inputs and the prompt go: the device of the input embeddings."""
@@ -62,9 +66,17 @@ class Backbone:
         raise XPromptError(f"cannot find the {self.num_layers} transformer layers of {self.name}")
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # a bin-only folder is hashed by its .bin files
+
+
 def weights_sha256(folder: Path) -> str:
-    """One sha256 over every weights file of a model folder (sorted by name)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    """One sha256 over every weights file of a model folder (sorted by name): its safetensors
+    files, or its pytorch_model*.bin files where it has none."""
+    files: list[Path] = []
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(Path(folder).glob(pattern))
+        if files:
+            break
     if not files:
         return "unknown"
     if len(files) == 1:
@@ -75,12 +87,25 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _hub_snapshot(name: str) -> Path | None:
+def _bin_only(folder: Path) -> bool:
+    """A local checkpoint that holds pickled weights (pytorch_model.bin) and no safetensors."""
+    return not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin"))
+
+
+def bin_weights_error(name: str) -> XPromptError:
+    return XPromptError(
+        f"backbone '{name}' has only pytorch_model.bin weights (pickled), and xprompt loads safetensors only: "
+        f"pass --revision refs/pr/N where the hub holds its safetensors conversion (see the model's "
+        f"'Community' pull requests), or --allow-bin-weights to read the .bin with torch.load(weights_only=True)"
+    )
+
+
+def _hub_snapshot(name: str, revision: str | None = None) -> Path | None:
     """The local snapshot folder of a hub model that ``from_pretrained`` has just fetched."""
     from transformers.utils import cached_file
 
     try:
-        return Path(cached_file(name, "config.json")).parent
+        return Path(cached_file(name, "config.json", revision=revision)).parent
     except (OSError, ValueError):
         return None
 
@@ -100,10 +125,18 @@ def load_backbone(
     device: str = "cpu",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    revision: str | None = None,
+    allow_bin_weights: bool = False,
+    dtype: DType | str = DType.FP32,
 ) -> Backbone:
-    """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online).
-    ``device_map="auto"`` spreads a backbone too large for one device over the GPUs (and CPU)
-    through accelerate; the prompt then sits with the input embeddings."""
+    """Load and freeze a backbone: ``e5-small``, a local folder, or a Hugging Face id (online),
+    at ``revision`` (hub ids). Weights load from safetensors only, unless ``allow_bin_weights``
+    lets a ``pytorch_model.bin`` checkpoint in through ``torch.load(weights_only=True)`` (tensors
+    only, never arbitrary unpickling). ``device_map="auto"`` spreads a backbone too large for one
+    device over the GPUs (and CPU) through accelerate; the prompt then sits with the input
+    embeddings. On a GPU the weights load in ``dtype`` (bf16 or fp32); on CPU they stay fp32 and
+    bf16 runs through autocast."""
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -115,20 +148,31 @@ def load_backbone(
         folder = Path(name)
         if not (folder / "config.json").is_file():
             raise XPromptError(f"backbone folder {folder} has no config.json; save it with save_pretrained")
+        if _bin_only(folder) and not allow_bin_weights:
+            raise bin_weights_error(name)
     else:
         folder = name
+    hub = {"trust_remote_code": trust_remote_code, "revision": revision}
+    gpu = device_map is not None or str(device).startswith("cuda")
+    bf16 = gpu and resolve_dtype(dtype, "cuda")[0] is DType.BF16
+    weights = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if device_map:
+        weights["device_map"] = device_map
+    # safetensors only, unless the user opted in to .bin (transformers reads it with weights_only=True)
+    weights.update({"use_safetensors": None, "weights_only": True} if allow_bin_weights else {"use_safetensors": True})
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **hub)
         kind = _kind(config)
-        # safetensors only: a checkpoint that would need unpickling is refused, not loaded
         auto = {"masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)
-        placement = {"device_map": device_map} if device_map else {}
-        model = auto.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code, use_safetensors=True,
-                                     **placement)
-    except (OSError, ValueError) as e:
+        model = auto.from_pretrained(folder, config=config, **hub, **weights)
+    except (OSError, ValueError, ImportError) as e:
+        message = str(e)
+        snapshot = None if isinstance(folder, Path) else _hub_snapshot(folder, revision)
+        if not allow_bin_weights and (snapshot is not None and _bin_only(snapshot) or "use_safetensors" in message):
+            raise bin_weights_error(name) from None
         raise XPromptError(
-            f"cannot load backbone '{name}': {str(e).splitlines()[0]} "
+            f"cannot load backbone '{name}': {message.splitlines()[0] if message else type(e).__name__} "
             f"(offline? use '{EMBEDDED_NAME}' or a local folder)"
         ) from None
     lm_head = None
@@ -149,7 +193,7 @@ def load_backbone(
     if not device_map:
         model.to(device)
     use_cpu_attention(model)  # faster bf16 training and evaluation on CPU; sdpa everywhere else
-    local = Path(folder) if Path(str(folder)).is_dir() else _hub_snapshot(str(folder))
+    local = Path(folder) if Path(str(folder)).is_dir() else _hub_snapshot(str(folder), revision)
     return Backbone(
         name=name,
         path=local,
@@ -160,6 +204,8 @@ def load_backbone(
         lm_head=lm_head,
         seq2seq=seq2seq,
         sharded=bool(device_map),
+        revision=revision,
+        bin_weights=bool(local) and _bin_only(local),
     )
 
 
