@@ -1,17 +1,23 @@
-"""Speed, memory and accuracy of xprompt against PEFT on the same backbone, data and budget.
+"""Speed, memory and accuracy of xprompt against PEFT on the same backbone, data and budget, per dtype.
 
 One fresh process per measurement, alternating xprompt and PEFT, repeated; medians and the
 xprompt/PEFT ratio of each pair. PEFT runs the standard way: ``PromptTuningConfig`` (SEQ_CLS) on a
-``BertForSequenceClassification`` holding the same embedded weights, dynamic padding, fp32. Both
-train on the XNLI English pool with the same prompt length, batch size, steps, learning rate and
-threads; both are scored on the same English dev rows. A large matmul in its own process gives
-the machine's FLOP limit, and the eval FLOPs are counted from the model's shapes and the real
-token counts. xprompt's CPU attention (``xprompt/attention.py``) is measured against transformers'
-sdpa: in training as a third system in the rotation, in evaluation alternating in one process.
+``BertForSequenceClassification`` holding the same embedded weights, dynamic padding (in bf16 under
+``torch.autocast``, as a PEFT user would). Both train on the XNLI English pool with the same prompt
+length, batch size, steps, learning rate and threads; both are scored on the same English dev rows.
+Every measurement is taken in each of ``--dtypes`` (bf16 and fp32): the CPU's capability decides
+which one ``--dtype auto`` (xprompt's default) picks, and the summary compares that default with
+PEFT in both. Where bf16 is emulated (no AVX512_BF16/AMX, or torch held at AVX2), bf16 is only
+timed on evaluation over ``--emulated-rows`` rows per language: training there would take hours.
+A large matmul in its own process gives the machine's FLOP limit per dtype, and the eval FLOPs are
+counted from the model's shapes and the real token counts. xprompt's CPU attention
+(``xprompt/attention.py``) is measured against transformers' sdpa: in training as a third system
+in the rotation (in the default dtype), in evaluation alternating in one process.
 
     pip install -e '.[bench]'                                  # PEFT, the peer
     python scripts/bench.py --repeats 3 --steps 60 --out docs/bench.json
-    python scripts/bench.py --worker train --system peft      # one measurement, JSON on stdout
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench.py ...   # imitate an AVX2-only CPU
+    python scripts/bench.py --worker train --system peft --dtype fp32   # one measurement, JSON on stdout
                                                               # (systems: xprompt, xprompt-sdpa, peft)
 """
 
@@ -103,7 +109,7 @@ def xprompt_train(args, attention: str | None = None) -> dict:
         "train_examples_per_s": timed / (stamps[args.steps - 1] - stamps[1]),
         "accuracy_en_dev": float((preds == np.asarray(dev["label"])).mean()),
         "accuracy_en_dev_fp32": float((preds_fp32 == np.asarray(dev["label"])).mean()),
-        f"{args.dtype}_fp32_agreement": float((preds == preds_fp32).mean()),
+        "fp32_agreement": float((preds == preds_fp32).mean()),
         "trainable_parameters": summary["trainable_parameters"],
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -135,7 +141,7 @@ def xprompt_eval(args) -> dict:
                         verbalizer=CenteredVerbalizer(3, bb.hidden_size))
     encoded = encode(eval_set(args.eval_rows), task.template, bb.tokenizer)
     pad = bb.tokenizer.pad_token_id
-    predict(model, encoded.select(range(min(128, len(encoded)))), 64, pad, args.dtype)  # warm-up
+    predict(model, encoded.select(range(min(16, len(encoded)))), 64, pad, args.dtype)  # warm-up
     seconds: dict[str, list[float]] = {NAME: [], "sdpa": []}
     preds = {}
     for _ in range(args.inner):
@@ -177,12 +183,21 @@ def peft_features(tokenizer, ds):
             for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], list(ds["label"]))]
 
 
-def peft_predict(model, collate, features, batch_size: int):
+def peft_autocast(dtype: str):
+    """PEFT in bf16 the way its users run it: the fp32 model under torch.autocast."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def peft_predict(model, collate, features, batch_size: int, dtype: str = "fp32"):
     import torch
 
     model.eval()
     preds = []
-    with torch.no_grad():
+    with torch.no_grad(), peft_autocast(dtype):
         for i in range(0, len(features), batch_size):
             batch = collate([{k: v for k, v in f.items() if k != "labels"} for f in features[i : i + batch_size]])
             preds.extend(model(**batch).logits.argmax(-1).tolist())
@@ -212,7 +227,8 @@ def peft_train(args) -> dict:
     stamps = {}
     for step in range(1, args.steps + 1):
         batch = collate(features[(step - 1) * args.batch_size : step * args.batch_size])
-        loss = model(**batch).loss
+        with peft_autocast(args.dtype):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -220,7 +236,7 @@ def peft_train(args) -> dict:
         if step in (1, args.steps - 1):
             stamps[step] = time.perf_counter()
     _, dev = xnli_rows("dev", "en", args.acc_rows)
-    preds = peft_predict(model, collate, peft_features(tokenizer, dev), 64)
+    preds = peft_predict(model, collate, peft_features(tokenizer, dev), 64, args.dtype)
     accuracy = sum(int(p == y) for p, y in zip(preds, dev["label"])) / len(dev)
     timed = (args.steps - 2) * args.batch_size
     return {"train_examples_per_s": timed / (stamps[args.steps - 1] - stamps[1]), "accuracy_en_dev": accuracy,
@@ -233,9 +249,9 @@ def peft_eval(args) -> dict:
     model, tokenizer = peft_model(args)
     collate = DataCollatorWithPadding(tokenizer)
     features = peft_features(tokenizer, eval_set(args.eval_rows))
-    peft_predict(model, collate, features[:128], 64)  # warm-up
+    peft_predict(model, collate, features[:16], 64, args.dtype)  # warm-up
     start = time.perf_counter()
-    peft_predict(model, collate, features, 64)
+    peft_predict(model, collate, features, 64, args.dtype)
     seconds = time.perf_counter() - start
     return {"eval_pairs_per_s": len(features) / seconds, "pairs": len(features), "peak_rss_mb": peak_rss_mb()}
 
@@ -264,17 +280,17 @@ WORKERS = {("train", "xprompt"): xprompt_train, ("train", "peft"): peft_train,
            ("eval", "xprompt"): xprompt_eval, ("eval", "peft"): peft_eval, ("matmul", "none"): matmul}
 
 
-def spawn(args, worker: str, system: str) -> dict:
+def spawn(args, worker: str, system: str, dtype: str = "fp32", eval_rows: int | None = None, inner: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--system", system, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--prompt-length", str(args.prompt_length), "--lr", str(args.lr),
-           "--eval-rows", str(args.eval_rows), "--acc-rows", str(args.acc_rows), "--threads", str(args.threads),
-           "--method", args.method, "--dtype", args.dtype, "--inner", str(args.inner)]
+           "--eval-rows", str(eval_rows or args.eval_rows), "--acc-rows", str(args.acc_rows),
+           "--threads", str(args.threads), "--method", args.method, "--dtype", dtype, "--inner", str(inner or args.inner)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{worker}/{system} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {worker:6s} {system:8s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    print(f"  {worker:6s} {system:12s} {dtype:4s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in result.items()), flush=True)
     return result
 
@@ -287,8 +303,11 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--method", default="deep", help="xprompt's method (PEFT's twin of 'soft' is PromptTuning)")
-    parser.add_argument("--dtype", default="bf16", help="xprompt's compute dtype")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="dtypes to measure both systems in")
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)  # a worker's dtype
     parser.add_argument("--eval-rows", type=int, default=200, help="dev rows per language (15 languages)")
+    parser.add_argument("--emulated-rows", type=int, default=4,
+                        help="dev rows per language for a dtype this CPU only emulates (eval only)")
     parser.add_argument("--acc-rows", type=int, default=1000, help="English dev rows scored after training")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--inner", type=int, default=2, help="timed passes per attention kind in one eval process")
@@ -303,61 +322,115 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker, args.system](args)))
         return
 
-    keys = ("train-xprompt", "train-xprompt-sdpa", "train-peft", "eval-xprompt", "eval-peft", "matmul")
-    rows: dict[str, list[dict]] = {k: [] for k in keys}
+    from xprompt.hardware import cpu_bf16, cpu_capability, resolve_dtype
+
+    native, reason = cpu_bf16()
+    default = resolve_dtype("auto", "cpu")[0].value
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    print(f"CPU: {cpu_name()}; torch capability {cpu_capability()}; {reason}; --dtype auto -> {default}", flush=True)
+
+    def emulated(dtype: str) -> bool:
+        return dtype == "bf16" and not native
+
+    def plan(dtype: str) -> list[tuple[str, list[str]]]:
+        if emulated(dtype):
+            return [("eval", ["xprompt", "peft"])]
+        train = ["xprompt", "peft"] + (["xprompt-sdpa"] if dtype == default else [])
+        return [("train", train), ("eval", ["xprompt", "peft"])]
+
+    rows: dict[str, list[dict]] = {"matmul": []}
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", flush=True)
         rows["matmul"].append(spawn(args, "matmul", "none"))
-        for worker in ("train", "eval"):
-            systems = ["xprompt", "xprompt-sdpa", "peft"] if worker == "train" else ["xprompt", "peft"]
-            shift = r % len(systems)  # rotate who goes first
-            for system in systems[shift:] + systems[:shift]:
-                rows[f"{worker}-{system}"].append(spawn(args, worker, system))
+        for dtype in dtypes:
+            for worker, systems in plan(dtype):
+                shift = r % len(systems)  # rotate who goes first
+                for system in systems[shift:] + systems[:shift]:
+                    rows.setdefault(f"{worker}-{system}-{dtype}", []).append(
+                        spawn(args, worker, system, dtype, *((args.emulated_rows, 1) if emulated(dtype) else ())))
 
-    med = lambda key, field: median(x[field] for x in rows[key])  # noqa: E731
-    ratio = lambda worker, field, peer="peft": median(  # noqa: E731
-        a[field] / b[field] for a, b in zip(rows[f"{worker}-xprompt"], rows[f"{worker}-{peer}"]))
-    limit = med("matmul", f"matmul_gflop_per_s_{args.dtype}")
+    def med(key: str, field: str) -> float:
+        return median(x[field] for x in rows[key])
+
+    def ratio(key: str, peer: str, field: str) -> float:  # median of the per-repeat ratios
+        return median(a[field] / b[field] for a, b in zip(rows[key], rows[peer]))
+
+    per_dtype = {}
+    for dtype in dtypes:
+        limit = med("matmul", f"matmul_gflop_per_s_{dtype}")
+        out = {"emulated": emulated(dtype), "eval_rows_per_language": args.emulated_rows if emulated(dtype) else args.eval_rows,
+               "matmul_gflop_per_s": limit,
+               "xprompt_eval_pairs_per_s": med(f"eval-xprompt-{dtype}", "eval_pairs_per_s"),
+               "peft_eval_pairs_per_s": med(f"eval-peft-{dtype}", "eval_pairs_per_s"),
+               "eval_ratio": ratio(f"eval-xprompt-{dtype}", f"eval-peft-{dtype}", "eval_pairs_per_s"),
+               "xprompt_eval_gflop_per_s": med(f"eval-xprompt-{dtype}", "eval_gflop_per_s"),
+               "xprompt_eval_pairs_per_s_sdpa": med(f"eval-xprompt-{dtype}", "eval_pairs_per_s_sdpa"),
+               "eval_attention_speedup": med(f"eval-xprompt-{dtype}", "attention_speedup")}
+        out["eval_fraction_of_matmul_limit"] = out["xprompt_eval_gflop_per_s"] / limit
+        if not emulated(dtype):
+            out.update({
+                "xprompt_train_examples_per_s": med(f"train-xprompt-{dtype}", "train_examples_per_s"),
+                "peft_train_examples_per_s": med(f"train-peft-{dtype}", "train_examples_per_s"),
+                "train_ratio": ratio(f"train-xprompt-{dtype}", f"train-peft-{dtype}", "train_examples_per_s"),
+                "xprompt_accuracy_en_dev": med(f"train-xprompt-{dtype}", "accuracy_en_dev"),
+                "peft_accuracy_en_dev": med(f"train-peft-{dtype}", "accuracy_en_dev"),
+                "xprompt_train_peak_rss_mb": med(f"train-xprompt-{dtype}", "peak_rss_mb"),
+                "peft_train_peak_rss_mb": med(f"train-peft-{dtype}", "peak_rss_mb"),
+                "fp32_agreement": med(f"train-xprompt-{dtype}", "fp32_agreement"),
+            })
+        if f"train-xprompt-sdpa-{dtype}" in rows:
+            out["xprompt_train_examples_per_s_sdpa"] = med(f"train-xprompt-sdpa-{dtype}", "train_examples_per_s")
+            out["train_attention_speedup"] = ratio(f"train-xprompt-{dtype}", f"train-xprompt-sdpa-{dtype}",
+                                                   "train_examples_per_s")
+        per_dtype[dtype] = out
+
     summary = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "system", "out")},
-        "cpu": cpu_name(),
-        "xprompt_train_examples_per_s": med("train-xprompt", "train_examples_per_s"),
-        "peft_train_examples_per_s": med("train-peft", "train_examples_per_s"),
-        "train_ratio": ratio("train", "train_examples_per_s"),
-        "xprompt_eval_pairs_per_s": med("eval-xprompt", "eval_pairs_per_s"),
-        "peft_eval_pairs_per_s": med("eval-peft", "eval_pairs_per_s"),
-        "eval_ratio": ratio("eval", "eval_pairs_per_s"),
-        "xprompt_accuracy_en_dev": med("train-xprompt", "accuracy_en_dev"),
-        "peft_accuracy_en_dev": med("train-peft", "accuracy_en_dev"),
-        "xprompt_train_peak_rss_mb": med("train-xprompt", "peak_rss_mb"),
-        "peft_train_peak_rss_mb": med("train-peft", "peak_rss_mb"),
-        "xprompt_eval_gflop_per_s": med("eval-xprompt", "eval_gflop_per_s"),
-        f"matmul_gflop_per_s_{args.dtype}": limit,
-        "eval_fraction_of_matmul_limit": med("eval-xprompt", "eval_gflop_per_s") / limit,
-        "xprompt_eval_pairs_per_s_sdpa": med("eval-xprompt", "eval_pairs_per_s_sdpa"),
-        "xprompt_train_examples_per_s_sdpa": med("train-xprompt-sdpa", "train_examples_per_s"),
-        "train_attention_speedup": ratio("train", "train_examples_per_s", "xprompt-sdpa"),
-        "xprompt_accuracy_en_dev_sdpa": med("train-xprompt-sdpa", "accuracy_en_dev"),
-        "attention_speedup": med("eval-xprompt", "attention_speedup"),
-        "attention_agreement": med("eval-xprompt", "attention_agreement"),
-        "xprompt_accuracy_en_dev_fp32": med("train-xprompt", "accuracy_en_dev_fp32"),
-        f"{args.dtype}_fp32_agreement": med("train-xprompt", f"{args.dtype}_fp32_agreement"),
-        "raw": rows,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "system", "out", "dtype")},
+        "cpu": cpu_name(), "cpu_capability": cpu_capability(), "cpu_bf16_native": native, "cpu_bf16_reason": reason,
+        "auto_dtype": default, "per_dtype": per_dtype, "raw": rows,
     }
-    table = [
-        "| measure | xprompt | PEFT | ratio |", "|---|---|---|---|",
-        f"| train examples/s | {summary['xprompt_train_examples_per_s']:.1f} | {summary['peft_train_examples_per_s']:.1f} | {summary['train_ratio']:.2f}x |",
-        f"| eval pairs/s | {summary['xprompt_eval_pairs_per_s']:.1f} | {summary['peft_eval_pairs_per_s']:.1f} | {summary['eval_ratio']:.2f}x |",
-        f"| en dev accuracy after {args.steps} steps | {100 * summary['xprompt_accuracy_en_dev']:.1f} | {100 * summary['peft_accuracy_en_dev']:.1f} | |",
-        f"| train peak RSS (MB) | {summary['xprompt_train_peak_rss_mb']:.0f} | {summary['peft_train_peak_rss_mb']:.0f} | |",
-        f"| eval GFLOP/s (share of the {args.dtype} matmul limit {limit:.0f}) | {summary['xprompt_eval_gflop_per_s']:.0f} ({100 * summary['eval_fraction_of_matmul_limit']:.0f}%) | | |",
-        f"| eval pairs/s with transformers' sdpa instead (same process) | {summary['xprompt_eval_pairs_per_s_sdpa']:.1f} "
-        f"(CPU attention {summary['attention_speedup']:.2f}x, same predictions on {100 * summary['attention_agreement']:.1f}%) | | |",
-        f"| train examples/s with transformers' sdpa instead (separate process) | {summary['xprompt_train_examples_per_s_sdpa']:.1f} "
-        f"(CPU attention {summary['train_attention_speedup']:.2f}x; en dev accuracy {100 * summary['xprompt_accuracy_en_dev_sdpa']:.1f}) | | |",
-        f"| {args.dtype} vs fp32 predictions of the trained prompt (en dev) | {100 * summary[f'{args.dtype}_fp32_agreement']:.1f}% agree; "
-        f"fp32 accuracy {100 * summary['xprompt_accuracy_en_dev_fp32']:.1f} | | |",
-    ]
+    if default in per_dtype:
+        mine = per_dtype[default]
+        fastest = max(per_dtype, key=lambda d: per_dtype[d]["xprompt_eval_pairs_per_s"])
+        summary["default"] = {
+            "dtype": default,
+            "fastest_eval_dtype": fastest,
+            "eval_vs_fastest_dtype": mine["xprompt_eval_pairs_per_s"] / per_dtype[fastest]["xprompt_eval_pairs_per_s"],
+            "eval_ratio_vs_peft_same_dtype": mine["eval_ratio"],
+            "eval_ratio_vs_peft_fastest": mine["xprompt_eval_pairs_per_s"] / max(v["peft_eval_pairs_per_s"] for v in per_dtype.values()),
+        }
+        if "train_ratio" in mine:
+            peft_train = [v["peft_train_examples_per_s"] for v in per_dtype.values() if "peft_train_examples_per_s" in v]
+            summary["default"].update(train_ratio_vs_peft_same_dtype=mine["train_ratio"],
+                                      train_ratio_vs_peft_fastest=mine["xprompt_train_examples_per_s"] / max(peft_train))
+
+    table = [f"CPU {summary['cpu']}, torch capability {summary['cpu_capability']} ({reason}); --dtype auto -> {default}",
+             "", "| dtype | measure | xprompt | PEFT | ratio |", "|---|---|---|---|---|"]
+    for dtype, v in per_dtype.items():
+        tag = f"{dtype}{' (emulated)' if v['emulated'] else ''}{' = auto' if dtype == default else ''}"
+        if "train_ratio" in v:
+            table += [
+                f"| {tag} | train examples/s | {v['xprompt_train_examples_per_s']:.1f} | {v['peft_train_examples_per_s']:.1f} | {v['train_ratio']:.2f}x |",
+                f"| {tag} | en dev accuracy after {args.steps} steps | {100 * v['xprompt_accuracy_en_dev']:.1f} | {100 * v['peft_accuracy_en_dev']:.1f} | |",
+                f"| {tag} | train peak RSS (MB) | {v['xprompt_train_peak_rss_mb']:.0f} | {v['peft_train_peak_rss_mb']:.0f} | |",
+            ]
+        table += [
+            f"| {tag} | eval pairs/s ({v['eval_rows_per_language']} rows x 15 languages) | {v['xprompt_eval_pairs_per_s']:.1f} | {v['peft_eval_pairs_per_s']:.1f} | {v['eval_ratio']:.2f}x |",
+            f"| {tag} | eval GFLOP/s (share of the {dtype} matmul limit {v['matmul_gflop_per_s']:.0f}) | {v['xprompt_eval_gflop_per_s']:.0f} ({100 * v['eval_fraction_of_matmul_limit']:.0f}%) | | |",
+            f"| {tag} | eval pairs/s with transformers' sdpa instead (same process) | {v['xprompt_eval_pairs_per_s_sdpa']:.1f} (CPU attention {v['eval_attention_speedup']:.2f}x) | | |",
+        ]
+        if "train_attention_speedup" in v:
+            table.append(f"| {tag} | train examples/s with transformers' sdpa instead | {v['xprompt_train_examples_per_s_sdpa']:.1f} "
+                         f"(CPU attention {v['train_attention_speedup']:.2f}x) | | |")
+        if dtype != "fp32" and "fp32_agreement" in v:
+            table.append(f"| {tag} | predictions of the trained prompt evaluated in fp32 (en dev) | {100 * v['fp32_agreement']:.1f}% agree | | |")
+    if "default" in summary:
+        d = summary["default"]
+        table += ["", f"default (auto = {default}): eval at {100 * d['eval_vs_fastest_dtype']:.0f}% of the fastest dtype "
+                      f"({d['fastest_eval_dtype']}); vs PEFT in the same dtype: eval {d['eval_ratio_vs_peft_same_dtype']:.2f}x"
+                      + (f", train {d['train_ratio_vs_peft_same_dtype']:.2f}x" if "train_ratio_vs_peft_same_dtype" in d else "")
+                      + f"; vs PEFT in its faster dtype: eval {d['eval_ratio_vs_peft_fastest']:.2f}x"
+                      + (f", train {d['train_ratio_vs_peft_fastest']:.2f}x" if "train_ratio_vs_peft_fastest" in d else "")]
     print("\n".join(table))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
