@@ -77,10 +77,11 @@ def xprompt_train(args, attention: str | None = None) -> dict:
     """xprompt's default training run; ``attention="sdpa"`` swaps its CPU attention for transformers' sdpa."""
     from xprompt.backbones import load_backbone
     from xprompt.config import TrainConfig
-    from xprompt.evaluation import load_run_model, predict
+    from xprompt.evaluation import predict
+    from xprompt.model import load_run_model
     from xprompt.data import encode
     from xprompt.tasks import load_task
-    from xprompt.training import train
+    from xprompt.workflows.runs import train
     import tempfile
 
     import numpy as np
@@ -131,7 +132,9 @@ def xprompt_eval(args) -> dict:
     from xprompt.attention import NAME
     from xprompt.backbones import load_backbone
     from xprompt.data import encode
-    from xprompt.evaluation import VECTOR_READOUT, build_model, predict
+    from xprompt.evaluation import predict
+    from xprompt.model import build_model
+    from xprompt.verbalizers import VECTOR_READOUT
     from xprompt.tasks import load_task
     from xprompt.verbalizers import CenteredVerbalizer
 

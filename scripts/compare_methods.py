@@ -35,13 +35,14 @@ def run(*args: str) -> None:
 def eval_speed(run_dir: Path, task_name: str, lang: str, limit: int, repeats: int, cache: bool | None) -> float:
     """Pairs/s of `evaluation.predict` on the first `limit` dev rows of one language (bf16, batch 64)."""
     from xprompt.backbones import load_backbone
-    from xprompt.cli import _default_cache
     from xprompt.data import encode, load_split
-    from xprompt.evaluation import load_run_model, predict
+    from xprompt.evaluation import predict
+    from xprompt.model import load_run_model
+    from xprompt.store import default_cache_dir
     from xprompt.tasks import DEFAULT_TASKS_DIR, load_task
 
     task = load_task(task_name, DEFAULT_TASKS_DIR)
-    bb = load_backbone("e5-small", _default_cache())
+    bb = load_backbone("e5-small", default_cache_dir())
     model, _ = load_run_model(run_dir, bb)
     ds = load_split(task, lang, "dev", [])
     encoded = encode(ds.select(range(min(limit, len(ds)))), task.template, bb.tokenizer)

@@ -10,7 +10,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from xprompt.attention import NAME, cpu_attention, use_cpu_attention
 from xprompt.backbones import load_backbone
 from xprompt.data import batches, encode, load_split
-from xprompt.evaluation import autocast, build_model, predict
+from xprompt.evaluation import predict
+from xprompt.hardware import autocast
+from xprompt.model import build_model
 
 
 class _Module(torch.nn.Module):

@@ -130,7 +130,7 @@ def test_peft_export_where_a_twin_exists(bb, method, folders, library, tmp_path)
     from transformers import AutoModel, MT5EncoderModel
 
     from xprompt.backbones import load_backbone
-    from xprompt.evaluation import load_run_model
+    from xprompt.model import load_run_model
 
     runs = tmp_path / "runs"
     out = invoke("train", "--backbone", folders[bb], "--data-dir", TEST_DATA, "--runs-dir", runs, "--method", method,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import TEST_DATA
 from xprompt.config import TrainConfig
-from xprompt.training import train
+from xprompt.workflows.runs import train
 
 COMMON = ["--data-dir", str(TEST_DATA), "--max-steps", "6", "--batch-size", "8", "--prompt-length", "3",
           "--eval-every", "3", "--dtype", "fp32", "--seed", "5"]

@@ -190,13 +190,14 @@ def test_revision_reaches_the_hub_safetensors_branch(tiny_mt5_bin_dir, tiny_mt5_
 def test_each_language_gets_its_own_template_and_words(tiny_xlmr_mlm_dir, tmp_path, monkeypatch, style, expect_native):
     """With label words (XLM-R's LM head), --template auto|native encodes every language with its own
     cloze template from the card and scores its own words; agnostic keeps the one template."""
+    import xprompt.data as data
     import xprompt.evaluation as evaluation
-    import xprompt.training as training
+    import xprompt.verbalizers as verbalizers
     from xprompt.tasks import load_task
 
     xnli = load_task("xnli")
     seen = []
-    for module in (evaluation, training):
+    for module in (evaluation, data):  # evaluation's encode, and training data's (data.prepare_data)
         real = module.encode
         monkeypatch.setattr(module, "encode", lambda ds, template, *a, _real=real, **k: (seen.append(template), _real(ds, template, *a, **k))[1])
     runs = tmp_path / "runs"
@@ -208,8 +209,8 @@ def test_each_language_gets_its_own_template_and_words(tiny_xlmr_mlm_dir, tmp_pa
     assert seen and set(seen) == {xnli.languages["en"].template if expect_native else xnli.template}
     seen.clear()
     languages = []
-    real_use = evaluation.WordVerbalizer.use_language
-    monkeypatch.setattr(evaluation.WordVerbalizer, "use_language", lambda self, lang: (languages.append(lang), real_use(self, lang))[1])
+    real_use = verbalizers.WordVerbalizer.use_language
+    monkeypatch.setattr(verbalizers.WordVerbalizer, "use_language", lambda self, lang: (languages.append(lang), real_use(self, lang))[1])
     ev = invoke("eval", "--run", runs / "r", "--langs", "zh,de", "--data-dir", TEST_DATA)
     assert ev.exit_code == 0, ev.output
     if expect_native:
@@ -234,7 +235,7 @@ def test_label_vectors_keep_the_agnostic_template(tiny_bert_dir, tmp_path):
 def test_mean_readout_reads_every_input_token_without_bos(tiny_mt5_dir, tmp_path):
     from xprompt.backbones import load_backbone
     from xprompt.data import batches, encode, load_split
-    from xprompt.evaluation import build_model
+    from xprompt.model import build_model
     from xprompt.tasks import load_task
 
     bb = load_backbone(str(tiny_mt5_dir), tmp_path)
@@ -254,7 +255,7 @@ def test_mean_readout_reads_every_input_token_without_bos(tiny_mt5_dir, tmp_path
 def test_neuron_similarity_on_mt5_reads_the_gated_ffn(tiny_mt5_dir, tmp_path):
     from xprompt.backbones import load_backbone
     from xprompt.data import sequence_ends
-    from xprompt.evaluation import build_model
+    from xprompt.model import build_model
     from xprompt.similarity import _ffn_activations, activated_neurons
 
     bb = load_backbone(str(tiny_mt5_dir), tmp_path)
@@ -304,7 +305,8 @@ def test_placing_a_model_never_moves_a_sharded_backbone(which, tiny_mt5_dir, tin
     """--device-map auto: the verbalizer holds the backbone's LM head / decoder without owning it,
     so placing the model moves only the prompt and the verbalizer's own tensors."""
     from xprompt.backbones import load_backbone
-    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.model import build_model
+    from xprompt.verbalizers import make_verbalizer, task_label_words
     from xprompt.tasks import load_task
 
     folder = tiny_mt5_dir if which == "mt5" else tiny_xlmr_mlm_dir

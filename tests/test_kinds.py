@@ -9,9 +9,9 @@ from conftest import TEST_DATA, train_losses
 from xprompt.backbones import load_backbone
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
-from xprompt.evaluation import load_run_model
+from xprompt.model import load_run_model
 from xprompt.tasks import load_task
-from xprompt.training import train
+from xprompt.workflows.runs import train
 from xprompt.verbalizers import WordVerbalizer, label_pieces
 
 
@@ -77,7 +77,8 @@ def test_hard_verbalizer_trains_the_prompt_only_and_evaluates_per_language(mlm, 
 
 
 def test_hard_verbalizer_loss_falls(mlm):
-    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.model import build_model
+    from xprompt.verbalizers import make_verbalizer, task_label_words
 
     xnli = load_task("xnli")
     verbalizer = make_verbalizer(mlm, "auto", list(xnli.labels), task_label_words(xnli), "en")
@@ -107,7 +108,8 @@ def mt5(tiny_mt5_dir, tmp_path_factory):
 
 
 def test_seq2seq_kind_scores_label_strings_by_decoder_likelihood(mt5):
-    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.model import build_model
+    from xprompt.verbalizers import make_verbalizer, task_label_words
     from xprompt.verbalizers import DecoderVerbalizer
 
     assert mt5.kind == "seq2seq" and mt5.seq2seq is not None and type(mt5.model).__name__ == "MT5Stack"
@@ -164,7 +166,8 @@ def test_every_method_trains_on_seq2seq_and_masked_lm(method, mt5, mlm, tmp_path
 
 
 def test_seq2seq_loss_falls(mt5):
-    from xprompt.evaluation import build_model, make_verbalizer, task_label_words
+    from xprompt.model import build_model
+    from xprompt.verbalizers import make_verbalizer, task_label_words
 
     xnli = load_task("xnli")
     model = build_model(mt5, 3, "soft", 3, "mask",
@@ -194,7 +197,7 @@ def test_seq2seq_and_masked_lm_from_the_cli(tiny_mt5_dir, tiny_xlmr_mlm_dir, tmp
 
 
 def test_soft_words_verbalizer_starts_at_the_label_words(mlm, tmp_path):
-    from xprompt.evaluation import make_verbalizer, task_label_words
+    from xprompt.verbalizers import make_verbalizer, task_label_words
     from xprompt.verbalizers import OutputWordsVerbalizer
 
     xnli = load_task("xnli")

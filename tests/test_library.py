@@ -11,9 +11,9 @@ from conftest import TEST_DATA
 from safetensors.torch import load_file
 
 from xprompt.config import TrainConfig
-from xprompt.library import mixture_schedule
+from xprompt.transfer import mixture_schedule
 from xprompt.tasks import load_task
-from xprompt.training import train
+from xprompt.workflows.runs import train
 
 
 def _cfg(**kw):
@@ -47,7 +47,7 @@ def test_mixture_schedule_is_examples_proportional_with_a_cap():
 
 
 def test_rank_by_similarity_to_a_probe(backbone, library, tmp_path, monkeypatch):
-    import xprompt.library as lib_module
+    import xprompt.transfer as lib_module
     from xprompt.similarity import flat_cosine
 
     probes = []
@@ -77,7 +77,7 @@ def test_rank_by_similarity_to_a_probe(backbone, library, tmp_path, monkeypatch)
 
 
 def test_mixture_transfer_trains_on_the_sources_and_resumes_without_mixing_again(backbone, library, tmp_path, monkeypatch):
-    import xprompt.library as lib_module
+    import xprompt.transfer as lib_module
 
     run = tmp_path / "runs" / "mix"
     run.mkdir(parents=True)
@@ -94,8 +94,9 @@ def test_mixture_transfer_trains_on_the_sources_and_resumes_without_mixing_again
 
     # at a real learning rate the mixture moves the prompt away from the sources' average it
     # starts at, and leaves the model as it was
-    from xprompt.evaluation import build_model
-    from xprompt.library import Candidate, train_mixture
+    from xprompt.model import build_model
+    from xprompt.library import Candidate
+    from xprompt.transfer import train_mixture
     from xprompt.store import load_prompt
 
     model = build_model(backbone, 2, "deep", 3, "mask")

@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
 from xprompt.errors import XPromptError
-from xprompt.evaluation import build_model, load_run_model
-from xprompt.prompts import PTuningPrompt
+from xprompt.model import build_model, load_run_model
+from xprompt.prompts import PTuningConfig, PTuningPrompt
 from xprompt.tasks import load_task
-from xprompt.training import initial_vectors, train
+from xprompt.start import initial_vectors
+from xprompt.workflows.runs import train
 
 
 def _cfg(**kw):
@@ -23,7 +24,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("reparam", ["mlp", "lstm"])
 def test_ptuning_starts_at_its_seed_and_its_encoder_learns(reparam, backbone, xnli, tokenizer):
-    prompt = PTuningPrompt(3, 32, 2, reparam)
+    prompt = PTuningPrompt(PTuningConfig(prompt_length=3, reparam=reparam), 32, 2)
     prompt.embeddings.data.normal_()
     torch.testing.assert_close(prompt.vectors(), prompt.embeddings)  # zero last layer: the soft start
     model = build_model(backbone, 3, "ptuning", 3, "mask", reparam)
@@ -49,7 +50,7 @@ def test_ptuning_run_saves_resulting_vectors_and_resumes_exactly(backbone, xnli,
 
     # loaded as a P-tuning prompt or as a plain soft prompt: the same logits
     model, card = load_run_model(whole, backbone)
-    from xprompt.evaluation import vector_verbalizer
+    from xprompt.verbalizers import vector_verbalizer
 
     soft = build_model(backbone, 3, "soft", 3, card["readout"], verbalizer=vector_verbalizer(card, 3, 32))
     soft.prompt.load_tensors(saved, "x")
@@ -205,7 +206,7 @@ def test_peft_adapters_xprompt_cannot_use_are_refused(tmp_path):
 def test_prefix_projection_starts_at_the_tables_learns_and_saves_the_resulting_tables(method, backbone, xnli, tokenizer):
     """P-tuning v2's reparameterisation: at the start the same outputs as the plain method; the MLP
     trains; the saved tables reproduce the trained model without it; checkpoints resume it."""
-    from xprompt.training import init_prompt_and_verbalizer
+    from xprompt.start import init_prompt_and_verbalizer
 
     ds = encode(load_split(xnli, "en", "train", [TEST_DATA]).select(range(16)), xnli.template, tokenizer)
     batch = next(batches(ds, 16, tokenizer.pad_token_id))
@@ -259,7 +260,7 @@ def test_prefix_projection_flag_from_the_cli(tiny_bert_dir, tmp_path):
     ev = invoke("eval", "--run", runs / "d", "--langs", "en,de", "--data-dir", TEST_DATA, "--backbone", tiny_bert_dir)
     assert ev.exit_code == 0, ev.output
     bad = invoke("train", *common, "--run-name", "s", "--method", "soft", "--prefix-projection")
-    assert bad.exit_code != 0 and "prefix_projection needs method deep or prefix" in bad.output
+    assert bad.exit_code != 0 and "--prefix-projection needs --method deep or prefix, not soft" in bad.output
     assert "Traceback" not in bad.output and not (runs / "s").exists()
 
 

@@ -5,10 +5,10 @@ from conftest import TEST_DATA
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
 from xprompt.errors import XPromptError
-from xprompt.evaluation import build_model, load_run_model
-from xprompt.prompts import DeepPrompt, Method, build_prompt
+from xprompt.model import build_model, load_run_model
+from xprompt.prompts import DeepPrompt, ProjectedConfig, build_prompt, method_names
 from xprompt.store import save_prompt
-from xprompt.training import init_prompt_and_verbalizer, prompt_card
+from xprompt.start import init_prompt_and_verbalizer, prompt_card
 from xprompt.verbalizers import SoftVerbalizer
 
 
@@ -17,7 +17,7 @@ def _batch(xnli, tokenizer, n=6):
     return ds, next(batches(ds, n, tokenizer.pad_token_id))
 
 
-@pytest.mark.parametrize("method", list(Method))
+@pytest.mark.parametrize("method", method_names())
 def test_backbone_frozen_and_gradients_reach_prompt(backbone, xnli, tokenizer, method):
     model = build_model(backbone, 3, method, 4, "mask")
     ds, batch = _batch(xnli, tokenizer)
@@ -31,12 +31,12 @@ def test_backbone_frozen_and_gradients_reach_prompt(backbone, xnli, tokenizer, m
     for _ in range(2):
         loss = torch.nn.functional.cross_entropy(model(batch), batch["labels"])
         loss.backward()
-        if method is Method.PREFIX:  # keys and values only: the placeholders reach no input token
+        if method == "prefix":  # keys and values only: the placeholders reach no input token
             assert model.prompt.embeddings.grad is None and not model.prompt.embeddings.requires_grad
             assert model.prompt.keys.grad.abs().sum() > 0 and model.prompt.values.grad.abs().sum() > 0
         else:
             assert model.prompt.embeddings.grad is not None and model.prompt.embeddings.grad.abs().sum() > 0
-        if method is Method.DEEP:
+        if method == "deep":
             assert model.prompt.layer_prompts.grad.abs().sum() > 0
         assert model.verbalizer.weight.grad.abs().sum() > 0
         optimizer.step()
@@ -122,7 +122,7 @@ def test_prompt_save_load_round_trip(backbone, xnli, tokenizer, tmp_path):
     model = build_model(backbone, 3, cfg.method, 3, "mask")
     init_prompt_and_verbalizer(model, backbone, ds, cfg)
     save_prompt(tmp_path, {**model.prompt.tensors(), **model.verbalizer.tensors()},
-                prompt_card(cfg, xnli, backbone, {}))
+                prompt_card(cfg, xnli, backbone, {}, model.verbalizer.kind, model.prompt))
     loaded, card = load_run_model(tmp_path, backbone)
     for name, tensor in model.prompt.tensors().items():
         assert torch.equal(tensor, loaded.prompt.tensors()[name])
@@ -133,13 +133,13 @@ def test_prompt_save_load_round_trip(backbone, xnli, tokenizer, tmp_path):
 
 
 def test_prompt_shape_mismatch_is_refused():
-    prompt = build_prompt("soft", 4, 8, 2)
+    prompt = build_prompt("soft", 8, 2, prompt_length=4)
     with pytest.raises(XPromptError, match=r"'prompt_embeddings' has shape \(5, 8\), this model needs \(4, 8\)"):
         prompt.load_tensors({"prompt_embeddings": torch.zeros(5, 8)}, "p")
     with pytest.raises(XPromptError, match="'layer_prompts' is missing"):
-        DeepPrompt(4, 8, 2).load_tensors({"prompt_embeddings": torch.zeros(4, 8)}, "p")
+        DeepPrompt(ProjectedConfig(prompt_length=4), 8, 2).load_tensors({"prompt_embeddings": torch.zeros(4, 8)}, "p")
     with pytest.raises(XPromptError, match="unknown method 'lora'; known: soft, ptuning, deep"):
-        build_prompt("lora", 4, 8, 2)
+        build_prompt("lora", 8, 2, prompt_length=4)
 
 
 def test_label_without_examples_starts_at_the_mean_of_all_states():

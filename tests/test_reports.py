@@ -24,7 +24,7 @@ def test_rows_format_percentages_and_summary():
     rows = language_rows(_results(), "en")
     assert rows[0] == ["en", "10", "80.0", "70.0"]
     assert rows[3] == ["sw", "10", "-", "-"]
-    assert rows[4] == ["avg (targets, 2)", "", "55.0", "45.0"]
+    assert rows[4] == ["avg (2 targets)", "", "55.0", "45.0"]
     assert rows[-1] == ["gap (en - targets)", "", "25.0", "25.0"]
 
 

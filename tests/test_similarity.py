@@ -53,7 +53,7 @@ def test_neuron_overlap_is_intersection_over_union():
 
 
 def test_activated_neurons_follow_the_prompt(backbone, tokenizer):
-    from xprompt.evaluation import build_model
+    from xprompt.model import build_model
 
     model = build_model(backbone, 3, "deep", 3, "mask")
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import TEST_DATA
 from xprompt.config import TrainConfig
 from xprompt.errors import XPromptError
-from xprompt.training import train
+from xprompt.workflows.runs import train
 
 
 def _cfg(**kw):
@@ -107,7 +107,7 @@ def test_init_from_weighted_average_of_runs(backbone, xnli, tmp_path):
 
 
 def test_init_from_library_ranks_by_zero_shot_score(backbone, xnli, tmp_path, monkeypatch):
-    import xprompt.library as library_module
+    import xprompt.transfer as library_module
 
     library = tmp_path / "lib"
     for name, seed in (("a", 5), ("b", 6), ("c", 7)):

@@ -8,8 +8,8 @@ import torch
 from conftest import TEST_DATA, train_losses
 from xprompt.config import TrainConfig
 from xprompt.data import batches, encode, load_split
-from xprompt.evaluation import build_model, load_run_model
-from xprompt.training import train
+from xprompt.model import build_model, load_run_model
+from xprompt.workflows.runs import train
 
 
 def _model(backbone, length=3):

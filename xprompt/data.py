@@ -13,11 +13,13 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
+from .config import TrainConfig
 from .errors import XPromptError
 from .tasks import TaskSpec, template_parts
 
@@ -106,17 +108,26 @@ def _load_from_hub(task: TaskSpec, lang: str, split: str) -> Dataset:
     feature = ds.features.get("label")
     names = getattr(feature, "names", None)
 
-    def convert(row: dict, index: int) -> dict:
+    def convert(row: dict, index: int) -> dict | None:
         out = {"id": str(row.get("id", index))}
         out.update({f: row[f] for f in task.fields})
         value = row.get("label")
         if value is None or (isinstance(value, int) and value < 0):
             out["label"] = NO_LABEL
         else:
-            out["label"] = task.label_id(names[value] if names else value, f"{hub['path']}[{index}]")
+            name = names[value] if names else value
+            if str(name) in task.drop_labels:
+                return None  # e.g. OCNLI's "-" (no annotator majority), as read_jsonl drops it
+            out["label"] = task.label_id(name, f"{hub['path']}[{index}]")
         return out
 
-    return Dataset.from_list([convert(row, i) for i, row in enumerate(ds)])
+    rows = [r for r in (convert(row, i) for i, row in enumerate(ds)) if r is not None]
+    if any(r["label"] != NO_LABEL for r in rows):
+        # a labelled split: the hub's -1 rows are the ones without a gold label (OCNLI's "-"), not test rows
+        rows = [r for r in rows if r["label"] != NO_LABEL]
+    if not rows:
+        raise XPromptError(f"{hub['path']} gave no rows for {task.name}/{split}/{lang}")
+    return Dataset.from_list(rows)
 
 
 def load_split(
@@ -255,18 +266,16 @@ def span_sentinels(tokenizer) -> tuple[int, int] | None:
 
 
 ENCODING_VERSION = 1  # bump when TemplateEncoder's output changes: old cache files are then ignored
-_tokenizer_keys: dict[int, str] = {}
-
-
 def _tokenizer_key(tokenizer) -> str | None:
-    """A hash of the tokenizer's full definition (fast tokenizers only), computed once per object."""
-    key = _tokenizer_keys.get(id(tokenizer))
+    """A hash of the tokenizer's full definition (fast tokenizers only), computed once per tokenizer
+    object and kept on it (never by ``id()``, which a later object can reuse)."""
+    key = getattr(tokenizer, "_xprompt_key", None)
     if key is None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             return None
         key = hashlib.sha256(backend.to_str().encode()).hexdigest()
-        _tokenizer_keys[id(tokenizer)] = key
+        tokenizer._xprompt_key = key
     return key
 
 
@@ -345,3 +354,36 @@ def slice_batch(batch: dict, rows: torch.Tensor) -> dict:
     out["input_ids"] = out["input_ids"][:, :width]
     out["attention_mask"] = out["attention_mask"][:, :width]
     return out
+
+
+@dataclass
+class TrainData:
+    train: object  # encoded datasets.Dataset
+    select: object
+    describe: str
+    used_ids: list[str]  # ids of the rows training and selection saw (kept out of evaluation)
+
+
+def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
+                 cache_dir: Path | None = None) -> TrainData:
+    """The training rows and the held-out selection rows, both from the training language and
+    ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
+    task.check_languages([cfg.lang], cfg.source_split)
+    pool = load_split(task, cfg.lang, cfg.source_split, data_dirs)
+    if cfg.shots:
+        train_rows = sample_shots(pool, cfg.shots, cfg.seed, len(task.labels))
+        select_rows = sample_shots(pool, cfg.shots, cfg.seed + 1, len(task.labels), exclude=set(train_rows))
+        train, select = pool.select(train_rows), pool.select(select_rows)
+        describe = (f"{cfg.shots} shots per class from {cfg.lang} {cfg.source_split}; "
+                    f"selection on {len(select)} other {cfg.lang} rows")
+    else:
+        size = min(cfg.select_size, len(pool) // 5)
+        train, select = holdout_split(pool, size, cfg.seed)
+        describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
+    template = task.template_for(cfg.lang, cfg.template)
+    return TrainData(
+        encode(train, template, tokenizer, cfg.max_length, cache_dir),
+        encode(select, template, tokenizer, cfg.max_length, cache_dir),
+        describe,
+        [*train["id"], *select["id"]],
+    )

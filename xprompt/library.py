@@ -1,48 +1,32 @@
-"""The prompt library: retrieve trained prompts for a new task and start from them.
+"""The prompt library: the finished runs in a folder, as a catalogue, and the ways to rank them.
 
-The library is the finished runs in a folder (their ``prompt/`` holds safetensors and a card).
-For a new run (``xprompt train --init-from library``):
+- ``library_prompts``: every saved prompt on the same backbone weights (of a shape, a method, not
+  of a task, zero-shot runs only unless adapted ones are asked for);
+- ranking by prompt similarity (flat / mean cosine, activated-neuron overlap; Su et al. 2022:
+  ``similar_prompts`` for one prompt against the others, ``similarity_scores`` against a probe);
+- ranking by zero-shot transfer (``zero_shot_scores`` with a scorer; ``transfer_scores``, every
+  prompt on a target task's rows: task similarity).
 
-1. **Candidates**: every prompt on the same backbone weights and of the same shape, of another task
-   (SPoT transfers between tasks; ``same_task`` lets the task's own prompts in too).
-2. **Ranking** (``rank_by``): ``zero-shot``, each candidate's accuracy on the run's held-out
-   selection rows with its prompt in place; or ``flat`` / ``mean`` / ``neurons``, its similarity to
-   a *probe* prompt trained for a few steps on the new task (SPoT's recipe). The top ``top_k`` stay.
-3. **Transfer**: ``best`` starts from the top-k prompt with the best zero-shot selection accuracy
-   (the short trial of each); ``average`` from their average weighted by the ranking scores;
-   ``mixture`` from one prompt trained on the mixture of the top-k source tasks' data (each with
-   its own label vectors), examples-proportional with a cap as in T5.
-
-The choice (and a mixture's trained prompt) is stored in the run folder, so a resumed run neither
-ranks nor mixes again. Label vectors come from a source only when its labels are the task's;
-otherwise they keep the new task's class-mean start.
+Starting a run from library prompts (best-of-k, weighted average, mixture) is ``xprompt.transfer``'s.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
+from .data import encode, sequence_ends
 from .errors import XPromptError
-from .similarity import (
-    activated_neurons,
-    flat_cosine,
-    mean_cosine,
-    neuron_overlap,
-    prompt_shapes,
-)
-from .store import atomic_write, load_prompt, read_json, write_json
+from .evaluation import predict
+from .model import load_run_model, model_from_card
+from .similarity import activated_neurons, flat_cosine, mean_cosine, neuron_overlap, prompt_shapes
+from .start import load_average, restore, set_class_means, snapshot
+from .store import load_prompt, run_protocol
+from .verbalizers import make_verbalizer, task_label_words, verbalizer_from_card
 
-LIBRARY = "library"  # --init-from library
 RANK_BY = ("zero-shot", "flat", "mean", "neurons")
-TRANSFERS = ("best", "average", "mixture")
-CHOICE_FILE = "library_init.json"
-MIXTURE_FILE = "library_mixture.safetensors"
 
 
 @dataclass
@@ -53,12 +37,17 @@ class Candidate:
 
 
 def library_prompts(library: Path, sha256: str, shapes: list[tuple] | None = None, exclude_run: Path | None = None,
-                    exclude_task: str | None = None, method: str | None = None) -> list[Candidate]:
+                    exclude_task: str | None = None, method: str | None = None,
+                    include_adapted: bool = False) -> list[Candidate]:
     """Finished prompts under ``library`` trained on these backbone weights (of this prompt shape
-    unless ``shapes`` is None); without ``exclude_run`` and the runs of ``exclude_task``. Sorted by folder name."""
+    unless ``shapes`` is None); without ``exclude_run`` and the runs of ``exclude_task``, and
+    without adapted runs (trained on target-language rows) unless ``include_adapted``. Sorted by
+    folder name."""
     found = []
     for run in sorted(p.parent.parent for p in Path(library).glob("*/prompt/prompt.safetensors")):
         if exclude_run is not None and run.resolve() == Path(exclude_run).resolve():
+            continue
+        if not include_adapted and run_protocol(run) != "zero-shot":
             continue
         tensors, card = load_prompt(run)
         if card.get("backbone_sha256") != sha256 or (shapes is not None and prompt_shapes(tensors) != shapes):
@@ -71,22 +60,33 @@ def library_prompts(library: Path, sha256: str, shapes: list[tuple] | None = Non
     return found
 
 
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in {**model.prompt.tensors(), **model.verbalizer.tensors()}.items()}
-
-
-def restore(model, state: dict[str, torch.Tensor]) -> None:
-    model.prompt.load_tensors(state, "the saved start")
-    model.verbalizer.load_tensors(state, "the saved start")
+def similar_prompts(run: Path, backbone, library: Path, include_adapted: bool = False) -> tuple[list[dict], int]:
+    """Every library prompt of ``run``'s shape on the same backbone weights, with its flat and mean
+    cosine to ``run``'s prompt (over what the method trains) and the overlap of the FFN neurons the
+    two activate. Returns (rows, how many prompts of another backbone or shape were left out)."""
+    tensors, card = load_prompt(run)
+    ids = sequence_ends(backbone.tokenizer)
+    model, _ = load_run_model(run, backbone)
+    active = activated_neurons(model, *ids)
+    others = sorted(p.parent.parent for p in Path(library).glob("*/prompt/prompt.safetensors"))
+    candidates = library_prompts(library, card.get("backbone_sha256"), prompt_shapes(tensors), exclude_run=run,
+                                 include_adapted=include_adapted)
+    rows = []
+    for c in candidates:
+        other_model, _ = load_run_model(c.run, backbone)
+        rows.append({"run": c.run.name, "task": c.card["task"], "lang": c.card.get("train_language"),
+                     "flat": flat_cosine(tensors, c.tensors, card["method"]),
+                     "mean": mean_cosine(tensors, c.tensors, card["method"]),
+                     "neurons": neuron_overlap(active, activated_neurons(other_model, *ids))})
+    skipped = len([o for o in others if o.resolve() != Path(run).resolve()]) - len(candidates)
+    return rows, skipped
 
 
 def with_candidate(model, c: Candidate, task, sample, pad_id: int, dtype) -> None:
     """Put a library prompt into ``model``: its prompt, and its label vectors when it is a prompt
     of this task; otherwise label vectors from the class means of ``sample`` read through it."""
-    from .training import _start_from, set_class_means
-
-    note = _start_from(model, [(c.tensors, c.card)], None, task, [str(c.run)])
-    if "class means" in note:
+    _, took = load_average(model, [(c.tensors, c.card)], None, task, [str(c.run)])
+    if not took:
         set_class_means(model, sample, pad_id, dtype)
 
 
@@ -110,9 +110,6 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
     ``lang`` (``task words``), for label vectors the class means of ``sample`` (training rows)
     read through it (``class means``); ``(None, "no label map")`` when neither exists (no train
     split to take means from). No training step."""
-    from .data import encode
-    from .evaluation import make_verbalizer, model_from_card, predict, task_label_words, verbalizer_from_card
-
     labels = np.asarray(rows["label"])
     pad = backbone.tokenizer.pad_token_id
     encoded: dict[tuple[str, str], object] = {}
@@ -149,8 +146,6 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
         if used in ("own", "mapped"):
             model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
         elif used == "class means":
-            from .training import set_class_means
-
             set_class_means(model, rows_as(style, sample), pad, dtype)
         preds = predict(model, rows_as(style, rows), 64, pad, dtype)
         if bridge is not None:
@@ -159,36 +154,13 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
     return scores
 
 
-def probe_prompt(model, train, cfg, device, steps: int, pad: int) -> dict[str, torch.Tensor]:
-    """SPoT's probe: the new task's prompt after ``steps`` steps from the model's current start
-    (own AdamW, constant learning rate). Returns its tensors; the model is left as it was."""
-    from .data import batches
-    from .training import accumulate_gradients
-
-    start = snapshot(model)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    done, epoch = 0, 0
-    model.train()
-    while done < steps:
-        for batch in batches(train, cfg.batch_size, pad, shuffle=True, seed=cfg.seed + 7919, epoch=epoch):
-            accumulate_gradients(model, batch, cfg, device)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done += 1
-            if done >= steps:
-                break
-        epoch += 1
-    probe = snapshot(model)
-    restore(model, start)
-    return probe
-
-
 def similarity_scores(model, probe: dict, candidates: list[Candidate], measure: str, bos: int, eos: int) -> list[float]:
     """Similarity of each candidate's prompt to the probe prompt by ``measure``."""
+    method = model.prompt.name
     if measure == "flat":
-        return [flat_cosine(probe, c.tensors) for c in candidates]
+        return [flat_cosine(probe, c.tensors, method) for c in candidates]
     if measure == "mean":
-        return [mean_cosine(probe, c.tensors) for c in candidates]
+        return [mean_cosine(probe, c.tensors, method) for c in candidates]
     if measure != "neurons":
         raise XPromptError(f"unknown similarity measure {measure!r}; use one of {', '.join(RANK_BY)}")
     start = snapshot(model)
@@ -201,148 +173,3 @@ def similarity_scores(model, probe: dict, candidates: list[Candidate], measure: 
     scores = [neuron_overlap(mine, neurons(c.tensors)) for c in candidates]
     restore(model, start)
     return scores
-
-
-def mixture_schedule(sizes: list[int], steps: int, seed: int, cap: int | None = None) -> list[int]:
-    """Which source each step draws its batch from: examples-proportional mixing with a limit
-    (Raffel et al. 2020): source i is drawn with probability min(size_i, cap) / sum of those."""
-    if not sizes or min(sizes) < 1:
-        raise XPromptError(f"every mixture source needs training rows, got sizes {sizes}")
-    rates = np.minimum(np.asarray(sizes, dtype=np.float64), cap if cap else math.inf)
-    rng = np.random.default_rng(seed)
-    return rng.choice(len(sizes), size=steps, p=rates / rates.sum()).tolist()
-
-
-def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights: list[float], steps: int,
-                  data_dirs, tasks_dir, cache_dir, device) -> tuple[dict[str, torch.Tensor], dict]:
-    """One prompt trained on the mixture of the sources' training data, starting from their
-    weighted average; each source task keeps its own (trained) label vectors. Returns the prompt's
-    tensors and what was mixed; the model is left as it was."""
-    from .data import encode, holdout_split, load_split
-    from .tasks import DEFAULT_TASKS_DIR, load_task
-    from .evaluation import verbalizer_from_card
-    from .training import _start_from, accumulate_gradients
-
-    start = snapshot(model)
-    own_verbalizer = model.verbalizer
-    rows = steps * cfg.batch_size  # enough rows that no source repeats before the mixture ends
-    data, verbalizers, names = [], [], []
-    for c in sources:
-        source = load_task(c.card["task"], tasks_dir or DEFAULT_TASKS_DIR)
-        lang = c.card.get("train_language", source.source_language)
-        pool = load_split(source, lang, "train", data_dirs)
-        # the source's own selection rows stay out, as in its training
-        config = c.run / "config.json"
-        seed = int(read_json(config)["train"].get("seed", cfg.seed)) if config.is_file() else cfg.seed
-        train, _ = holdout_split(pool, min(cfg.select_size, len(pool) // 5), seed)
-        train = train.shuffle(seed=cfg.seed).select(range(min(rows, len(train))))
-        template = source.template_for(lang, c.card.get("template_style", "agnostic"))
-        data.append(encode(train, template, backbone.tokenizer, cfg.max_length, cache_dir))
-        verbalizer = verbalizer_from_card(c.card, backbone, len(source.labels)).to(device)
-        verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
-        verbalizers.append(verbalizer)
-        names.append(f"{source.name}/{lang}")
-    sizes = [len(pool_rows) for pool_rows in data]
-    schedule = mixture_schedule(sizes, steps, cfg.seed, cap=cfg.mixture_cap)
-    _start_from(model, [(c.tensors, c.card) for c in sources], weights, task, [str(c.run) for c in sources])
-    groups = [*model.prompt.param_groups(cfg.lr), {"params": [p for v in verbalizers for p in v.parameters()], "lr": cfg.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pad = backbone.tokenizer.pad_token_id
-    streams = [_cycle(d, cfg, pad) for d in data]
-    model.train()
-    try:
-        for source in schedule:
-            model.verbalizer = verbalizers[source]
-            accumulate_gradients(model, next(streams[source]), cfg, device)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        model.verbalizer = own_verbalizer
-    mixed = {k: v.detach().clone() for k, v in model.prompt.tensors().items()}
-    restore(model, start)
-    counts = np.bincount(schedule, minlength=len(sources)).tolist()
-    return mixed, {"mixture": names, "mixture_rows": sizes, "mixture_steps_per_source": counts}
-
-
-def _cycle(encoded, cfg, pad):
-    from .data import batches
-
-    epoch = 0
-    while True:
-        yield from batches(encoded, cfg.batch_size, pad, shuffle=True, seed=cfg.seed, epoch=epoch)
-        epoch += 1
-
-
-def init_from_library(model, cfg, backbone, task, run_dir: Path, score, train, device, data_dirs=None,
-                      tasks_dir=None, cache_dir=None, main: bool = True) -> str:
-    """Retrieve from the library and load the start into ``model`` (see the module docstring).
-    Returns a one-line description of what was done."""
-    from .training import _start_from, init_sample, set_class_means
-
-    run_dir = Path(run_dir)
-    pad = backbone.tokenizer.pad_token_id
-    sample = init_sample(train, cfg.init_examples, cfg.seed)
-    choice_path = run_dir / CHOICE_FILE
-    if choice_path.is_file():  # a resumed run: the same start, without ranking or mixing again
-        choice = read_json(choice_path)
-    else:
-        library = Path(cfg.library) if cfg.library else run_dir.parent
-        shapes = prompt_shapes(model.prompt.tensors())
-        candidates = library_prompts(library, backbone.sha256, shapes, run_dir, None if cfg.same_task else task.name,
-                                     cfg.method.value)
-        if not candidates:
-            other = "" if cfg.same_task else " of another task"
-            raise XPromptError(f"no prompt{other} under {library} fits this backbone and --method/--prompt-length; "
-                               "train some there first (scripts/build_library.py) or drop --init-from library")
-        trial = lambda chosen: zero_shot_scores(model, chosen, task, score, sample, pad, cfg.dtype)  # noqa: E731
-        if cfg.rank_by == "zero-shot":
-            ranking = trial(candidates)
-        else:
-            from .data import sequence_ends
-
-            bos, eos = sequence_ends(backbone.tokenizer)
-            probe = probe_prompt(model, train, cfg, device, cfg.probe_steps, backbone.tokenizer.pad_token_id)
-            ranking = similarity_scores(model, probe, candidates, cfg.rank_by, bos, eos)
-        order = sorted(range(len(candidates)), key=lambda i: -ranking[i])[: cfg.top_k]
-        top = [candidates[i] for i in order]
-        # the short trial: zero-shot selection accuracy of each kept prompt
-        zero_shot = [ranking[i] for i in order] if cfg.rank_by == "zero-shot" else trial(top)
-        choice = {"transfer": cfg.transfer, "rank_by": cfg.rank_by, "sources": [str(c.run) for c in top],
-                  "scores": [ranking[i] for i in order], "zero_shot": zero_shot,
-                  "candidates": len(candidates)}
-        if cfg.transfer == "mixture":
-            mixed, info = train_mixture(model, backbone, cfg, task, top, _weights(choice["scores"]), cfg.mixture_steps,
-                                        data_dirs, tasks_dir, cache_dir, device)
-            choice.update(info)
-            if main:
-                atomic_write(run_dir / MIXTURE_FILE, lambda tmp: save_file(mixed, str(tmp)))
-        if main:
-            write_json(choice_path, choice)
-    sources = [Path(x) for x in choice["sources"]]
-    loaded = [Candidate(s, *load_prompt(s)) for s in sources]
-    for c in loaded:
-        if c.card.get("backbone_sha256") != backbone.sha256:
-            raise XPromptError(f"{c.run}/prompt was trained on other backbone weights than '{backbone.name}'")
-    if choice["transfer"] == "best":
-        best = max(range(len(loaded)), key=lambda i: choice["zero_shot"][i])
-        note = _start_from(model, [(loaded[best].tensors, loaded[best].card)], None, task, [str(loaded[best].run)])
-    elif choice["transfer"] == "average":
-        note = _start_from(model, [(c.tensors, c.card) for c in loaded], _weights(choice["scores"]), task,
-                           [str(c.run) for c in loaded])
-    else:
-        mixed = load_file(str(run_dir / MIXTURE_FILE))
-        model.prompt.load_tensors(mixed, str(run_dir / MIXTURE_FILE))
-        steps = ", ".join(f"{n} {k}" for n, k in zip(choice["mixture"], choice["mixture_steps_per_source"]))
-        note = (f"prompt trained {sum(choice['mixture_steps_per_source'])} steps on the mixture ({steps} steps) "
-                "(label vectors from class means)")
-    if "class means" in note:  # label vectors read through the chosen start, not the discarded vocabulary one
-        set_class_means(model, sample, pad, cfg.dtype)
-    ranking = ", ".join(f"{Path(r).name} {s:.3f}" for r, s in zip(choice["sources"], choice["scores"]))
-    return (f"library ({choice['transfer']} of top {len(sources)} of {choice.get('candidates', '?')} "
-            f"by {choice.get('rank_by', 'zero-shot')}: {ranking}): {note}")
-
-
-def _weights(scores: list[float]) -> list[float]:
-    """Averaging weights from ranking scores: negative similarities count as 0; all 0 means equal."""
-    clipped = [max(0.0, s) for s in scores]
-    return clipped if sum(clipped) > 0 else [1.0] * len(scores)

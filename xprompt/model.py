@@ -1,25 +1,30 @@
 """PromptModel: frozen backbone + prompt + verbalizer; ``forward(batch) -> logits``.
 
-The prompt's vectors go in after ``<s>`` through ``inputs_embeds``; the state read out is the
-final hidden state at ``<mask>`` (``readout="mask"``) or the mean over the input's tokens
+The prompt's vectors go in at the prompt's place through ``inputs_embeds``; the state read out is
+the final hidden state at ``<mask>`` (``readout="mask"``) or the mean over the input's tokens
 (``readout="mean"``, the e5 sentence-embedding convention). It never branches on the method.
+Here too: building a model, from options or from a saved prompt's card.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .backbones import Backbone
 from .data import sequence_ends
-from .prompts import SoftPrompt
-from .verbalizers import SoftVerbalizer
+from .errors import XPromptError
+from .prompts import PromptMethod, build_prompt
+from .store import load_prompt
+from .verbalizers import resolve_choices, verbalizer_from_card
 
 READOUTS = ("mask", "mean", "both")
 
 
 class PromptModel(nn.Module):
-    def __init__(self, backbone: Backbone, prompt: SoftPrompt, verbalizer: SoftVerbalizer, readout: str = "mask"):
+    def __init__(self, backbone: Backbone, prompt: PromptMethod, verbalizer: nn.Module, readout: str = "mask"):
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -113,3 +118,56 @@ class PromptModel(nn.Module):
             for handle in handles:
                 handle.remove()
         self.prompt.init_layers()
+
+
+# ---------------------------------------------------------------- building models
+
+
+def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
+                reparam: str | None = None, position: str = "after-bos", verbalizer=None,
+                tower_layers: int | None = None, projection: bool = False) -> PromptModel:
+    """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
+    from .verbalizers import SoftVerbalizer
+
+    if position == "after-bos" and sequence_ends(backbone.tokenizer)[0] is None:
+        position = "first"  # (m)T5 inputs start without <s>: the prompt leads
+    prompt = build_prompt(method, backbone.hidden_size, backbone.num_layers, prompt_length=prompt_length,
+                          prompt_position=position, reparam=reparam, prefix_projection=projection,
+                          tower_layers=tower_layers)
+    prompt.attach(backbone)
+    verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
+    readout = resolve_choices(backbone, verbalizer.kind, readout)[1]  # "auto" by the verbalizer's kind
+    return PromptModel(backbone, prompt, verbalizer, readout)
+
+
+def model_from_card(card: dict, backbone: Backbone, verbalizer=None) -> PromptModel:
+    """The PromptModel a prompt card describes (method, its options, readout), without its
+    tensors; ``verbalizer`` defaults to the card's own kind."""
+    verbalizer = verbalizer if verbalizer is not None else verbalizer_from_card(card, backbone)
+    return build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]),
+                       card.get("readout", "mask"), reparam=card.get("reparam"),
+                       position=card.get("position", "after-bos"), verbalizer=verbalizer,
+                       tower_layers=card.get("tower_layers"))
+
+
+def check_backbone(card: dict, backbone: Backbone, where: str) -> None:
+    """Refuse a prompt whose card names other backbone weights than ``backbone``'s."""
+    if card.get("backbone_sha256") not in (None, "unknown", backbone.sha256) and backbone.sha256 != "unknown":
+        raise XPromptError(
+            f"{where}: the prompt was trained on backbone '{card.get('backbone')}' "
+            f"(weights sha256 {str(card.get('backbone_sha256'))[:12]}), not on '{backbone.name}' "
+            f"({backbone.sha256[:12]}); pass --backbone {card.get('backbone')}"
+        )
+
+
+def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict]:
+    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone."""
+    tensors, card = load_prompt(run_dir)
+    where = str(Path(run_dir) / "prompt")
+    check_backbone(card, backbone, where)
+    if not card.get("labels"):
+        raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
+    model = model_from_card(card, backbone)
+    model.prompt.load_tensors(tensors, where)
+    model.verbalizer.load_tensors(tensors, where)
+    return model, card

@@ -14,15 +14,17 @@ from pathlib import Path
 from .errors import XPromptError
 
 INDEX_FILE = "index.sqlite"
-SCHEMA_VERSION = 2  # bump on any schema change: an index of another version is rebuilt from the folders
+SCHEMA_VERSION = 3  # bump on any schema change: an index of another version is rebuilt from the folders
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, path TEXT, task TEXT, lang TEXT, backbone TEXT, method TEXT,
     prompt_length INTEGER, shots INTEGER, seed INTEGER, lr REAL, max_steps INTEGER,
-    finished INTEGER, select_accuracy REAL, train_seconds REAL, config TEXT
+    finished INTEGER, select_accuracy REAL, train_seconds REAL, config TEXT,
+    protocol TEXT, compute_dtype TEXT, backbone_sha256 TEXT, task_version INTEGER, data_dir TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     run_id TEXT, task TEXT, split TEXT, lang TEXT, n INTEGER, accuracy REAL, macro_f1 REAL, correct TEXT,
+    row_limit INTEGER, rows TEXT, excluded INTEGER,
     PRIMARY KEY (run_id, task, split, lang)
 );
 """
@@ -70,20 +72,24 @@ def index_run(runs_dir: Path, run_dir: Path) -> None:
     cfg, metrics = config["train"], _read(run_dir / "metrics.json")
     train = metrics.get("train", {})
     finished = (run_dir / "prompt" / "prompt.safetensors").is_file()
+    protocol = cfg.get("protocol") or ("few-shot-target" if cfg.get("source_split") == "dev" else "zero-shot")
+    dtype = (config.get("compute") or {}).get("dtype") or train.get("dtype") or cfg.get("dtype")
     with closing(_connect(runs_dir)) as db, db:
         db.execute("DELETE FROM results WHERE run_id = ?", (run_dir.name,))
         db.execute(
-            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run_dir.name, str(run_dir), cfg.get("task"), cfg.get("lang"), cfg.get("backbone"), cfg.get("method"),
              cfg.get("prompt_length"), cfg.get("shots"), cfg.get("seed"), cfg.get("lr"), cfg.get("max_steps"),
-             int(finished), train.get("select_accuracy"), train.get("train_seconds"), json.dumps(cfg, sort_keys=True)),
+             int(finished), train.get("select_accuracy"), train.get("train_seconds"), json.dumps(cfg, sort_keys=True),
+             protocol, dtype, (config.get("backbone") or {}).get("sha256"), config.get("task_version"),
+             config.get("data_dir")),
         )
         for task, splits in metrics.get("eval", {}).items():
             for split, langs in splits.items():
                 for lang, r in langs.items():
-                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",
+                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                                (run_dir.name, task, split, lang, r.get("n"), r.get("accuracy"), r.get("macro_f1"),
-                                r.get("correct")))
+                                r.get("correct"), r.get("limit"), r.get("rows"), r.get("excluded")))
 
 
 def forget_run(runs_dir: Path, run_id: str) -> None:
@@ -114,7 +120,7 @@ def list_runs(runs_dir: Path, **filters) -> list[dict]:
             return []
         rebuild(runs_dir)
     wanted = {k: v for k, v in filters.items() if v is not None}
-    columns = {"task", "lang", "backbone", "method", "shots", "seed", "finished", "prompt_length"}
+    columns = {"task", "lang", "backbone", "method", "shots", "seed", "finished", "prompt_length", "protocol"}
     unknown = set(wanted) - columns
     if unknown:
         raise XPromptError(f"unknown filter(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(columns))}")
@@ -124,5 +130,6 @@ def list_runs(runs_dir: Path, **filters) -> list[dict]:
         rows = [dict(r) for r in db.execute(f"SELECT * FROM runs WHERE {where} ORDER BY run_id", list(wanted.values()))]
         for row in rows:
             row["results"] = [dict(r) for r in db.execute(
-                "SELECT task, split, lang, n, accuracy, macro_f1, correct FROM results WHERE run_id = ?", (row["run_id"],))]
+                "SELECT task, split, lang, n, accuracy, macro_f1, correct, row_limit AS 'limit', rows, excluded "
+                "FROM results WHERE run_id = ?", (row["run_id"],))]
     return rows

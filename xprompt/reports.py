@@ -9,44 +9,99 @@ from statistics import mean, stdev
 import numpy as np
 
 
-def summarize(results: dict[str, dict], source_lang: str | None, metric: str = "accuracy") -> dict:
-    """Average over target languages, average with the source language, and the transfer gap
-    (source minus target average), over the languages that carry labels."""
-    scored = {lang: r[metric] for lang, r in results.items() if r.get("labeled") and metric in r}
-    targets = [v for lang, v in scored.items() if lang != source_lang]
-    out: dict = {"metric": metric, "languages": sorted(scored)}
-    if targets:
-        out["avg_target"] = mean(targets)
-    if scored:
-        out["avg_all"] = mean(scored.values())
-    if source_lang in scored and targets:
-        out["gap"] = scored[source_lang] - mean(targets)
+def summarize(results: dict[str, dict], source_lang: str | None, metric: str = "accuracy",
+              official: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Averages over one named language set. The target set is the task's ``official`` languages
+    minus the source language (every scored language but the source when no official set is
+    given); languages outside the official set are ``extra``: reported, never averaged. Only
+    labelled languages count; an official target without a score makes the average ``partial``
+    (over ``target_set``, the targets present), which is never compared with a complete one."""
+    scored = {lang: r[metric] for lang, r in results.items() if r.get("labeled") and r.get(metric) is not None}
+    wanted = [lang for lang in official if lang != source_lang] if official else \
+        [lang for lang in scored if lang != source_lang]
+    present = [lang for lang in wanted if lang in scored]
+    out: dict = {"metric": metric, "languages": sorted(scored), "target_set": present, "official": bool(official),
+                 "complete": bool(present) and len(present) == len(wanted),
+                 "extra": {lang: v for lang, v in scored.items() if official and lang not in official}}
+    if present:
+        out["avg_target"] = mean(scored[lang] for lang in present)
+    if source_lang in scored and present:
+        out["avg_all"] = mean([scored[source_lang], *(scored[lang] for lang in present)])
+        out["gap"] = scored[source_lang] - out["avg_target"]
+    elif scored and not present:
+        out["avg_all"] = mean(scored[lang] for lang in scored if not official or lang in official)
     return out
 
 
-def language_rows(results: dict[str, dict], source_lang: str | None) -> list[list[str]]:
-    """Rows of (language, n, accuracy, macro-F1) followed by the summary rows, as strings."""
+def set_name(summary: dict) -> str:
+    """How an average names its language set: '14 official targets', or the targets it holds."""
+    n = len(summary["target_set"])
+    if summary["complete"]:
+        return f"{n} {'official ' if summary['official'] else ''}target{'s' if n != 1 else ''}"
+    return f"partial: {', '.join(summary['target_set'])}"
+
+
+def language_rows(results: dict[str, dict], source_lang: str | None,
+                  official: list[str] | tuple[str, ...] | None = None) -> list[list[str]]:
+    """Rows of (language, n, accuracy, macro-F1) followed by the summary rows, as strings; a
+    language outside the official set is marked ``(extra)`` and left out of every average."""
 
     def pct(value) -> str:
         return "-" if value is None else f"{100 * value:.1f}"
 
     rows = [
-        [lang, str(r["n"]), pct(r.get("accuracy")), pct(r.get("macro_f1"))]
+        [f"{lang} (extra)" if official and lang not in official else lang, str(r["n"]), pct(r.get("accuracy")),
+         pct(r.get("macro_f1"))]
         for lang, r in results.items()
     ]
-    acc = summarize(results, source_lang, "accuracy")
-    f1 = summarize(results, source_lang, "macro_f1")
-    n_targets = len([lang for lang in acc["languages"] if lang != source_lang])
+    acc = summarize(results, source_lang, "accuracy", official)
+    f1 = summarize(results, source_lang, "macro_f1", official)
     if "avg_target" in acc:
-        rows.append([f"avg (targets, {n_targets})", "", pct(acc["avg_target"]), pct(f1.get("avg_target"))])
-    if "avg_all" in acc and n_targets and source_lang in acc["languages"]:
-        rows.append([f"avg (with {source_lang})", "", pct(acc["avg_all"]), pct(f1.get("avg_all"))])
+        rows.append([f"avg ({set_name(acc)})", "", pct(acc["avg_target"]), pct(f1.get("avg_target"))])
     if "gap" in acc:
+        rows.append([f"avg (with {source_lang})", "", pct(acc["avg_all"]), pct(f1.get("avg_all"))])
         rows.append([f"gap ({source_lang} - targets)", "", pct(acc["gap"]), pct(f1.get("gap"))])
     return rows
 
 
-SWEEP_KEYS = ("task", "lang", "backbone", "method", "prompt_length", "shots", "lr", "max_steps")
+# config fields that never change a result: a sweep is every other field (the seed aside)
+NOT_RESULT_FIELDS = ("seed", "grad_accum")  # grad_accum: the same gradients (tests/test_distributed.py)
+
+
+def sweep_key(run: dict) -> dict:
+    """What makes runs one sweep: every config field that can change a result except the seed, plus
+    the dtype that actually ran, the backbone's weights, the task card's version and the data folder.
+    Paths of start runs and libraries count by their folder names."""
+    try:
+        config = json.loads(run.get("config") or "{}")
+    except json.JSONDecodeError:
+        config = {}
+    key = {k: v for k, v in config.items() if k not in NOT_RESULT_FIELDS}
+    if key.get("init_from"):
+        key["init_from"] = ",".join(Path(x).name for x in str(key["init_from"]).split(","))
+    if key.get("library"):
+        key["library"] = Path(key["library"]).name
+    key.update({"compute_dtype": run.get("compute_dtype"), "backbone_sha256": run.get("backbone_sha256"),
+                "task_version": run.get("task_version"), "data_dir": run.get("data_dir")})
+    return key
+
+
+def describe_sweep(key: dict) -> str:
+    """The fields of a sweep that differ from the training defaults, for a row's label."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    shown = []
+    for name, value in sorted(key.items()):
+        if name in ("task", "lang", "backbone", "method", "prompt_length", "backbone_sha256", "task_version",
+                    "data_dir", "dtype"):
+            continue
+        if name in defaults and defaults[name] == value:
+            continue
+        if value is None and name not in defaults:
+            continue
+        shown.append(f"{name}={value}")
+    return ", ".join(shown)
 
 
 def bootstrap_ci(correct: list[str], samples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
@@ -67,22 +122,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean(values), (stdev(values) if len(values) > 1 else 0.0)
 
 
-def leaderboard(runs: list[dict], task: str, split: str = "dev", metric: str = "accuracy") -> list[dict]:
-    """One row per sweep (runs that differ only in seed) evaluated on ``task``/``split``: per-language
-    mean and std over seeds, and the per-seed average over targets, with the source, and the gap."""
-    sweeps: dict[tuple, list[dict]] = {}
+def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None = None) -> list[dict]:
+    """``task``: a TaskSpec (or a bundled task's name). One row per sweep (runs whose every result-changing config field is the same; see
+    ``sweep_key``) *and* evaluation row set (the same rows of the same languages) on ``task``
+    (a TaskSpec) / ``split``: per-language mean and std over seeds, and the per-seed averages over
+    the task's official targets, with the source, and the gap. Rows are ranked only against rows
+    averaged over the same language set: complete official sets first, then each partial set."""
+    if isinstance(task, str):  # a task name: its card from the bundled tasks
+        from .tasks import load_task
+
+        task = load_task(task)
+    metric = metric or task.metric
+    groups: dict[str, list[dict]] = {}
     for run in runs:
-        scores = {r["lang"]: r[metric] for r in run["results"]
-                  if r["task"] == task and r["split"] == split and r.get(metric) is not None}
-        if scores:
-            correct = {r["lang"]: r.get("correct") for r in run["results"] if r["task"] == task and r["split"] == split}
-            sweeps.setdefault((*(run.get(k) for k in SWEEP_KEYS), _init_from(run)), []).append(
-                {**run, "scores": scores, "correct": correct})
+        results = [r for r in run["results"] if r["task"] == task.name and r["split"] == split and r.get(metric) is not None]
+        if not results:
+            continue
+        rows_seen = {r["lang"]: r.get("rows") or f"first {r['n']}" for r in results}
+        key = json.dumps([sweep_key(run), sorted(rows_seen.items())], sort_keys=True, default=str)
+        groups.setdefault(key, []).append({**run, "scores": {r["lang"]: r[metric] for r in results},
+                                           "correct": {r["lang"]: r.get("correct") for r in results},
+                                           "n": {r["lang"]: r["n"] for r in results}, "rows_seen": rows_seen})
     rows = []
-    for key, members in sweeps.items():
-        info = {**dict(zip(SWEEP_KEYS, key)), "init_from": key[-1]}
-        source = info["lang"] if info["task"] == task else None
-        langs = sorted(set.intersection(*(set(m["scores"]) for m in members)))
+    for members in groups.values():
+        sweep = sweep_key(members[0])
+        source = sweep.get("lang") if sweep.get("task") == task.name else None
+        langs = sorted(members[0]["scores"])
         per_lang = {lang: _mean_std([m["scores"][lang] for m in members]) for lang in langs}
         ci = {}
         if metric == "accuracy":
@@ -90,17 +155,26 @@ def leaderboard(runs: list[dict], task: str, split: str = "dev", metric: str = "
                 interval = bootstrap_ci([m["correct"].get(lang) or "" for m in members])
                 if interval:
                     ci[lang] = interval
-        summaries = [summarize({lang: {"labeled": True, metric: m["scores"][lang]} for lang in langs}, source, metric)
-                     for m in members]
-        row = {**info, "source_task": info["task"], "task": task, "split": split, "metric": metric,
-               "seeds": sorted(m.get("seed") for m in members), "runs": [m["run_id"] for m in members],
-               "languages": per_lang, "ci95": ci}
+        summaries = [summarize({lang: {"labeled": True, metric: m["scores"][lang]} for lang in langs}, source, metric,
+                               task.official_languages) for m in members]
+        first = summaries[0]
+        row = {"sweep": sweep, "label": describe_sweep(sweep), "source_task": sweep.get("task"), "task": task.name,
+               "lang": sweep.get("lang"), "backbone": sweep.get("backbone"), "method": sweep.get("method"),
+               "prompt_length": sweep.get("prompt_length"), "shots": sweep.get("shots"),
+               "protocol": sweep.get("protocol", "zero-shot"), "init_from": sweep.get("init_from"),
+               "split": split, "metric": metric, "seeds": sorted(m.get("seed") for m in members),
+               "runs": [m["run_id"] for m in members], "languages": per_lang, "ci95": ci,
+               "n": members[0]["n"], "rows": members[0]["rows_seen"], "target_set": first["target_set"],
+               "complete": first["complete"], "average_over": set_name(first) if first["target_set"] else "",
+               "extra": sorted(first["extra"])}
         for name in ("avg_target", "avg_all", "gap"):
             values = [s[name] for s in summaries if name in s]
             if values:
                 row[name] = _mean_std(values)
         rows.append(row)
-    rows.sort(key=lambda r: -(r.get("avg_target") or r.get("avg_all") or (0.0, 0.0))[0])
+    # rank within a language set only: complete official sets first, then each partial set by name
+    rows.sort(key=lambda r: (not r["complete"], "" if r["complete"] else r["average_over"],
+                             -(r.get("avg_target") or r.get("avg_all") or (0.0, 0.0))[0]))
     return rows
 
 
@@ -112,7 +186,10 @@ def published_rows(path, task: str) -> list[dict]:
 
 def _table(rows: list[dict], published: list[dict]) -> tuple[list[str], list[list[str]]]:
     langs = sorted({lang for r in rows for lang in r["languages"]})
-    header = ["run", "backbone", "method", "shots", "seeds", *langs, "avg targets", "avg all", "gap"]
+    extra = {lang for r in rows for lang in r["extra"]}
+    header = ["run", "config", "protocol", "backbone", "method", "shots", "seeds", "rows",
+              *(f"{lang} (extra)" if lang in extra else lang for lang in langs),
+              "average over", "avg targets", "avg with source", "gap"]
 
     def cell(value, ci=None) -> str:
         if value is None:
@@ -121,25 +198,22 @@ def _table(rows: list[dict], published: list[dict]) -> tuple[list[str], list[lis
         text = f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s else "")
         return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
+    def rows_cell(r) -> str:
+        counts = sorted(set(r["n"].values()))
+        return "/".join(str(c) for c in counts) + " per language"
+
     table = []
     for r in rows:
-        table.append([row_name(r), str(r["backbone"]), str(r["method"]), str(r["shots"] or "all"),
-                      ",".join(str(s) for s in r["seeds"]),
+        table.append([row_name(r), r["label"], str(r["protocol"]), str(r["backbone"]), str(r["method"]),
+                      str(r["shots"] or "all"), ",".join(str(s) for s in r["seeds"]), rows_cell(r),
                       *(cell(r["languages"].get(lang), r["ci95"].get(lang)) for lang in langs),
-                      cell(r.get("avg_target")), cell(r.get("avg_all")), cell(r.get("gap"))])
+                      r["average_over"], cell(r.get("avg_target")), cell(r.get("avg_all")), cell(r.get("gap"))])
     for p in published:
-        table.append([f"published: {p['model']}", str(p["backbone"]), str(p["method"]), "all", "",
-                      *([""] * len(langs)), "", f"{p['avg_all']:.1f}", ""])
+        over = f"published: {p['languages']} languages incl. the source" if p.get("languages") else "published"
+        table.append([f"published: {p['model']}", str(p.get("source", "")), "zero-shot (full fine-tuning)",
+                      str(p["backbone"]), str(p["method"]), "all", "", "test", *([""] * len(langs)), over, "",
+                      f"{p['avg_all']:.1f}", ""])
     return header, table
-
-
-def _init_from(run: dict) -> str | None:
-    """The names of the runs a run started from (runs from other starts are other sweeps)."""
-    try:
-        value = json.loads(run.get("config") or "{}").get("init_from")
-    except json.JSONDecodeError:
-        return None
-    return ",".join(Path(x).name for x in value.split(",")) if value else None
 
 
 def row_name(row: dict) -> str:

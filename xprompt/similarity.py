@@ -1,6 +1,8 @@
 """Prompt-to-prompt similarity, the measures of "On Transferability of Prompt Tuning" (Su et al. 2022).
 
-Pure functions over tensors, plus one that asks the backbone which FFN neurons a prompt activates:
+Pure functions over saved tensors, compared on what the method trains (its
+``similarity_tensors``: a prefix's keys and values, not its fixed placeholders; a unified
+prompt's vectors and tower), plus one that asks the backbone which FFN neurons a prompt activates:
 - ``flat_cosine``: cosine of the two prompts flattened (every vector of every layer);
 - ``mean_cosine``: cosine of the mean prompt vector (per tensor, concatenated);
 - ``neuron_overlap``: of the FFN neurons either prompt activates, the fraction both activate
@@ -12,13 +14,16 @@ from __future__ import annotations
 import torch
 
 from .errors import XPromptError
+from .prompts import method_class
 
-PROMPT_KEYS = ("prompt_embeddings", "layer_prompts")
 MEASURES = ("flat", "mean", "neurons")
 
 
-def _prompt_tensors(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    return [tensors[k].float() for k in PROMPT_KEYS if k in tensors]
+def _prompt_tensors(tensors: dict[str, torch.Tensor], method: str | None = None) -> list[torch.Tensor]:
+    """What ``method`` trains, from its saved tensors (without a method: the input and per-layer vectors)."""
+    if method is not None:
+        return [t.float() for t in method_class(method).similarity_tensors(tensors)]
+    return [tensors[k].float() for k in ("prompt_embeddings", "layer_prompts") if k in tensors]
 
 
 def prompt_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple]:
@@ -28,27 +33,29 @@ def prompt_shapes(tensors: dict[str, torch.Tensor]) -> list[tuple]:
     return [(name, tuple(t.shape)) for name, t in sorted(tensors.items()) if not name.startswith("verbalizer.")]
 
 
-def _check_same_shape(a: dict, b: dict) -> None:
-    shapes_a, shapes_b = [tuple(t.shape) for t in _prompt_tensors(a)], [tuple(t.shape) for t in _prompt_tensors(b)]
+def _compared(a: dict, b: dict, method: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ta, tb = _prompt_tensors(a, method), _prompt_tensors(b, method)
+    shapes_a, shapes_b = [tuple(t.shape) for t in ta], [tuple(t.shape) for t in tb]
     if shapes_a != shapes_b:
         raise XPromptError(f"prompts of different shapes cannot be compared: {shapes_a} vs {shapes_b}")
+    return ta, tb
 
 
 def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(x.reshape(1, -1), y.reshape(1, -1)).item())
 
 
-def flat_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    _check_same_shape(a, b)
-    return _cosine(torch.cat([t.reshape(-1) for t in _prompt_tensors(a)]),
-                   torch.cat([t.reshape(-1) for t in _prompt_tensors(b)]))
+def flat_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], method: str | None = None) -> float:
+    ta, tb = _compared(a, b, method)
+    return _cosine(torch.cat([t.reshape(-1) for t in ta]), torch.cat([t.reshape(-1) for t in tb]))
 
 
-def mean_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Cosine of the mean prompt vectors: the mean over positions, per layer, concatenated."""
-    _check_same_shape(a, b)
-    mean = lambda ts: torch.cat([t.mean(-2).reshape(-1) for t in ts])  # noqa: E731
-    return _cosine(mean(_prompt_tensors(a)), mean(_prompt_tensors(b)))
+def mean_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], method: str | None = None) -> float:
+    """Cosine of the mean prompt vectors: the mean over positions (the second-last axis), per
+    layer and tensor, concatenated (a 1-D tensor, e.g. a tower's bias, as it is)."""
+    ta, tb = _compared(a, b, method)
+    mean = lambda ts: torch.cat([(t.mean(-2) if t.ndim > 1 else t).reshape(-1) for t in ts])  # noqa: E731
+    return _cosine(mean(ta), mean(tb))
 
 
 def neuron_overlap(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
-"""The run directory on disk; every file is written to a temporary name, synced and renamed."""
+"""The run directory on disk: run folders, their lock, the saved prompt and its card (every file
+written through ``fileio``: a temporary name, synced and renamed)."""
 
 from __future__ import annotations
 
@@ -16,70 +17,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import XPromptError
+from .fileio import atomic_write, read_json, write_json
 
 PROMPT_DIR = "prompt"
 PROMPT_FILE = "prompt.safetensors"
 CARD_FILE = "xprompt.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: a crash leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise XPromptError(f"cannot write {path}: {e.strerror or e} (disk full or read-only?)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise XPromptError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XPromptError(f"{path}: not valid JSON ({e})") from None
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only the log records up to ``step`` (a resumed run logs the later steps again)."""
-    if not Path(path).is_file():
-        return
-    kept = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
+def default_cache_dir() -> Path:
+    """Where the converted embedded backbone and tokenised splits are cached: $XDG_CACHE_HOME/xprompt
+    (~/.cache/xprompt)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xprompt"
 
 
 @contextlib.contextmanager
@@ -122,11 +71,24 @@ def default_run_name(task: str, lang: str, method: str, seed: int) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{lang}-{method}-s{seed}"
 
 
+def run_protocol(run_dir: Path) -> str:
+    """A run's protocol (zero-shot, few-shot-target, transductive), from its config (older runs:
+    few-shot-target when they trained on dev rows)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        train = json.loads(path.read_text(encoding="utf-8")).get("train", {})
+    except (OSError, json.JSONDecodeError):
+        return "zero-shot"
+    return train.get("protocol") or ("few-shot-target" if train.get("source_split") == "dev" else "zero-shot")
+
+
 def latest_run(runs_dir: Path) -> Path:
-    """The most recently finished run (one holding a saved prompt)."""
+    """The most recently finished zero-shot run (one holding a saved prompt): an adapted run, which
+    trained on target rows, is never the default run to evaluate."""
     runs = [p.parent.parent for p in Path(runs_dir).glob(f"*/{PROMPT_DIR}/{PROMPT_FILE}")]
+    runs = [run for run in runs if run_protocol(run) == "zero-shot"]
     if not runs:
-        raise XPromptError(f"no finished run under {runs_dir}; train one with 'xprompt train' or pass --run")
+        raise XPromptError(f"no finished run under {runs_dir} (adapted runs aside); train one with 'xprompt train' or pass --run")
     return max(runs, key=lambda p: (p / PROMPT_DIR / PROMPT_FILE).stat().st_mtime)
 
 

@@ -17,6 +17,7 @@ from .errors import XPromptError
 
 MASK = "<mask>"
 SPLITS = ("train", "dev", "test")
+METRICS = ("accuracy", "macro_f1")  # what evaluation computes (scikit-learn); a card's metric ranks runs
 DEFAULT_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
@@ -56,11 +57,23 @@ class TaskSpec:
     train_defaults: dict = field(default_factory=dict)  # recipe for this task, e.g. {lr: 0.01}; flags win
     drop_labels: tuple[str, ...] = ()  # rows with these labels are skipped (OCNLI's "-")
     transfer: dict[str, dict[str, str]] = field(default_factory=dict)  # source task -> {label: source label}
+    official_languages: tuple[str, ...] = ()  # the benchmark's own language set: every average is over it
+    aggregate: str = "mean"  # how languages are averaged: unweighted mean
     path: Path | None = None
 
     @property
     def language_codes(self) -> list[str]:
         return list(self.languages)
+
+    @property
+    def official_targets(self) -> list[str]:
+        """The official languages other than the source language: the set every target average is over."""
+        return [lang for lang in self.official_languages if lang != self.source_language]
+
+    @property
+    def extra_languages(self) -> list[str]:
+        """Languages the card serves beyond the official set (e.g. XNLI's Korean): own columns, never averaged."""
+        return [lang for lang in self.languages if lang not in self.official_languages]
 
     def template_for(self, lang: str, style: str = "agnostic") -> str:
         """The template a language's rows are encoded with: the card's one language-agnostic
@@ -216,6 +229,18 @@ def parse_task(card: dict, where: str) -> TaskSpec:
     source = str(card.get("source_language", "en"))
     if source not in languages:
         raise XPromptError(f"{where}: source_language '{source}' is not among the languages")
+    official = tuple(str(x) for x in card.get("official_languages") or languages)
+    unknown = [lang for lang in official if lang not in languages]
+    if unknown:
+        raise XPromptError(f"{where}: official_languages names unknown language(s) {', '.join(unknown)}")
+    if source not in official:
+        raise XPromptError(f"{where}: official_languages must include the source language '{source}'")
+    aggregate = str(card.get("aggregate", "mean"))
+    if aggregate != "mean":
+        raise XPromptError(f"{where}: aggregate '{aggregate}' is not supported (mean: unweighted over languages)")
+    metric = str(card.get("metric", "accuracy"))
+    if metric not in METRICS:
+        raise XPromptError(f"{where}: metric '{metric}' is not one of {', '.join(METRICS)}")
     return TaskSpec(
         name=name,
         version=int(card.get("version", 1)),
@@ -226,7 +251,9 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         languages=languages,
         splits=splits,
         hub=card.get("hub"),
-        metric=str(card.get("metric", "accuracy")),
+        metric=metric,
+        aggregate=aggregate,
+        official_languages=official,
         description=str(card.get("description", "")),
         label_names={str(k): str(v) for k, v in (card.get("label_names") or {}).items()},
         drop_labels=tuple(str(x) for x in card.get("drop_labels") or ()),
@@ -249,6 +276,11 @@ def _train_defaults(value, where: str) -> dict:
 
 def task_names(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list[str]:
     return sorted(p.stem for p in Path(tasks_dir).glob("*.yaml"))
+
+
+def load_tasks(tasks_dir: Path = DEFAULT_TASKS_DIR) -> list["TaskSpec"]:
+    """Every task card in ``tasks_dir``, loaded and validated."""
+    return [load_task(name, tasks_dir) for name in task_names(tasks_dir)]
 
 
 def load_task(name: str, tasks_dir: Path = DEFAULT_TASKS_DIR) -> TaskSpec:

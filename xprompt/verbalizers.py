@@ -1,4 +1,5 @@
-"""Verbalizers: backbone output -> one score per label.
+"""Verbalizers: backbone output -> one score per label; and which one a backbone, a flag or a saved
+prompt's card asks for (``make_verbalizer``, ``verbalizer_from_card``).
 
 ``WordVerbalizer`` (the hard verbalizer of a masked LM, PET/LM-BFF style) scores each label by the
 log-probability its label words get at ``<mask>`` under the frozen LM head; a word of several
@@ -16,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import LABEL_REDUCES, VERBALIZERS, WORD_VERBALIZERS
+from .data import span_sentinels
 from .errors import XPromptError
-
-
-REDUCES = ("mean", "first", "max")
 
 
 class SoftVerbalizer(nn.Module):
@@ -153,8 +153,8 @@ class WordVerbalizer(_FixedWords):
 
     def __init__(self, head: nn.Module, pieces: dict[str, list[list[int]]], lang: str, reduce: str = "mean"):
         super().__init__()
-        if reduce not in REDUCES:
-            raise XPromptError(f"unknown --label-reduce '{reduce}'; known: {', '.join(REDUCES)}")
+        if reduce not in LABEL_REDUCES:
+            raise XPromptError(f"unknown --label-reduce '{reduce}'; known: {', '.join(LABEL_REDUCES)}")
         if lang not in pieces:
             raise XPromptError(f"no label words for the training language '{lang}' in the task card")
         self._head = (head,)
@@ -307,3 +307,74 @@ def label_pieces(tokenizer, words: dict[str, dict[str, str]], labels: list[str])
                 raise XPromptError(f"label word {by_label[label]!r} ({lang}, label {label}) has no tokens")
             out[lang].append(kept)
     return out
+
+
+# ---------------------------------------------------------------- which verbalizer, built from names or a card
+
+
+VECTOR_READOUT = "mean"  # what label vectors read by default (docs/compare_methods.md: the best transfer)
+
+
+def resolve_choices(backbone, kind: str, readout: str) -> tuple[str, str]:
+    """``--verbalizer auto``: hard when the backbone has an LM head or a decoder, else centered label
+    vectors; ``--readout auto``: the ``<mask>`` state for label words, else ``VECTOR_READOUT``."""
+    if kind == "auto":
+        kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "centered"
+    if readout == "auto":
+        readout = "mask" if kind in WORD_VERBALIZERS else VECTOR_READOUT
+    return kind, readout
+
+
+def resolve_template(style: str, kind: str) -> str:
+    """``--template auto``: each language's own cloze template (``native``) when label words are
+    scored (an LM head or a decoder), else the language-agnostic one (``agnostic``)."""
+    if style == "auto":
+        return "native" if kind in WORD_VERBALIZERS else "agnostic"
+    return style
+
+
+def make_verbalizer(backbone, kind: str, labels: list[str], words: dict[str, dict[str, str]], lang: str,
+                    reduce: str = "mean", readout: str = "mask"):
+    """``soft`` or ``centered`` (label vectors), ``hard`` (label words under the LM head or the
+    decoder), ``soft-words``, or ``auto`` (see ``resolve_choices``)."""
+    kind, readout = resolve_choices(backbone, kind, readout)
+    if kind == "soft":
+        return SoftVerbalizer(len(labels), backbone.hidden_size)
+    if kind == "centered":
+        return CenteredVerbalizer(len(labels), backbone.hidden_size)
+    if kind not in WORD_VERBALIZERS:
+        raise XPromptError(f"unknown --verbalizer '{kind}'; known: {', '.join(VERBALIZERS)}")
+    if kind == "soft-words":
+        if backbone.lm_head is None or readout != "mask":
+            raise XPromptError(f"--verbalizer soft-words needs a masked-LM backbone and --readout mask; '{backbone.name}' "
+                               f"is of kind {backbone.kind}")
+        return OutputWordsVerbalizer(backbone.lm_head, label_pieces(backbone.tokenizer, words, labels), lang)
+    pieces = label_pieces(backbone.tokenizer, words, labels) if backbone.kind in ("masked_lm", "seq2seq") else None
+    if backbone.seq2seq is not None:
+        tok = backbone.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        return DecoderVerbalizer(backbone.seq2seq, pieces, lang, eos, span_sentinels(tok))
+    if backbone.lm_head is None:
+        raise XPromptError(f"--verbalizer hard needs a masked-LM or seq2seq backbone (an LM head); '{backbone.name}' "
+                           f"is of kind {backbone.kind}: use --verbalizer soft")
+    if readout != "mask":
+        raise XPromptError("--verbalizer hard reads the <mask> state: use --readout mask")
+    return WordVerbalizer(backbone.lm_head, pieces, lang, reduce)
+
+
+def vector_verbalizer(card: dict, num_labels: int, hidden: int) -> SoftVerbalizer:
+    """An empty verbalizer of the label-vector kind a saved prompt was trained with (soft or centered)."""
+    return (CenteredVerbalizer if card.get("verbalizer") == "centered" else SoftVerbalizer)(num_labels, hidden)
+
+
+def task_label_words(task) -> dict[str, dict[str, str]]:
+    return {lang: dict(spec.label_words) for lang, spec in task.languages.items() if spec.label_words}
+
+
+def verbalizer_from_card(card: dict, backbone, num_labels: int | None = None):
+    """An empty verbalizer of the kind a saved prompt was trained with: label words from its card,
+    or label vectors (soft or centered) for ``num_labels`` labels (default: the card's)."""
+    if card.get("verbalizer") in WORD_VERBALIZERS:
+        return make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
+                               card["train_language"], card.get("label_reduce", "mean"))
+    return vector_verbalizer(card, num_labels or len(card["labels"]), backbone.hidden_size)

@@ -19,7 +19,8 @@ from ..hardware import resolve_dtype
 from ..errors import XPromptError
 from .embedded import EMBEDDED_NAME, embedded_folder, file_sha256
 
-__all__ = ["Backbone", "load_backbone", "EMBEDDED_NAME", "weights_sha256"]
+__all__ = ["Backbone", "load_backbone", "open_backbone", "EMBEDDED_NAME", "DEVICE_MAPS", "weights_sha256"]
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device_map strategies
 
 
 @dataclass
@@ -217,3 +218,22 @@ def _lm_head(mlm: nn.Module) -> nn.Module:
         raise XPromptError(f"cannot tell the LM head of {type(mlm).__name__} apart (children: "
                            f"{', '.join(n for n, _ in mlm.named_children())})")
     return heads[0]
+
+
+def open_backbone(name: str, cache_dir: Path, device: str = "cpu", dtype: DType | str = DType.AUTO,
+                  trust_remote_code: bool = False, device_map: str | None = None, revision: str | None = None,
+                  allow_bin_weights: bool = False) -> tuple[Backbone, DType, dict]:
+    """Load a backbone onto this process's device (its GPU ``LOCAL_RANK`` under torchrun) with
+    ``auto`` settled for that device. Returns (backbone, dtype, what a run records of the compute:
+    dtype, reason, device and the machine's capabilities)."""
+    from .. import distributed
+    from ..hardware import describe, resolve_dtype
+
+    if device_map is not None and distributed.rank_world()[1] > 1:
+        raise XPromptError("--device-map shards one backbone over the devices; run it in one process, not under torchrun")
+    where = distributed.local_device(device)
+    resolved, reason = resolve_dtype(dtype, where)
+    bb = load_backbone(name, cache_dir, device=str(where), trust_remote_code=trust_remote_code, device_map=device_map,
+                       revision=revision, allow_bin_weights=allow_bin_weights, dtype=resolved)
+    compute = {"dtype": resolved.value, "reason": reason, "device": device, "where": where.type, **describe(where)}
+    return bb, resolved, compute

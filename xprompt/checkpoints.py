@@ -1,0 +1,68 @@
+"""Checkpoints: everything a resumed run needs to continue bit for bit (trainable tensors, the best
+tensors so far, AdamW moments, the schedule and the data position), written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import XPromptError
+from .fileio import atomic_write, read_json, write_json
+from .model import PromptModel
+
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict) -> None:
+    """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far,
+    AdamW moments (safetensors), and step, data position, scheduler and best score (JSON)."""
+    tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
+    tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = value.detach().clone().reshape(value.shape)
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    # The tensors go to a file named by the step and state.json, written last, points at it:
+    # a crash at any moment leaves a consistent pair (the previous one or the new one).
+    name = f"state-{progress['step']:08d}.safetensors"
+    atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(folder / "state.json", {
+        **progress,
+        "tensors": name,
+        "best_step": best["step"],
+        "best_accuracy": best["accuracy"],
+        "scheduler": scheduler.state_dict(),
+        "param_groups": opt["param_groups"],
+    })
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> tuple[dict, dict] | None:
+    """Restore a checkpoint into model, optimizer and scheduler; None when the run has none."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not (folder / "state.json").is_file():
+        return None
+    meta = read_json(folder / "state.json")
+    path = folder / str(meta.get("tensors", ""))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise XPromptError(f"{path}: unreadable checkpoint ({e}); delete {folder} to start over") from None
+    where = str(folder)
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    model.prompt.load_state_tensors(pick("model."), where)
+    model.verbalizer.load_tensors(pick("model."), where)
+    state: dict[int, dict] = {}
+    for key, value in pick("optim.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    best = {"step": meta["best_step"], "accuracy": meta["best_accuracy"], "tensors": pick("best.")}
+    return meta, best

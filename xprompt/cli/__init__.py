@@ -1,0 +1,326 @@
+"""The command line: parse, build a config, call one library function, render what it returns.
+
+This is the one place where a domain error (``XPromptError``) becomes a one-line message and a
+non-zero exit; ``--debug`` shows the traceback instead. Help texts come from ``TrainConfig``'s
+fields and the method registry; every workflow lives in ``xprompt.workflows``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..config import Device, DType, TrainConfig
+from ..errors import XPromptError
+from ..prompts import check_options, method_help
+from .common import (ENCODED, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
+                     Revision, RunsDir, TasksDir, TrustRemote, _data_dirs, _default_cache, _load_task, _numbers,
+                     _open_backbone, _pct, _state, _table, app, command, console, err_console, opt)
+from .library import library_app  # the library commands, registered on it
+
+app.add_typer(library_app, name="library")
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
+    import datasets
+
+    datasets.disable_progress_bars()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA call: repeatable cuBLAS
+    _state["debug"] = debug
+
+
+@contextmanager
+def _progress_bar(run_dir, cfg, world):
+    """A run's header line and its progress bar (the workflow reports each step to ``_on_step``)."""
+    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method} prompt x{cfg.prompt_length}, "
+                  f"seed {cfg.seed}, {cfg.backbone}" + (f", {world} processes" if world > 1 else ""))
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        bar = progress.add_task("train", total=None, info="")
+        _state["step"] = lambda step, total, loss, rate: progress.update(
+            bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s")
+        try:
+            yield
+        finally:
+            _state.pop("step", None)
+
+
+def _run_events():
+    from ..workflows.runs import RunEvents
+
+    def done(run_dir, cfg, summary):
+        console.print(f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
+                      f"{summary['data']}; best step {summary['best_step']} with "
+                      f"{100 * summary['select_accuracy']:.1f} held-out {cfg.lang} accuracy; prompt saved to "
+                      f"{run_dir / 'prompt'}")
+
+    return RunEvents(started=_progress_bar, step=lambda *a: _state.get("step", lambda *_: None)(*a),
+                     warning=lambda text: err_console.print(f"warning: {text}"), finished=done)
+
+
+@command("tasks")
+def tasks_cmd(tasks_dir: TasksDir = None):
+    """List the tasks, their labels, languages (the official set, then +extra ones) and splits."""
+    from ..tasks import DEFAULT_TASKS_DIR, load_tasks
+
+    _table("tasks", ["task", "labels", "languages (+extra)", "splits"],
+           [[t.name, ", ".join(t.label_names.get(x, x) for x in t.labels) if len(t.labels) <= 6 else f"{len(t.labels)} classes",
+             " ".join([*t.official_languages, *(f"+{x}" for x in t.extra_languages)]),
+             "; ".join(f"{s} ({', '.join(t.split_languages(s))})" if s == "train" else s for s in t.splits)]
+            for t in load_tasks(tasks_dir or DEFAULT_TASKS_DIR)])
+
+
+@command()
+def train(
+    task: Annotated[str, opt("task")] = "xnli",
+    lang: Annotated[str, opt("lang")] = "en",
+    backbone: Annotated[str, opt("backbone")] = "e5-small",
+    method: Annotated[Method, typer.Option(help=method_help())] = Method("deep"),
+    tower_layers: Annotated[Optional[int], opt("tower_layers")] = None,
+    prompt_length: Annotated[int, opt("prompt_length")] = TrainConfig.prompt_length,
+    verbalizer: Annotated[str, opt("verbalizer")] = TrainConfig.verbalizer,
+    label_reduce: Annotated[str, opt("label_reduce")] = TrainConfig.label_reduce,
+    prompt_position: Annotated[str, opt("prompt_position")] = TrainConfig.prompt_position,
+    reparam: Annotated[str, opt("reparam")] = TrainConfig.reparam,
+    prefix_projection: Annotated[bool, opt("prefix_projection")] = TrainConfig.prefix_projection,
+    init: Annotated[str, opt("init")] = TrainConfig.init,
+    init_text: Annotated[Optional[str], opt("init_text")] = None,
+    template: Annotated[str, opt("template")] = TrainConfig.template,
+    readout: Annotated[str, opt("readout")] = TrainConfig.readout,
+    shots: Annotated[Optional[int], opt("shots")] = None,
+    max_steps: Annotated[Optional[int], opt("max_steps")] = TrainConfig.max_steps,
+    epochs: Annotated[float, opt("epochs")] = TrainConfig.epochs,
+    lr: Annotated[Optional[float], opt("lr")] = None,
+    batch_size: Annotated[int, opt("batch_size")] = TrainConfig.batch_size,
+    grad_accum: Annotated[int, opt("grad_accum")] = TrainConfig.grad_accum,
+    device: DeviceOption = Device.CPU,
+    device_map: DeviceMap = None,
+    seed: Annotated[int, opt("seed")] = TrainConfig.seed,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: one run per seed (a sweep), e.g. 13,21,42,87,100.")] = None,
+    dtype: DTypeOption = TrainConfig.dtype,
+    revision: Revision = None,
+    allow_bin_weights: AllowBin = False,
+    eval_every: Annotated[int, opt("eval_every")] = TrainConfig.eval_every,
+    init_from: Annotated[Optional[str], opt("init_from")] = None,
+    init_weights: Annotated[Optional[str], opt("init_weights")] = None,
+    library: Annotated[Optional[Path], opt("library")] = None,
+    top_k: Annotated[int, opt("top_k")] = TrainConfig.top_k,
+    rank_by: Annotated[str, opt("rank_by")] = TrainConfig.rank_by,
+    transfer: Annotated[str, opt("transfer")] = TrainConfig.transfer,
+    same_task: Annotated[bool, opt("same_task")] = TrainConfig.same_task,
+    library_adapted: Annotated[bool, opt("library_adapted")] = TrainConfig.library_adapted,
+    probe_steps: Annotated[int, opt("probe_steps")] = TrainConfig.probe_steps,
+    mixture_steps: Annotated[int, opt("mixture_steps")] = TrainConfig.mixture_steps,
+    run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
+    trust_remote_code: TrustRemote = False,
+    runs_dir: RunsDir = Path("runs"),
+    data_dir: DataDir = None,
+    tasks_dir: TasksDir = None,
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Train one prompt on the source language (one per seed with --seeds); select on held-out
+    source-language rows only. Runs data-parallel under torchrun or accelerate launch."""
+    from .. import distributed
+    from ..workflows.runs import plan_runs, resume_plan, train_runs
+
+    distributed.setup()
+    if resume is not None:
+        cfg, data_dir = resume_plan(resume)
+        plan = [(cfg, resume)]
+    else:
+        weights = _numbers(init_weights, float, "--init-weights")
+        if weights is not None and not init_from:
+            raise typer.BadParameter("--init-weights needs --init-from")
+        lr = lr if lr is not None else float(_load_task(task, tasks_dir).train_defaults.get("lr", TrainConfig.lr))
+        method = Method(method).value
+        options = dict(reparam=reparam, prefix_projection=prefix_projection, tower_layers=tower_layers)
+        try:
+            check_options(method, options)
+            configs = [TrainConfig(
+                task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length, init=init,
+                init_text=init_text, prompt_position=prompt_position, verbalizer=verbalizer, label_reduce=label_reduce,
+                readout=readout, template=template, revision=revision, allow_bin_weights=allow_bin_weights, shots=shots,
+                max_steps=max_steps or None, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                seed=one, dtype=dtype, eval_every=eval_every, init_from=init_from, init_weights=weights, top_k=top_k,
+                transfer=transfer, library=str(library) if library else None, rank_by=rank_by, same_task=same_task,
+                library_adapted=library_adapted, probe_steps=probe_steps, mixture_steps=mixture_steps, **options,
+            ) for one in (_numbers(seeds, int, "--seeds") or [seed])]
+        except (ValueError, XPromptError) as e:
+            raise typer.BadParameter(str(e)) from None
+        plan = plan_runs(configs, runs_dir, run_name)
+    first = plan[0][0]
+    spec = _load_task(first.task, tasks_dir)
+    spec.check_languages([first.lang], "train")
+    dirs = _data_dirs(data_dir)
+    bb, _, compute = _open_backbone(first.backbone, cache_dir, device, first.dtype, trust_remote_code, device_map,
+                                    first.revision, first.allow_bin_weights)
+    train_runs(plan, bb, spec, runs_dir, dirs, data_dir, device.value, cache_dir / ENCODED, tasks_dir, compute,
+               _run_events())
+
+
+@command("eval")
+def evaluate_cmd(
+    langs: Annotated[str, typer.Option(help="Comma-separated languages, or 'all'.")] = "all",
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the latest zero-shot run under --runs-dir). Under torchrun write --run-dir: its parser takes --run for its own --run-path.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task to evaluate on (default: the run's task).")] = None,
+    split: Annotated[str, typer.Option(help="dev or test (test files carry no labels: predictions only).")] = "dev",
+    limit: Annotated[Optional[int], typer.Option(help="At most N rows per language.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone (default: the run's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
+    dtype: DTypeOption = DType.AUTO,
+    device: DeviceOption = Device.CPU,
+    device_map: DeviceMap = None,
+    as_json: AsJson = False,
+    shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
+    adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the few-shot sample and adaptation.")] = 42,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of the backbone (default: the one the run was trained at).")] = None,
+    allow_bin_weights: AllowBin = False,
+    trust_remote_code: TrustRemote = False,
+    runs_dir: RunsDir = Path("runs"),
+    data_dir: DataDir = None,
+    tasks_dir: TasksDir = None,
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Apply a run's prompt unchanged to each language; print and store the results.
+    With --shots K, also adapt a copy per language on K target examples per class.
+    Under torchrun / accelerate launch the languages are shared out over the processes and merged."""
+    from .. import distributed
+    from ..model import load_run_model
+    from ..reports import language_rows
+    from ..store import latest_run, load_prompt
+    from ..workflows.evaluations import adapt, evaluate_run
+
+    if split not in ("dev", "test", "train"):
+        raise typer.BadParameter(f"unknown split '{split}'; known: dev, test, train")
+    if limit is not None and limit < 1:
+        raise typer.BadParameter("--limit must be at least 1")
+    run_dir = run or latest_run(runs_dir)
+    _, card = load_prompt(run_dir)
+    spec = _load_task(task or card["task"], tasks_dir)
+    wanted = spec.split_languages(split) if langs == "all" else [x.strip() for x in langs.split(",") if x.strip()]
+    spec.check_languages(wanted, split)
+    dirs = _data_dirs(data_dir)
+    rank, world = distributed.setup()
+    bb, dtype, _ = _open_backbone(backbone or card["backbone"], cache_dir, device, dtype, trust_remote_code, device_map,
+                                  revision or card.get("backbone_revision"),
+                                  allow_bin_weights or bool(card.get("backbone_bin_weights")))
+    model, card = load_run_model(run_dir, bb)
+    model.place(distributed.local_device(device.value))
+    if shots:
+        if world > 1:
+            raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
+        if split != "dev":
+            raise XPromptError("--shots reports accuracies, so it needs --split dev")
+        rows = adapt(run_dir, model, card, bb, spec, wanted, shots, adapt_steps, seed, dirs, data_dir, limit,
+                     batch_size, dtype, cache_dir / ENCODED, device.value, _run_events())
+        _table(f"{spec.name} dev: zero-shot prompt of {run_dir.name} vs {shots}-shot adaptation ({adapt_steps} steps, "
+               f"seed {seed})", ["language", "n", "zero-shot", f"{shots}-shot", "change", "adapted from"],
+               [[r["lang"], r["n"], _pct(r["zero_shot"]), _pct(r["adapted"]), f"{100 * (r['adapted'] - r['zero_shot']):+.1f}",
+                 f"{r['source_split']} ({r['run']})"] for r in rows], right=("n", "zero-shot", f"{shots}-shot", "change"))
+        return
+
+    def on_language(lang, result):
+        if not as_json:
+            acc = _pct(result["accuracy"]) if result["labeled"] else "no labels"
+            err_console.print(f"  {lang}: {result['n']} rows, {acc}, {result['pairs_per_s']} pairs/s")
+
+    done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype, cache_dir / ENCODED,
+                        on_language)
+    if done.results is None:  # another process's share, merged by rank 0
+        return
+    if as_json:
+        print(json.dumps({"run": str(run_dir), "task": spec.name, "split": split, "results": done.results,
+                          "summary": done.summary}, indent=2, sort_keys=True))
+        return
+    trained_on = f"{card['task']}/{card.get('train_language')}"
+    _table(f"{spec.name} {split}: prompt of {run_dir.name} (trained on {trained_on}), unchanged",
+           ["language", "n", "accuracy", "macro-F1"], language_rows(done.results, done.source, spec.official_languages),
+           right=("n", "accuracy", "macro-F1"))
+    unlabeled = [lang for lang, r in done.results.items() if not r["labeled"]]
+    if unlabeled:
+        console.print(f"no labels found in the {split} files of {', '.join(unlabeled)}: predictions written only")
+    console.print(f"predictions: {run_dir / 'predictions'}/{spec.name}.{split}.<lang>.tsv")
+
+
+class Format(str, Enum):
+    MD = "md"
+    CSV = "csv"
+    JSON = "json"
+    HTML = "html"
+
+
+@command("runs")
+def runs_cmd(
+    task: Annotated[Optional[str], typer.Option(help="Only runs of this task.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Only runs of this method.")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="Only runs trained on this language.")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Recreate the index from the run folders first.")] = False,
+    runs_dir: RunsDir = Path("runs"),
+):
+    """List the runs in the registry (an SQLite index beside the run folders)."""
+    from ..registry import list_runs, rebuild as rebuild_index
+
+    if rebuild:
+        console.print(f"indexed {rebuild_index(runs_dir)} runs")
+    _table(f"runs in {runs_dir}", ["run", "task", "lang", "method", "len", "shots", "seed", "protocol", "done",
+                                   "held-out acc", "evaluated"],
+           [[r["run_id"], r["task"], r["lang"], r["method"], r["prompt_length"], r["shots"] or "all", r["seed"],
+             r["protocol"], "yes" if r["finished"] else "no", "" if r["select_accuracy"] is None else _pct(r["select_accuracy"]),
+             ", ".join(sorted({f"{x['task']}/{x['split']}" for x in r["results"]}))]
+            for r in list_runs(runs_dir, task=task, method=method, lang=lang)])
+
+
+@command("report")
+def report_cmd(
+    task: Annotated[str, typer.Option(help="Task whose evaluations to rank.")] = "xnli",
+    split: Annotated[str, typer.Option(help="dev or test (test files carry no labels here).")] = "dev",
+    fmt: Annotated[Format, typer.Option("--format", help="md, csv, json or html (one self-contained page with charts).")] = Format.MD,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report here instead of printing it.")] = None,
+    xtreme: Annotated[Optional[Path], typer.Option(help="Also write XTREME submission files (<dir>/<task>/test-<lang>.tsv) from the test predictions of --run or the best row.")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="The run whose test predictions --xtreme uses.")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    tasks_dir: TasksDir = None,
+):
+    """Leaderboard over every run: one row per configuration (every result-changing field but the
+    seed) and evaluated row set, as mean +- std per language over seeds; averages over the task's
+    official targets (extra languages in their own columns), with the source, the gap; ranked only
+    against rows averaged over the same language set; published reference rows. Reads stored
+    results only; never runs a model."""
+    from ..fileio import write_text
+    from ..registry import list_runs
+    from ..reports import leaderboard, published_rows, render, xtreme_files
+    from ..tasks import DEFAULT_TASKS_DIR
+
+    spec = _load_task(task, tasks_dir)
+    rows = leaderboard(list_runs(runs_dir), spec, split)
+    published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published" / "reference.yaml"
+    published = published_rows(published_file, task) if published_file.is_file() else []
+    text = render(rows, published, fmt.value, title=f"xprompt leaderboard: {task} {split}")
+    if xtreme is not None:
+        source = run or (Path(runs_dir) / rows[0]["runs"][0] if rows else None)
+        if source is None:
+            raise XPromptError(f"no evaluated run of {task} under {runs_dir}; pass --run for --xtreme")
+        written = xtreme_files(source, task, xtreme)
+        if not written:
+            raise XPromptError(f"{source} has no test predictions of {task}; run 'xprompt eval --split test' first")
+        err_console.print(f"wrote {len(written)} XTREME files under {xtreme / task} from {source.name}")
+    if out:
+        write_text(out, text)
+        console.print(f"wrote {out}")
+    else:
+        print(text, end="")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,121 @@
+"""What every command shares: the typer apps, the consoles, the option types (help texts from
+TrainConfig), the error-to-one-line decorator, backbone opening and table rendering."""
+
+from __future__ import annotations
+
+import functools
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import Device, DType, TrainConfig
+from ..errors import XPromptError
+from ..prompts import method_names
+
+ENCODED = "encoded"  # subfolder of --cache-dir holding tokenised splits (Arrow)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot cross-lingual prompt tuning.")
+library_app = typer.Typer(no_args_is_help=True, help="The library of trained prompts (the run folders): compare them.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+Method = Enum("Method", {name: name for name in method_names()}, type=str)  # --method's choices: the registry's
+
+
+def _default_cache() -> Path:
+    from ..store import default_cache_dir
+
+    return default_cache_dir()
+
+
+def opt(name: str, *flags: str):
+    """An option whose help is TrainConfig's for the field ``name``."""
+    return typer.Option(*flags, help=TrainConfig.help(name))
+
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder holding run directories.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data root laid out as <task>/<split>.<lang>.jsonl[.gz]; searched before the bundled copy.")]
+TasksDir = Annotated[Optional[Path], typer.Option("--tasks-dir", help="Folder of task cards (default: the bundled tasks/).")]
+TrustRemote = Annotated[bool, typer.Option(help="Let a hub backbone run its own Python code (off unless you ask).")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where the converted embedded backbone and the tokenised splits are cached.")]
+Revision = Annotated[Optional[str], opt("revision")]
+AllowBin = Annotated[bool, opt("allow_bin_weights", "--allow-bin-weights")]
+DTypeOption = Annotated[DType, opt("dtype")]
+DeviceOption = Annotated[Device, typer.Option(help="cpu, cuda or auto (under torchrun each process takes GPU LOCAL_RANK).")]
+DeviceMap = Annotated[Optional[str], typer.Option(help="'auto': spread a backbone too large for one device over the GPUs (accelerate's device_map); the prompt sits with the input embeddings. Not with torchrun.")]
+IncludeAdapted = Annotated[bool, typer.Option("--include-adapted", help="Let adapted runs in (few-shot-target: trained on target-language rows; left out by default).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def command(name: str | None = None, group: typer.Typer | None = None):
+    """Register a command (on ``group``, default the top level) whose domain errors print one red
+    line and exit 1 (tracebacks with --debug)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except XPromptError as e:
+                if _state["debug"]:
+                    raise
+                err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+
+        return (group or app).command(name)(wrapper)
+
+    return decorate
+
+
+def _load_task(name: str, tasks_dir: Optional[Path]):
+    from ..tasks import DEFAULT_TASKS_DIR, load_task
+
+    return load_task(name, tasks_dir or DEFAULT_TASKS_DIR)
+
+
+def _data_dirs(data_dir: Optional[Path]) -> list[Path]:
+    if data_dir is None:
+        return []
+    if not data_dir.is_dir():
+        raise XPromptError(f"--data-dir {data_dir} is not a folder")
+    return [data_dir]
+
+
+def _numbers(text: Optional[str], kind, flag: str) -> Optional[list]:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()] if text else None
+    except ValueError:
+        raise typer.BadParameter(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _open_backbone(name: str, cache_dir: Path, device: Device | str = Device.CPU, dtype: DType = DType.AUTO,
+                   trust_remote_code: bool = False, device_map: Optional[str] = None, revision: Optional[str] = None,
+                   allow_bin_weights: bool = False, quiet: bool = False):
+    """``backbones.open_backbone`` for a command; prints the dtype ``auto`` settled on, and why, once."""
+    from .. import distributed
+    from ..backbones import DEVICE_MAPS, open_backbone
+
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise typer.BadParameter(f"--device-map must be {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    with console.status(f"loading backbone {name}"):
+        bb, dtype, compute = open_backbone(name, cache_dir, Device(device).value, dtype, trust_remote_code, device_map,
+                                           revision, allow_bin_weights)
+    if not quiet and distributed.rank_world()[0] == 0:
+        err_console.print(f"compute: {dtype.value} on {compute['where']} ({compute['reason']})", highlight=False)
+    return bb, dtype, compute
+
+
+def _table(title: str, columns: list[str], rows: list[list], right: tuple = ()) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console.print(table)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"

@@ -1,0 +1,26 @@
+"""Prompts: the trainable vectors. One file per method behind one interface (``base.PromptMethod``),
+registered here, one line each; ``build_prompt`` builds any of them. A new method is one file and
+one line below."""
+
+from .base import PromptConfig, PromptMethod, widen_mask
+from .deep import DeepPrompt
+from .init import input_vectors, vocab_init
+from .prefix import PrefixPrompt, kv_projections
+from .projection import LayerProjection, ProjectedConfig
+from .ptuning import PTuningConfig, PTuningPrompt
+from .registry import build_prompt, check_options, method_class, method_for_peft, method_help, method_names, register_method
+from .soft import SoftPrompt
+from .unified import UnifiedConfig, UnifiedPrompt
+
+register_method("soft", PromptConfig, SoftPrompt, "input prompt (Lester et al.)")
+register_method("ptuning", PTuningConfig, PTuningPrompt, "input prompt through a trained MLP/LSTM encoder (P-tuning)")
+register_method("deep", ProjectedConfig, DeepPrompt, "a prompt in every layer, as hidden states")
+register_method("prefix", ProjectedConfig, PrefixPrompt,
+                "trainable keys and values in every layer (P-tuning v2, PEFT PrefixTuning)")
+register_method("unified", UnifiedConfig, UnifiedPrompt, "UniPrompt's two towers (the prompt through trained copies "
+                "of the lower layers, joining the frozen upper layers)")
+
+__all__ = ["PromptConfig", "PromptMethod", "SoftPrompt", "PTuningPrompt", "DeepPrompt",
+           "PrefixPrompt", "UnifiedPrompt", "LayerProjection", "build_prompt", "check_options", "input_vectors",
+           "kv_projections", "method_class", "method_for_peft", "method_help", "method_names", "register_method",
+           "vocab_init", "widen_mask"]

@@ -1,0 +1,270 @@
+"""Training runs as a user starts them: ``train`` (one prompt: its data, model, start, the loop,
+the saved prompt and card) and ``train_runs`` (one run per seed: the run folder and its provenance,
+the existing-run policy, locking, signals, and what is discarded when a run fails early)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__, distributed
+from ..backbones import Backbone
+from ..config import DType, TrainConfig
+from ..data import prepare_data, sequence_ends
+from ..errors import XPromptError
+from ..evaluation import predict
+from ..fileio import read_json, write_json
+from ..hardware import resolve_dtype
+from ..model import build_model
+from ..peft_io import write_adapter
+from ..registry import index_run
+from ..start import init_prompt_and_verbalizer, init_sample, prompt_card, set_class_means
+from ..store import default_run_name, new_run_dir, run_lock, save_prompt
+from ..tasks import TaskSpec
+from ..training import fit
+from ..transfer import LIBRARY, init_from_library, start_from_runs
+from ..verbalizers import make_verbalizer, resolve_choices, resolve_template, task_label_words
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def repeatable() -> None:
+    """What ``--seed`` promises: the same seed gives the same bits (on CPU and, with cuBLAS's fixed
+    workspace and deterministic kernels, on CUDA; the workspace is set before the first CUDA call)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def settle(cfg: TrainConfig, backbone: Backbone, device) -> TrainConfig:
+    """Every ``auto`` of a config settled for this backbone and device (the card says which)."""
+    kind, readout = resolve_choices(backbone, cfg.verbalizer, cfg.readout)
+    dtype, _ = resolve_dtype(cfg.dtype, device)
+    position = cfg.prompt_position if sequence_ends(backbone.tokenizer)[0] is not None else "first"  # (m)T5: no <s>
+    return dataclasses.replace(cfg, verbalizer=kind, readout=readout, template=resolve_template(cfg.template, kind),
+                               dtype=dtype, prompt_position=position)
+
+
+def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, data_dirs: list[Path] | None = None,
+          on_step=None, device: str = "cpu", cache_dir: Path | None = None, tasks_dir: Path | None = None) -> dict:
+    """Train one prompt into ``run_dir``: ``prompt/`` (safetensors, card, PEFT twin), ``metrics.json``,
+    ``log.jsonl`` and a ``checkpoint/`` (a run with one resumes exactly). Under ``torchrun`` every
+    process runs this; only rank 0 writes."""
+    rank, world = distributed.rank_world()
+    main = rank == 0
+    where = distributed.local_device(device)
+    seed_everything(cfg.seed)
+    cfg = settle(cfg, backbone, where)
+    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
+    verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
+                                 cfg.label_reduce, cfg.readout)
+    model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
+                        cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection).place(where)
+    if backbone.sharded:
+        where = backbone.input_device()  # batches go where the input embeddings are
+    missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
+    pad = backbone.tokenizer.pad_token_id
+    # every process scores its shard of the selection rows; the counts are summed
+    select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
+
+    def select_accuracy() -> float:
+        preds = predict(model, select_part, 64, pad, cfg.dtype)
+        correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
+        return correct / n
+
+    init_note = None
+    if cfg.init_from == LIBRARY:
+        init_note = init_from_library(model, cfg, backbone, task, Path(run_dir), select_accuracy, data.train, where,
+                                      data_dirs, tasks_dir, cache_dir, main)
+    elif cfg.init_from:
+        init_note, took = start_from_runs(model, [Path(x) for x in cfg.init_from.split(",")], cfg.init_weights,
+                                          backbone, task)
+        if not took:  # class means read through the prompt it starts from, not the discarded vocabulary one
+            set_class_means(model, init_sample(data.train, cfg.init_examples, cfg.seed), pad, cfg.dtype)
+
+    done = fit(model, data.train, select_accuracy, cfg, run_dir, where, pad, on_step)
+    summary = {
+        "train_rows": len(data.train),
+        "dtype": cfg.dtype.value,
+        "data": data.describe,
+        "steps": done.steps,
+        "best_step": done.best["step"],
+        "select_accuracy": round(done.best["accuracy"], 4),
+        "train_seconds": round(done.seconds, 1),
+        "train_examples_per_s": round(done.seen / done.seconds, 2),
+        "trainable_parameters": done.trainable_parameters,
+        "init_from": cfg.init_from,
+        "init": init_note or f"{cfg.init} prompt start, class-mean label vectors",
+        "source_split": cfg.source_split,
+        "protocol": cfg.protocol,
+        "used_ids": data.used_ids if cfg.source_split != "train" else None,
+    }
+    if world > 1:
+        summary["processes"] = world
+    if missing:
+        summary["labels_without_train_rows"] = [task.labels[i] for i in missing]
+    if main:
+        card = prompt_card(cfg, task, backbone, {"selection": summary}, model.verbalizer.kind, model.prompt)
+        write_json(Path(run_dir) / "metrics.json", {"train": summary})
+        config = backbone.model.config
+        write_adapter(Path(run_dir) / "prompt", done.best["tensors"], card, str(backbone.path or backbone.name),
+                      config.num_attention_heads, config.num_hidden_layers)  # PEFT's twin, where the method has one
+        save_prompt(run_dir, done.best["tensors"], card)  # last: a saved prompt marks a finished run
+    return summary
+
+
+# ---------------------------------------------------------------- runs folders: sweeps, resuming, provenance
+
+
+def versions() -> dict:
+    import datasets
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resume_plan(run_dir: Path) -> tuple[TrainConfig, Path | None]:
+    """The config of an interrupted run (with the dtype it started with) and its data folder."""
+    saved = read_json(Path(run_dir) / "config.json")
+    cfg = TrainConfig.from_dict(saved["train"])
+    if cfg.dtype is DType.AUTO and saved.get("compute", {}).get("dtype"):
+        cfg.dtype = DType(saved["compute"]["dtype"])  # the dtype it started with: the same computation
+    return cfg, Path(saved["data_dir"]) if saved.get("data_dir") else None
+
+
+def plan_runs(configs: list[TrainConfig], runs_dir: Path, run_name: str | None) -> list[tuple[TrainConfig, Path | str | None]]:
+    """Where each config trains: a new run's name (None: the default), or an existing run with the
+    very same config (the same command again: continue it). Another config under the same name is refused."""
+    plan = []
+    for cfg in configs:
+        name = run_name and (f"{run_name}-s{cfg.seed}" if len(configs) > 1 else run_name)
+        existing = Path(runs_dir) / name if name else None
+        if existing is not None and (existing / "config.json").is_file():
+            if read_json(existing / "config.json").get("train") != cfg.to_dict():
+                raise XPromptError(f"run {existing} exists with another config; choose another --run-name or --resume it")
+            plan.append((cfg, existing))
+        else:
+            plan.append((cfg, name))
+    return plan
+
+
+@dataclass
+class RunEvents:
+    """What a caller hears while runs train (all optional): a run starts, a step ends, a warning, a run ends."""
+
+    started: object = None  # (run_dir, cfg, world) -> a context manager around the run (e.g. a progress bar)
+    step: object = None  # (step, total, loss, examples_per_s)
+    warning: object = None  # (text)
+    finished: object = None  # (run_dir, cfg, summary)
+
+
+def _discard(run_dir: Path, resume: Path | None, runs_dir_is_new: bool) -> None:
+    """Remove a run directory that failed before its first checkpoint (never a resumed one), and
+    the runs folder too if this command created it."""
+    if resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if runs_dir_is_new:
+            shutil.rmtree(run_dir.parent, ignore_errors=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def train_run(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, target, runs_dir: Path, data_dirs: list[Path],
+              data_dir: Path | None = None, device: str = "cpu", cache_dir: Path | None = None,
+              tasks_dir: Path | None = None, compute: dict | None = None, events: RunEvents | None = None):
+    """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None:
+    default). Under a launcher, rank 0 creates, locks and writes; the others only compute.
+    Returns (run_dir, summary)."""
+    events = events or RunEvents()
+    repeatable()
+    rank, world = distributed.rank_world()
+    main = rank == 0
+    runs_dir = Path(runs_dir)
+    runs_dir_is_new = not runs_dir.exists()
+    resume = target if isinstance(target, Path) else None
+    if resume is not None:
+        run_dir = resume
+        saved = read_json(resume / "config.json")
+        if (resume / "prompt" / "prompt.safetensors").is_file():
+            raise XPromptError(f"run {resume} already finished; evaluate it with 'xprompt eval --run {resume}'")
+        if saved["backbone"]["sha256"] != backbone.sha256:
+            raise XPromptError(f"{resume}: the backbone's weights changed since the run started; start a new run")
+        now = versions()
+        changed = {k: (v, now.get(k)) for k, v in saved.get("versions", {}).items() if now.get(k) != v}
+        if changed and events.warning:
+            events.warning("versions differ from the run's start, so the resumed prompt may not be bit-identical: "
+                           + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    else:
+        run_dir = None
+        if main:
+            run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method, cfg.seed))
+            write_json(run_dir / "config.json", {
+                "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": git_commit(),
+                "versions": versions(), "compute": compute or {},
+                "backbone": {"name": backbone.name, "kind": backbone.kind, "sha256": backbone.sha256,
+                             "revision": backbone.revision},
+                "task_version": task.version, "data_dir": str(data_dir) if data_dir else None,
+            })
+        run_dir = distributed.broadcast(run_dir)
+    around = events.started(run_dir, cfg, world) if events.started and main else contextlib.nullcontext()
+    with around:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            with run_lock(run_dir) if main else contextlib.nullcontext():
+                summary = train(cfg, backbone, task, run_dir, data_dirs, on_step=events.step, device=device,
+                                cache_dir=cache_dir, tasks_dir=tasks_dir)
+        except KeyboardInterrupt:
+            if not (run_dir / "checkpoint").is_dir():
+                if main:
+                    _discard(run_dir, resume, runs_dir_is_new)
+                raise XPromptError("interrupted before the first checkpoint; nothing was kept") from None
+            raise XPromptError(
+                f"interrupted; the checkpoint is saved: continue with 'xprompt train --resume {run_dir}'"
+            ) from None
+        except XPromptError:
+            if main and not (run_dir / "checkpoint").is_dir():
+                _discard(run_dir, resume, runs_dir_is_new)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if main:
+        index_run(run_dir.parent, run_dir)
+        if events.finished:
+            events.finished(run_dir, cfg, summary)
+    return run_dir, summary
+
+
+def train_runs(plan: list[tuple[TrainConfig, Path | str | None]], backbone: Backbone, task: TaskSpec, runs_dir: Path,
+               data_dirs: list[Path], data_dir: Path | None = None, device: str = "cpu", cache_dir: Path | None = None,
+               tasks_dir: Path | None = None, compute: dict | None = None, events: RunEvents | None = None) -> list:
+    """Every planned run, one after the other (a seed sweep); returns [(run_dir, summary)]."""
+    return [train_run(cfg, backbone, task, target, runs_dir, data_dirs, data_dir, device, cache_dir, tasks_dir,
+                      compute, events) for cfg, target in plan]
