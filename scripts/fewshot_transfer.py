@@ -1,6 +1,9 @@
-"""Few-shot targets started from the prompt library versus from the vocabulary (SPoT's question).
+"""Few-shot targets started from the prompt library, from a pre-trained (PPT) prompt, or from the
+vocabulary (SPoT's and PPT's question).
 
     python scripts/fewshot_transfer.py --library runs/library --runs-dir runs/fewshot --out docs/fewshot_transfer
+    python scripts/fewshot_transfer.py --library runs/library --ppt runs/ppt/PPT_RUN --eval-langs all \
+        --out docs/fewshot_ppt                          # + the PPT start; XNLI scored on every language
 
 For each target (default OCNLI/zh, XNLI/en, PAWS-X/en) and seed, two `xprompt train --shots 16` runs
 with the same budget: the default start (vocabulary-sampled prompt, class-mean label vectors) and
@@ -46,6 +49,8 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
 
 
 def main() -> None:
+    from xprompt.tasks import load_task
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--library", type=Path, required=True)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/fewshot"))
@@ -55,9 +60,15 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("docs/fewshot_transfer"))
+    parser.add_argument("--ppt", type=Path, help="a pre-trained prompt's run (xprompt pretrain): a third start")
+    parser.add_argument("--eval-langs", default="source",
+                        help="'source' (the target's language) or 'all' (every dev language; the target's own figure "
+                             "is its training language's, the others are reported beside it)")
     args, extra = parser.parse_known_args()  # more `xprompt train` flags for the library arm, e.g. --transfer average
     seeds = [int(s) for s in args.seeds.split(",")]
     starts = {"vocab": [], "library": ["--init-from", "library", "--library", str(args.library), *extra]}
+    if args.ppt:
+        starts["ppt"] = ["--init-from", str(args.ppt)]
     results = {}
     for target in args.targets.split(","):
         task, lang = target.split(":")
@@ -73,10 +84,15 @@ def main() -> None:
                             "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
                             "--runs-dir", str(args.runs_dir), "--run-name", name, *flags)
                 metrics = json.loads((run_dir / "metrics.json").read_text())
-                if task not in metrics.get("eval", {}) or lang not in metrics["eval"][task].get("dev", {}):
-                    run("eval", "--run", str(run_dir), "--langs", lang)
+                scored = metrics.get("eval", {}).get(task, {}).get("dev", {})
+                wanted = "all" if args.eval_langs == "all" else lang
+                if lang not in scored or (wanted == "all" and len(scored) < 2):
+                    run("eval", "--run", str(run_dir), "--langs", wanted)
                     metrics = json.loads((run_dir / "metrics.json").read_text())
+                    scored = metrics["eval"][task]["dev"]
+                others = {x: r["accuracy"] for x, r in scored.items() if x != lang and r.get("accuracy") is not None}
                 results[(target, start, seed)] = {
+                    "others": others,
                     "dev": metrics["eval"][task]["dev"][lang]["accuracy"],
                     "select": metrics["train"]["select_accuracy"],
                     "curve": curve(run_dir),
@@ -86,8 +102,8 @@ def main() -> None:
     lines = [f"{args.shots}-shot targets, {args.max_steps} steps, seeds {args.seeds}; dev accuracy on the full dev set "
              f"(mean ± std); steps to reach the vocabulary start's final selection accuracy (same seed; selection "
              f"curve every {args.eval_every} steps; 'reached' counts the seeds that got there).", "",
-             "| target | start | dev accuracy | accuracy at step 0 (selection) | steps to vocab final | reached |",
-             "|---|---|---|---|---|---|"]
+             "| target | start | dev accuracy | other languages (official targets, mean) | accuracy at step 0 (selection) | steps to vocab final | reached |",
+             "|---|---|---|---|---|---|---|"]
     table = []
     for target in args.targets.split(","):
         for start in starts:
@@ -99,7 +115,11 @@ def main() -> None:
                 needed.append(steps_to(results[(target, start, s)]["curve"], goal))
             reached = [n for n in needed if n is not None]
             steps_text = fmt([float(n) for n in reached], 1.0) if reached else "never"
-            lines.append(f"| {target} | {start} | {fmt(dev)} | {fmt(at0)} | {steps_text} | {len(reached)}/{len(seeds)} |")
+            official = load_task(target.split(":")[0]).official_targets
+            other = [mean(v for x, v in results[(target, start, s)]["others"].items() if x in official)
+                     for s in seeds if any(x in official for x in results[(target, start, s)]["others"])]
+            lines.append(f"| {target} | {start} | {fmt(dev)} | {fmt(other) if other else '-'} | {fmt(at0)} | "
+                         f"{steps_text} | {len(reached)}/{len(seeds)} |")
             table.append({"target": target, "start": start, "dev": dev, "select_at_step0": at0, "steps_to_vocab_final": needed})
     sources = {}
     for (target, start, seed), r in results.items():
@@ -107,9 +127,14 @@ def main() -> None:
             sources.setdefault(target, []).append(r["init"])
     lines += ["", "Library starts chosen (one line per seed):", ""]
     lines += [f"- {t} s{seed}: {init}" for t, inits in sources.items() for seed, init in zip(seeds, inits)]
+    if args.ppt:
+        corpus = json.loads((args.ppt / "pretraining" / "corpus.json").read_text())
+        lines += ["", f"PPT start: {args.ppt} (pre-trained on {corpus['rows']} rows from {corpus['documents']} documents, "
+                      f"{corpus['sentences']} sentences: {corpus['corpus']})."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"library": str(args.library),
-                                                        "runs_dir": str(args.runs_dir), "out": str(args.out)},
+                                                        "runs_dir": str(args.runs_dir), "out": str(args.out),
+                                                        "ppt": str(args.ppt) if args.ppt else None},
                                                         "extra": extra, "rows": table}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

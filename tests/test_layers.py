@@ -14,11 +14,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xprompt"
 FLOORS = [
     ("store/IO", ["__init__", "errors", "config", "fileio", "hardware", "distributed", "tasks", "attention", "store",
                   "registry"]),
-    ("model parts", ["backbones", "data", "prompts", "verbalizers", "peft_io"]),
-    ("model", ["model", "similarity"]),
+    ("model parts", ["backbones", "data", "prompts", "verbalizers", "generation", "peft_io", "pretraining"]),
+    ("model", ["model", "similarity", "augment"]),
     ("loops", ["start", "evaluation", "checkpoints", "reports", "training"]),
     ("library", ["library"]),
-    ("transfer", ["transfer"]),
+    ("transfer", ["transfer", "selftrain"]),
     ("workflows", ["workflows"]),
     ("face", ["cli", "__main__"]),
 ]

@@ -32,6 +32,9 @@ REPARAMS = ("mlp", "lstm")
 TRANSFERS = ("best", "average", "mixture")
 RANK_BY = ("zero-shot", "flat", "mean", "neurons")
 SOURCE_SPLITS = ("train", "dev")
+UNLABELED_SPLITS = ("test", "dev")  # whose inputs self-training reads (labels never)
+PSEUDO_RULES = ("top", "threshold")
+AUGMENTS = ("none", "neighbours")
 # zero-shot: choices on source-language rows only; few-shot-target: trained on K target-language rows
 # (which every score of the run leaves out); transductive: read the very rows it is scored on
 PROTOCOLS = ("zero-shot", "few-shot-target", "transductive")
@@ -119,6 +122,25 @@ class TrainConfig:
     mixture_steps: int = _f(100, "With --transfer mixture: steps on the mixture (examples-proportional, at most "
                                  "--mixture-cap rows counted per source).")
     mixture_cap: int | None = _f(10000, "Examples-proportional mixing limit: a source counts at most this many rows.")
+    unlabeled: str | None = _f(None, "Self-training: comma-separated target languages whose unlabeled inputs are "
+                                     "pseudo-labelled by the prompt and added to the English rows (or 'official': the "
+                                     "task's official targets).")
+    unlabeled_split: str = _f("test", "Self-training: whose inputs are read, without labels: test (rows no dev figure "
+                                      "uses) or dev. A run is transductive on the split it read.")
+    unlabeled_file: str | None = _f(None, "Self-training: a JSON-lines file of your own text per language instead "
+                                          "({lang} in the path), with the task's fields.")
+    unlabeled_rows: int = _f(2000, "Self-training: unlabeled rows drawn per language (seeded).")
+    self_train_rounds: int = _f(1, "Self-training: rounds of pseudo-labelling and training.")
+    self_train_steps: int = _f(400, "Self-training: steps of each round (on English + pseudo-labelled rows).")
+    pseudo_rule: str = _f("top", "Self-training: which rows to keep: top (the most confident --pseudo-fraction of each "
+                                 "language, balanced over the predicted classes) or threshold (probability >= "
+                                 "--pseudo-threshold).")
+    pseudo_fraction: float = _f(0.3, "Self-training, rule top: the share of each language's rows kept.")
+    pseudo_threshold: float = _f(0.9, "Self-training, rule threshold: the least probability kept.")
+    augment: str = _f("none", "English rows made multilingual without translation: none, or neighbours (each word "
+                              "piece, with probability --augment-rate, replaced by its nearest neighbour of another "
+                              "script in the frozen input-embedding space).")
+    augment_rate: float = _f(0.15, "With --augment neighbours: the share of word pieces replaced.")
 
     def __post_init__(self):
         self.method = str(getattr(self.method, "value", self.method))  # a name, or a member of an Enum of names
@@ -141,6 +163,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+        if self.unlabeled_split not in UNLABELED_SPLITS or self.pseudo_rule not in PSEUDO_RULES or self.augment not in AUGMENTS:
+            raise ValueError(f"unlabeled_split must be test or dev, pseudo_rule top or threshold, augment none or "
+                             f"neighbours; got {self.unlabeled_split!r}, {self.pseudo_rule!r}, {self.augment!r}")
+        if not (0 < self.pseudo_fraction <= 1 and 0 < self.pseudo_threshold < 1 and 0 <= self.augment_rate < 1):
+            raise ValueError("pseudo_fraction must be in (0, 1], pseudo_threshold in (0, 1), augment_rate in [0, 1)")
+        if self.self_train_rounds < 1 or self.self_train_steps < 1 or self.unlabeled_rows < 1:
+            raise ValueError("self_train_rounds, self_train_steps and unlabeled_rows must be >= 1")
         if self.source_split == "dev" and not self.shots:
             raise ValueError("source_split='dev' needs shots (the rest of dev is kept for evaluation)")
         if self.source_split == "dev" and self.protocol == "zero-shot":

@@ -66,21 +66,27 @@ def read_jsonl(path: Path, task: TaskSpec) -> Dataset:
                     raise XPromptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 row = {"id": str(obj.get("id", len(rows)))}
                 for name in task.fields:
-                    value = obj.get(name)
+                    value = obj.get(task.columns.get(name, name))
                     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
                         value = task.list_separator.join(value)  # e.g. CSL's keyword lists
                     if not isinstance(value, str):
                         problem = "missing" if value is None else f"not a string ({type(value).__name__})"
                         raise XPromptError(f"{where}: field '{name}' is {problem}")
                     row[name] = value
-                has_label = obj.get("label") is not None
-                if has_label and str(obj["label"]) in task.drop_labels:
+                key = task.target if task.kind == "generation" else "label"
+                has_label = obj.get(key) is not None
+                if has_label and str(obj[key]) in task.drop_labels:
                     continue
                 if labeled is None:
                     labeled = has_label
                 elif labeled != has_label:
-                    raise XPromptError(f"{where}: some rows carry a 'label' and some do not")
-                row["label"] = task.label_id(obj["label"], where) if has_label else NO_LABEL
+                    raise XPromptError(f"{where}: some rows carry a '{key}' and some do not")
+                if task.kind == "generation":  # the text to write; no class label
+                    if has_label and not isinstance(obj[key], str):
+                        raise XPromptError(f"{where}: field '{key}' is not a string ({type(obj[key]).__name__})")
+                    row["target"], row["label"] = obj.get(key) or "", NO_LABEL
+                else:
+                    row["label"] = task.label_id(obj["label"], where) if has_label else NO_LABEL
                 rows.append(row)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise XPromptError(f"{path}: cannot read ({e}); check the file is complete JSON lines") from None
@@ -196,9 +202,11 @@ class TemplateEncoder:
     token, and when a row is too long the longest field is cut from its end first.
     """
 
+    MAX_TARGET = 64  # target tokens kept for generation (with </s>)
+
     def __init__(self, template: str, tokenizer, max_length: int = 128):
-        self.mask_id = mask_token_id(tokenizer)
         self.parts = template_parts(template)
+        self.mask_id = mask_token_id(tokenizer) if any(kind == "mask" for kind, _ in self.parts) else None
         self.tokenizer = tokenizer
         self.max_length = max_length
         self._literal = {
@@ -240,7 +248,11 @@ class TemplateEncoder:
             ids.append(end)
             out_ids.append(ids)
             out_mask.append(mask_pos)
-        return {"input_ids": out_ids, "mask_pos": out_mask, "length": [len(x) for x in out_ids]}
+        out = {"input_ids": out_ids, "mask_pos": out_mask, "length": [len(x) for x in out_ids]}
+        if "target" in batch:  # generation: the text to write, then </s>
+            targets = tok(batch["target"], add_special_tokens=False)["input_ids"]
+            out["target_ids"] = [t[: self.MAX_TARGET - 1] + [tok.eos_token_id] for t in targets]
+        return out
 
 
 def mask_token_id(tokenizer) -> int:
@@ -265,7 +277,7 @@ def span_sentinels(tokenizer) -> tuple[int, int] | None:
     return ids[0], ids[1]
 
 
-ENCODING_VERSION = 1  # bump when TemplateEncoder's output changes: old cache files are then ignored
+ENCODING_VERSION = 2  # bump when TemplateEncoder's output changes: old cache files are then ignored
 def _tokenizer_key(tokenizer) -> str | None:
     """A hash of the tokenizer's full definition (fast tokenizers only), computed once per tokenizer
     object and kept on it (never by ``id()``, which a later object can reuse)."""
@@ -284,7 +296,8 @@ def encoding_key(ds: Dataset, template: str, tokenizer, max_length: int) -> str 
     tok = _tokenizer_key(tokenizer)
     if tok is None:
         return None
-    fields = sorted({name for kind, name in template_parts(template) if kind == "field"} | {"id", "label"})
+    fields = sorted({name for kind, name in template_parts(template) if kind == "field"} | {"id", "label"}
+                    | ({"target"} & set(ds.column_names)))
     digest = hashlib.sha256(json.dumps([ENCODING_VERSION, template, max_length, tok]).encode())
     for name in fields:
         digest.update(json.dumps(list(ds[name]), ensure_ascii=False).encode())
@@ -314,7 +327,8 @@ def batches(
 ) -> Iterator[dict]:
     """Dynamically padded batches. Evaluation sorts by length (least padding); training shuffles,
     then sorts within windows of 50 batches so each batch holds examples of similar length."""
-    cols = ds.select_columns(["input_ids", "mask_pos", "label", "length"])[:]
+    generation = "target_ids" in ds.column_names
+    cols = ds.select_columns(["input_ids", "mask_pos", "label", "length", *(["target_ids"] if generation else [])])[:]
     lengths = cols["length"]
     if shuffle:
         order = list(range(len(ds)))
@@ -338,13 +352,19 @@ def batches(
         for row, i in enumerate(group):
             input_ids[row, : lengths[i]] = torch.tensor(ids_col[i])
             attention[row, : lengths[i]] = 1
-        yield {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
             "mask_pos": torch.tensor([mask_col[i] for i in group]),
             "labels": torch.tensor([label_col[i] for i in group]),
             "index": torch.tensor(group),
         }
+        if generation:  # targets padded with -100, which the loss ignores
+            targets = [cols["target_ids"][i] for i in group]
+            batch["target_ids"] = torch.full((len(group), max(map(len, targets))), -100, dtype=torch.long)
+            for row, t in enumerate(targets):
+                batch["target_ids"][row, : len(t)] = torch.tensor(t)
+        yield batch
 
 
 def slice_batch(batch: dict, rows: torch.Tensor) -> dict:

@@ -29,6 +29,69 @@ def predict(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DT
     return preds
 
 
+@torch.inference_mode()
+def probabilities(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32) -> np.ndarray:
+    """The (rows, labels) probabilities (softmax of the label scores) of an encoded split, in its order."""
+    model.eval()
+    out = None
+    device = next(model.parameters()).device
+    with autocast(dtype, device.type):
+        for batch in batches(encoded, batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            probs = torch.softmax(model(batch).float(), dim=-1).cpu().numpy()
+            if out is None:
+                out = np.empty((len(encoded), probs.shape[1]), dtype=np.float64)
+            out[batch["index"].cpu().numpy()] = probs
+    return out
+
+
+@torch.inference_mode()
+def generate_texts(model: PromptModel, encoded, tokenizer, batch_size: int = 32, dtype: DType | str = DType.FP32,
+                   num_beams: int = 1, max_new_tokens: int = 48) -> list[str]:
+    """What the model writes for every row of an encoded split (a generation task), in the split's
+    order; tabs and line breaks become spaces, so every prediction is one TSV cell."""
+    model.eval()
+    texts: list[str] = [""] * len(encoded)
+    device = next(model.parameters()).device
+    with autocast(dtype, device.type):
+        for batch in batches(encoded, batch_size, tokenizer.pad_token_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(batch, num_beams, max_new_tokens)
+            for i, text in zip(batch["index"].tolist(), tokenizer.batch_decode(out, skip_special_tokens=True)):
+                texts[i] = " ".join(text.split())
+    return texts
+
+
+GENERATION_METRICS = ("chrf", "bleu", "chrf++")
+
+
+def bleu_tokenizer(lang: str) -> str:
+    """sacrebleu's BLEU tokenizer for a language: zh for Chinese, MeCab for Japanese and Korean where
+    it is installed (else characters), characters for Thai (no spaces between words), 13a else."""
+    import importlib.util
+
+    if lang == "zh":
+        return "zh"
+    if lang in ("ja", "ko"):
+        return f"{lang}-mecab" if importlib.util.find_spec("MeCab") else "char"
+    return "char" if lang == "th" else "13a"
+
+
+def text_scores(predictions: list[str], references: list[str], lang: str, metrics=("chrf",)) -> dict:
+    """Corpus scores through sacrebleu (fractions, sacrebleu's score / 100) with each metric's
+    signature: chrF (default), chrF++ and BLEU (tokenised per language)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    out, signatures = {}, {}
+    for name in metrics:
+        if name not in GENERATION_METRICS:
+            raise ValueError(f"unknown metric {name!r}; known: {', '.join(GENERATION_METRICS)}")
+        metric = CHRF(word_order=2) if name == "chrf++" else CHRF() if name == "chrf" else BLEU(tokenize=bleu_tokenizer(lang))
+        out[name] = metric.corpus_score(predictions, [references]).score / 100
+        signatures[name] = str(metric.get_signature())
+    return {**out, "signature": signatures}
+
+
 def scores(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:
     return {
         "accuracy": float(accuracy_score(labels, preds)),
@@ -52,6 +115,7 @@ def evaluate_languages(
     exclude_ids: dict[str, set[str]] | None = None,
     cache_dir: Path | None = None,
     template: str = "agnostic",
+    generation: dict | None = None,
 ) -> dict:
     """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
     labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only.
@@ -73,6 +137,12 @@ def evaluate_languages(
         encoded = encode(ds, task.template_for(lang, template), tokenizer, max_length, cache_dir)
         model.verbalizer.use_language(lang)  # a hard verbalizer scores this language's label words
         start = time.perf_counter()
+        if task.kind == "generation":
+            results[lang] = _generation_result(model, task, ds, encoded, tokenizer, lang, batch_size, dtype, excluded,
+                                               generation or {})
+            if on_language:
+                on_language(lang, results[lang])
+            continue
         preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
         if bridge is not None:
             preds = np.asarray(bridge)[preds]
@@ -97,6 +167,23 @@ def evaluate_languages(
         if on_language:
             on_language(lang, result)
     return results
+
+
+def _generation_result(model, task, ds, encoded, tokenizer, lang, batch_size, dtype, excluded, options) -> dict:
+    """One language of a generation task: what the model writes, and (where the split has targets)
+    the sacrebleu scores against them. ``options``: num_beams, max_new_tokens, metrics."""
+    start = time.perf_counter()
+    texts = generate_texts(model, encoded, tokenizer, min(batch_size, 32), dtype, options.get("num_beams", 1),
+                           options.get("max_new_tokens", 48))
+    seconds = time.perf_counter() - start
+    references = list(ds["target"])
+    labeled = all(references)
+    result = {"n": len(ds), "rows": rows_key(ds["id"]), "excluded": excluded, "labeled": labeled,
+              "seconds": round(seconds, 3), "pairs_per_s": round(len(ds) / seconds, 2) if seconds else None,
+              "ids": list(ds["id"]), "predictions": texts, "decoding": {k: options.get(k) for k in ("num_beams", "max_new_tokens")}}
+    if labeled:
+        result.update(text_scores(texts, references, lang, options.get("metrics") or (task.metric,)))
+    return result
 
 
 def rows_key(ids) -> str:

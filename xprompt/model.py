@@ -102,6 +102,19 @@ class PromptModel(nn.Module):
             return self.verbalizer(*self.sequence(batch["input_ids"], batch["attention_mask"]))
         return self.verbalizer(self.states(batch))
 
+    def loss(self, batch: dict) -> torch.Tensor:
+        """The batch's summed training loss: cross-entropy over the label scores, or (generation) the
+        decoder's teacher-forced loss of the target."""
+        if "target_ids" in batch:
+            return self.verbalizer.loss(*self.sequence(batch["input_ids"], batch["attention_mask"]), batch["target_ids"])
+        logits = self(batch)
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"].to(logits.device), reduction="sum")
+
+    def generate(self, batch: dict, num_beams: int = 1, max_new_tokens: int = 48) -> torch.Tensor:
+        """Token ids the decoder writes for each row (a generation task)."""
+        return self.verbalizer.generate(*self.sequence(batch["input_ids"], batch["attention_mask"]), num_beams,
+                                        max_new_tokens)
+
     @torch.no_grad()
     def init_layer_prompts(self, bos_id: int | None, eos_id: int) -> None:
         """Start a method's per-layer vectors from what its input-level vectors produce for a bare
@@ -118,6 +131,32 @@ class PromptModel(nn.Module):
             for handle in handles:
                 handle.remove()
         self.prompt.init_layers()
+
+
+class _Languages:
+    """An ensemble's verbalizer as ``evaluate_languages`` sees it: switching language switches every member's."""
+
+    def __init__(self, members):
+        self.members = members
+
+    def use_language(self, lang: str) -> None:
+        for model in self.members:
+            model.verbalizer.use_language(lang)
+
+
+class EnsembleModel(nn.Module):
+    """Several prompt models on one backbone, read as one: ``forward`` returns the log of the mean of
+    their label probabilities (so its argmax is the ensemble's prediction, and one model's ensemble
+    is that model)."""
+
+    def __init__(self, members: list[PromptModel]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.verbalizer = _Languages(members)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(model(batch).float(), dim=-1) for model in self.members])
+        return probs.mean(0).log()
 
 
 # ---------------------------------------------------------------- building models
@@ -165,7 +204,7 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
     tensors, card = load_prompt(run_dir)
     where = str(Path(run_dir) / "prompt")
     check_backbone(card, backbone, where)
-    if not card.get("labels"):
+    if not card.get("labels") and card.get("verbalizer") != "generate":
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
     model = model_from_card(card, backbone)
     model.prompt.load_tensors(tensors, where)

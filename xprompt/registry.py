@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import XPromptError
 
 INDEX_FILE = "index.sqlite"
-SCHEMA_VERSION = 3  # bump on any schema change: an index of another version is rebuilt from the folders
+SCHEMA_VERSION = 4  # bump on any schema change: an index of another version is rebuilt from the folders
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, path TEXT, task TEXT, lang TEXT, backbone TEXT, method TEXT,
@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE TABLE IF NOT EXISTS results (
     run_id TEXT, task TEXT, split TEXT, lang TEXT, n INTEGER, accuracy REAL, macro_f1 REAL, correct TEXT,
-    row_limit INTEGER, rows TEXT, excluded INTEGER,
+    row_limit INTEGER, rows TEXT, excluded INTEGER, protocol TEXT,
     PRIMARY KEY (run_id, task, split, lang)
 );
 """
@@ -87,9 +87,10 @@ def index_run(runs_dir: Path, run_dir: Path) -> None:
         for task, splits in metrics.get("eval", {}).items():
             for split, langs in splits.items():
                 for lang, r in langs.items():
-                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                                (run_dir.name, task, split, lang, r.get("n"), r.get("accuracy"), r.get("macro_f1"),
-                                r.get("correct"), r.get("limit"), r.get("rows"), r.get("excluded")))
+                                r.get("correct"), r.get("limit"), r.get("rows"), r.get("excluded"),
+                                r.get("protocol") or protocol))
 
 
 def forget_run(runs_dir: Path, run_id: str) -> None:
@@ -130,6 +131,6 @@ def list_runs(runs_dir: Path, **filters) -> list[dict]:
         rows = [dict(r) for r in db.execute(f"SELECT * FROM runs WHERE {where} ORDER BY run_id", list(wanted.values()))]
         for row in rows:
             row["results"] = [dict(r) for r in db.execute(
-                "SELECT task, split, lang, n, accuracy, macro_f1, correct, row_limit AS 'limit', rows, excluded "
+                "SELECT task, split, lang, n, accuracy, macro_f1, correct, row_limit AS 'limit', rows, excluded, protocol "
                 "FROM results WHERE run_id = ?", (row["run_id"],))]
     return rows

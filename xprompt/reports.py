@@ -42,25 +42,23 @@ def set_name(summary: dict) -> str:
 
 
 def language_rows(results: dict[str, dict], source_lang: str | None,
-                  official: list[str] | tuple[str, ...] | None = None) -> list[list[str]]:
-    """Rows of (language, n, accuracy, macro-F1) followed by the summary rows, as strings; a
+                  official: list[str] | tuple[str, ...] | None = None,
+                  metrics: tuple[str, ...] = ("accuracy", "macro_f1")) -> list[list[str]]:
+    """Rows of (language, n, one column per metric) followed by the summary rows, as strings; a
     language outside the official set is marked ``(extra)`` and left out of every average."""
 
     def pct(value) -> str:
         return "-" if value is None else f"{100 * value:.1f}"
 
-    rows = [
-        [f"{lang} (extra)" if official and lang not in official else lang, str(r["n"]), pct(r.get("accuracy")),
-         pct(r.get("macro_f1"))]
-        for lang, r in results.items()
-    ]
-    acc = summarize(results, source_lang, "accuracy", official)
-    f1 = summarize(results, source_lang, "macro_f1", official)
-    if "avg_target" in acc:
-        rows.append([f"avg ({set_name(acc)})", "", pct(acc["avg_target"]), pct(f1.get("avg_target"))])
-    if "gap" in acc:
-        rows.append([f"avg (with {source_lang})", "", pct(acc["avg_all"]), pct(f1.get("avg_all"))])
-        rows.append([f"gap ({source_lang} - targets)", "", pct(acc["gap"]), pct(f1.get("gap"))])
+    rows = [[f"{lang} (extra)" if official and lang not in official else lang, str(r["n"]),
+             *(pct(r.get(m)) for m in metrics)] for lang, r in results.items()]
+    summaries = [summarize(results, source_lang, m, official) for m in metrics]
+    first = summaries[0]
+    if "avg_target" in first:
+        rows.append([f"avg ({set_name(first)})", "", *(pct(s.get("avg_target")) for s in summaries)])
+    if "gap" in first:
+        rows.append([f"avg (with {source_lang})", "", *(pct(s.get("avg_all")) for s in summaries)])
+        rows.append([f"gap ({source_lang} - targets)", "", *(pct(s.get("gap")) for s in summaries)])
     return rows
 
 
@@ -139,10 +137,13 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
         if not results:
             continue
         rows_seen = {r["lang"]: r.get("rows") or f"first {r['n']}" for r in results}
-        key = json.dumps([sweep_key(run), sorted(rows_seen.items())], sort_keys=True, default=str)
+        protocols = {r.get("protocol") or run.get("protocol") or "zero-shot" for r in results}
+        protocol = "transductive" if "transductive" in protocols else (run.get("protocol") or "zero-shot")
+        key = json.dumps([sweep_key(run), sorted(rows_seen.items()), protocol], sort_keys=True, default=str)
         groups.setdefault(key, []).append({**run, "scores": {r["lang"]: r[metric] for r in results},
                                            "correct": {r["lang"]: r.get("correct") for r in results},
-                                           "n": {r["lang"]: r["n"] for r in results}, "rows_seen": rows_seen})
+                                           "n": {r["lang"]: r["n"] for r in results}, "rows_seen": rows_seen,
+                                           "row_protocol": protocol})
     rows = []
     for members in groups.values():
         sweep = sweep_key(members[0])
@@ -161,7 +162,7 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
         row = {"sweep": sweep, "label": describe_sweep(sweep), "source_task": sweep.get("task"), "task": task.name,
                "lang": sweep.get("lang"), "backbone": sweep.get("backbone"), "method": sweep.get("method"),
                "prompt_length": sweep.get("prompt_length"), "shots": sweep.get("shots"),
-               "protocol": sweep.get("protocol", "zero-shot"), "init_from": sweep.get("init_from"),
+               "protocol": members[0]["row_protocol"], "init_from": sweep.get("init_from"),
                "split": split, "metric": metric, "seeds": sorted(m.get("seed") for m in members),
                "runs": [m["run_id"] for m in members], "languages": per_lang, "ci95": ci,
                "n": members[0]["n"], "rows": members[0]["rows_seen"], "target_set": first["target_set"],

@@ -17,7 +17,8 @@ from .errors import XPromptError
 
 MASK = "<mask>"
 SPLITS = ("train", "dev", "test")
-METRICS = ("accuracy", "macro_f1")  # what evaluation computes (scikit-learn); a card's metric ranks runs
+METRICS = ("accuracy", "macro_f1", "chrf", "bleu", "chrf++")  # classification (scikit-learn), generation (sacrebleu)
+KINDS = ("classification", "generation")
 DEFAULT_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
@@ -58,6 +59,9 @@ class TaskSpec:
     drop_labels: tuple[str, ...] = ()  # rows with these labels are skipped (OCNLI's "-")
     transfer: dict[str, dict[str, str]] = field(default_factory=dict)  # source task -> {label: source label}
     official_languages: tuple[str, ...] = ()  # the benchmark's own language set: every average is over it
+    kind: str = "classification"  # or generation: the model writes the ``target`` field's text
+    target: str | None = None  # generation: the field to write
+    columns: dict[str, str] = field(default_factory=dict)  # a field read from another column of the data
     aggregate: str = "mean"  # how languages are averaged: unweighted mean
     path: Path | None = None
 
@@ -150,14 +154,15 @@ def template_parts(template: str) -> list[tuple[str, str]]:
     return parts
 
 
-def validate_template(template: str, fields: tuple[str, ...], where: str) -> None:
+def validate_template(template: str, fields: tuple[str, ...], where: str, masks_wanted: int = 1) -> None:
     try:
         parts = template_parts(template)
     except ValueError as e:
         raise XPromptError(f"{where}: bad template {template!r}: {e}") from None
     masks = sum(kind == "mask" for kind, _ in parts)
-    if masks != 1:
-        raise XPromptError(f"{where}: template {template!r} must contain exactly one {MASK} (has {masks})")
+    if masks != masks_wanted:
+        what = "exactly one" if masks_wanted == 1 else "no"
+        raise XPromptError(f"{where}: template {template!r} must contain {what} {MASK} (has {masks})")
     used = [name for kind, name in parts if kind == "field"]
     missing = [f for f in fields if f not in used]
     unknown = [f for f in used if f not in fields]
@@ -181,14 +186,21 @@ def parse_task(card: dict, where: str) -> TaskSpec:
     if not isinstance(card, dict):
         raise XPromptError(f"{where}: a task card must be a YAML mapping")
     name = str(_require(card, "name", where))
+    kind = str(card.get("kind", "classification"))
+    if kind not in KINDS:
+        raise XPromptError(f"{where}: kind '{kind}' is not one of {', '.join(KINDS)}")
+    generation = kind == "generation"
     fields = tuple(_require(card, "fields", where))
-    labels = tuple(str(label) for label in _require(card, "labels", where))
-    if len(set(labels)) != len(labels) or len(labels) < 2:
+    target = str(_require(card, "target", where)) if generation else None
+    labels = tuple(str(label) for label in (card.get("labels") or [] if generation else _require(card, "labels", where)))
+    if not generation and (len(set(labels)) != len(labels) or len(labels) < 2):
         raise XPromptError(f"{where}: 'labels' must hold at least two distinct labels")
     template = str(_require(card, "template", where))
-    validate_template(template, fields, f"{where}: template")
+    masks = 0 if generation else 1  # a generation input has no <mask>: the decoder writes the target
+    validate_template(template, fields, f"{where}: template", masks)
     languages: dict[str, LanguageSpec] = {}
     for lang, spec in (_require(card, "languages", where) or {}).items():
+        spec = spec or {}
         lw = {str(k): str(v) for k, v in (spec.get("label_words") or {}).items()}
         here = f"{where}: languages.{lang}"
         missing = [label for label in labels if label not in lw]
@@ -202,7 +214,7 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         if dupes:
             raise XPromptError(f"{here}: label word(s) {', '.join(dupes)} used for more than one label")
         lang_template = str(spec.get("template", template))
-        validate_template(lang_template, fields, f"{here}.template")
+        validate_template(lang_template, fields, f"{here}.template", masks)
         languages[str(lang)] = LanguageSpec(lang_template, lw)
     if not languages:
         raise XPromptError(f"{where}: 'languages' is empty")
@@ -238,7 +250,7 @@ def parse_task(card: dict, where: str) -> TaskSpec:
     aggregate = str(card.get("aggregate", "mean"))
     if aggregate != "mean":
         raise XPromptError(f"{where}: aggregate '{aggregate}' is not supported (mean: unweighted over languages)")
-    metric = str(card.get("metric", "accuracy"))
+    metric = str(card.get("metric", "chrf" if kind == "generation" else "accuracy"))
     if metric not in METRICS:
         raise XPromptError(f"{where}: metric '{metric}' is not one of {', '.join(METRICS)}")
     return TaskSpec(
@@ -253,6 +265,9 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         hub=card.get("hub"),
         metric=metric,
         aggregate=aggregate,
+        kind=kind,
+        target=target,
+        columns={str(k): str(v) for k, v in (card.get("columns") or {}).items()},
         official_languages=official,
         description=str(card.get("description", "")),
         label_names={str(k): str(v) for k, v in (card.get("label_names") or {}).items()},

@@ -35,12 +35,13 @@ class Fit:
 
 
 def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_dir: Path, device,
-        pad_id: int, on_step=None) -> Fit:
+        pad_id: int, on_step=None, transform=None) -> Fit:
     """Train ``model`` on ``train_rows`` (encoded) for ``cfg.max_steps`` steps (or ``cfg.epochs``),
     scoring ``select_accuracy()`` every ``cfg.eval_every`` steps and keeping the best tensors.
     Writes ``log.jsonl`` and a ``checkpoint/`` (at every selection and on Ctrl-C) into ``run_dir``;
     a run that has a checkpoint resumes from it: data order, optimizer and schedule continue
-    exactly where they stopped.
+    exactly where they stopped. ``transform(batch, step)``, if given, rewrites each batch before its
+    step (a seeded augmentation: the same for a resumed run).
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this loop: each computes the
     gradients of its share of every global batch, one all_reduce sums them (the prompt's only),
@@ -53,6 +54,8 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
     optimizer = torch.optim.AdamW(model.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     log_path = Path(run_dir) / "log.jsonl"
+    if main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     log = (lambda record: append_jsonl(log_path, record)) if main else (lambda record: None)
 
     restored = load_checkpoint(run_dir, model, optimizer, scheduler)
@@ -86,6 +89,8 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
                 if position <= skip:
                     continue
                 model.train()
+                if transform is not None:
+                    batch = transform(batch, step)
                 loss = accumulate_gradients(model, batch, cfg, device, rank, world)
                 loss = distributed.sum_gradients(params, loss)
                 if not torch.isfinite(loss):
@@ -139,8 +144,7 @@ def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, devi
             continue
         piece = {k: v.to(device) for k, v in slice_batch(batch, part).items()}
         with autocast(cfg.dtype, device.type):
-            logits = model(piece)
-        loss = torch.nn.functional.cross_entropy(logits.float(), piece["labels"].to(logits.device), reduction="sum") / size
+            loss = model.loss(piece) / size
         loss.backward()
         total += loss.detach()
     model.verbalizer.end_step(distributed.sum_tensor if world > 1 else None)  # once per global batch

@@ -20,6 +20,7 @@ from torch import nn
 from .config import LABEL_REDUCES, VERBALIZERS, WORD_VERBALIZERS
 from .data import span_sentinels
 from .errors import XPromptError
+from .generation import GenerationHead, generation_head
 
 
 class SoftVerbalizer(nn.Module):
@@ -374,6 +375,8 @@ def task_label_words(task) -> dict[str, dict[str, str]]:
 def verbalizer_from_card(card: dict, backbone, num_labels: int | None = None):
     """An empty verbalizer of the kind a saved prompt was trained with: label words from its card,
     or label vectors (soft or centered) for ``num_labels`` labels (default: the card's)."""
+    if card.get("verbalizer") == GenerationHead.kind:
+        return generation_head(backbone)
     if card.get("verbalizer") in WORD_VERBALIZERS:
         return make_verbalizer(backbone, card["verbalizer"], card["labels"], card["label_words"],
                                card["train_language"], card.get("label_reduce", "mean"))

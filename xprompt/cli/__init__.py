@@ -120,6 +120,17 @@ def train(
     library_adapted: Annotated[bool, opt("library_adapted")] = TrainConfig.library_adapted,
     probe_steps: Annotated[int, opt("probe_steps")] = TrainConfig.probe_steps,
     mixture_steps: Annotated[int, opt("mixture_steps")] = TrainConfig.mixture_steps,
+    unlabeled: Annotated[Optional[str], opt("unlabeled")] = None,
+    unlabeled_split: Annotated[str, opt("unlabeled_split")] = TrainConfig.unlabeled_split,
+    unlabeled_file: Annotated[Optional[str], opt("unlabeled_file")] = None,
+    unlabeled_rows: Annotated[int, opt("unlabeled_rows")] = TrainConfig.unlabeled_rows,
+    self_train_rounds: Annotated[int, opt("self_train_rounds")] = TrainConfig.self_train_rounds,
+    self_train_steps: Annotated[int, opt("self_train_steps")] = TrainConfig.self_train_steps,
+    pseudo_rule: Annotated[str, opt("pseudo_rule")] = TrainConfig.pseudo_rule,
+    pseudo_fraction: Annotated[float, opt("pseudo_fraction")] = TrainConfig.pseudo_fraction,
+    pseudo_threshold: Annotated[float, opt("pseudo_threshold")] = TrainConfig.pseudo_threshold,
+    augment: Annotated[str, opt("augment")] = TrainConfig.augment,
+    augment_rate: Annotated[float, opt("augment_rate")] = TrainConfig.augment_rate,
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-task-lang-method-seed).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its checkpoint (its config.json wins over other flags).")] = None,
     trust_remote_code: TrustRemote = False,
@@ -135,7 +146,8 @@ def train(
 
     distributed.setup()
     if resume is not None:
-        cfg, data_dir = resume_plan(resume)
+        cfg, data_dir, saved_tasks = resume_plan(resume)
+        tasks_dir = tasks_dir or saved_tasks
         plan = [(cfg, resume)]
     else:
         weights = _numbers(init_weights, float, "--init-weights")
@@ -153,7 +165,11 @@ def train(
                 max_steps=max_steps or None, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                 seed=one, dtype=dtype, eval_every=eval_every, init_from=init_from, init_weights=weights, top_k=top_k,
                 transfer=transfer, library=str(library) if library else None, rank_by=rank_by, same_task=same_task,
-                library_adapted=library_adapted, probe_steps=probe_steps, mixture_steps=mixture_steps, **options,
+                library_adapted=library_adapted, probe_steps=probe_steps, mixture_steps=mixture_steps,
+                unlabeled=unlabeled, unlabeled_split=unlabeled_split, unlabeled_file=unlabeled_file,
+                unlabeled_rows=unlabeled_rows, self_train_rounds=self_train_rounds, self_train_steps=self_train_steps,
+                pseudo_rule=pseudo_rule, pseudo_fraction=pseudo_fraction, pseudo_threshold=pseudo_threshold,
+                augment=augment, augment_rate=augment_rate, **options,
             ) for one in (_numbers(seeds, int, "--seeds") or [seed])]
         except (ValueError, XPromptError) as e:
             raise typer.BadParameter(str(e)) from None
@@ -168,10 +184,54 @@ def train(
                _run_events())
 
 
+@command("pretrain")
+def pretrain_cmd(
+    fmt: Annotated[str, typer.Option("--format", help="PPT's format: pair (sentence-pair classification: next sentence, same document, other document; for NLI and paraphrase tasks) or choice (next-sentence selection among four).")] = "pair",
+    corpus: Annotated[Optional[Path], typer.Option(help="Documents: blank-line-separated paragraphs of one sentence a line, or JSON lines with a 'text' field (default: the bundled training texts, English and Chinese).")] = None,
+    backbone: Annotated[str, opt("backbone")] = "e5-small",
+    method: Annotated[Method, typer.Option(help=method_help())] = Method("deep"),
+    prompt_length: Annotated[int, opt("prompt_length")] = TrainConfig.prompt_length,
+    max_steps: Annotated[int, opt("max_steps")] = 2000,
+    lr: Annotated[float, opt("lr")] = TrainConfig.lr,
+    batch_size: Annotated[int, opt("batch_size")] = TrainConfig.batch_size,
+    eval_every: Annotated[int, opt("eval_every")] = 500,
+    seed: Annotated[int, opt("seed")] = TrainConfig.seed,
+    dtype: DTypeOption = TrainConfig.dtype,
+    device: DeviceOption = Device.CPU,
+    run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: time-ppt-<format>-mixed-method-seed).")] = None,
+    revision: Revision = None,
+    allow_bin_weights: AllowBin = False,
+    runs_dir: RunsDir = Path("runs"),
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Pre-train a prompt on unlabeled text with PPT's self-supervised tasks (Gu et al. 2022), as a run
+    like any other (resume it with 'train --resume'); start few-shot runs from it with --init-from RUN.
+    Selection on held-out pre-training rows only."""
+    from ..pretraining import FORMATS
+    from ..workflows.pretraining import pretrain
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    try:
+        cfg = TrainConfig(backbone=backbone, method=Method(method).value, prompt_length=prompt_length,
+                          max_steps=max_steps, lr=lr, batch_size=batch_size, eval_every=eval_every, seed=seed,
+                          dtype=dtype, revision=revision, allow_bin_weights=allow_bin_weights)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    bb, _, compute = _open_backbone(backbone, cache_dir, device, dtype, revision=revision,
+                                    allow_bin_weights=allow_bin_weights)
+    run_dir, summary = pretrain(cfg, fmt, bb, runs_dir, corpus, run_name, device.value, cache_dir / ENCODED, compute,
+                                _run_events())
+    stats = summary["corpus"]
+    console.print(f"pre-trained on {stats['rows']} {fmt} rows from {stats['documents']} documents "
+                  f"({stats['sentences']} sentences, {stats['corpus']}); start a run from it with "
+                  f"--init-from {run_dir}")
+
+
 @command("eval")
 def evaluate_cmd(
     langs: Annotated[str, typer.Option(help="Comma-separated languages, or 'all'.")] = "all",
-    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the latest zero-shot run under --runs-dir). Under torchrun write --run-dir: its parser takes --run for its own --run-path.")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the latest zero-shot run under --runs-dir); several comma-separated: their ensemble (mean label probabilities), saved as a row of its own. Under torchrun write --run-dir: its parser takes --run for its own --run-path.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Task to evaluate on (default: the run's task).")] = None,
     split: Annotated[str, typer.Option(help="dev or test (test files carry no labels: predictions only).")] = "dev",
     limit: Annotated[Optional[int], typer.Option(help="At most N rows per language.")] = None,
@@ -183,6 +243,9 @@ def evaluate_cmd(
     as_json: AsJson = False,
     shots: Annotated[Optional[int], typer.Option(help="Few-shot: adapt a copy of the prompt on K examples per class of each target language (its train split, else K from dev, evaluating on the rest of dev) and report both numbers.")] = None,
     adapt_steps: Annotated[int, typer.Option(help="Training steps of each few-shot adaptation.")] = 100,
+    num_beams: Annotated[int, typer.Option(help="Generation tasks: beams of the decoder's search (1: greedy).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation tasks: the most tokens written per row.")] = 48,
+    metrics: Annotated[Optional[str], typer.Option(help="Generation tasks: comma-separated sacrebleu metrics, chrf (default), bleu, chrf++.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the few-shot sample and adaptation.")] = 42,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the backbone (default: the one the run was trained at).")] = None,
     allow_bin_weights: AllowBin = False,
@@ -199,13 +262,14 @@ def evaluate_cmd(
     from ..model import load_run_model
     from ..reports import language_rows
     from ..store import latest_run, load_prompt
-    from ..workflows.evaluations import adapt, evaluate_run
+    from ..workflows.evaluations import adapt, evaluate_ensemble, evaluate_run
 
     if split not in ("dev", "test", "train"):
         raise typer.BadParameter(f"unknown split '{split}'; known: dev, test, train")
     if limit is not None and limit < 1:
         raise typer.BadParameter("--limit must be at least 1")
-    run_dir = run or latest_run(runs_dir)
+    runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else [latest_run(runs_dir)]
+    run_dir = runs[0]
     _, card = load_prompt(run_dir)
     spec = _load_task(task or card["task"], tasks_dir)
     wanted = spec.split_languages(split) if langs == "all" else [x.strip() for x in langs.split(",") if x.strip()]
@@ -217,6 +281,8 @@ def evaluate_cmd(
                                   allow_bin_weights or bool(card.get("backbone_bin_weights")))
     model, card = load_run_model(run_dir, bb)
     model.place(distributed.local_device(device.value))
+    if shots and len(runs) > 1:
+        raise XPromptError("--shots adapts one run; pass a single --run")
     if shots:
         if world > 1:
             raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
@@ -230,13 +296,23 @@ def evaluate_cmd(
                  f"{r['source_split']} ({r['run']})"] for r in rows], right=("n", "zero-shot", f"{shots}-shot", "change"))
         return
 
+    scored = tuple(metrics.split(",")) if metrics else (spec.metric,)
+    if spec.kind == "generation" and any(m not in ("chrf", "bleu", "chrf++") for m in scored):
+        raise typer.BadParameter(f"--metrics takes chrf, bleu and chrf++, got {metrics!r}")
+    generation = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "metrics": scored}
+
     def on_language(lang, result):
         if not as_json:
-            acc = _pct(result["accuracy"]) if result["labeled"] else "no labels"
+            acc = _pct(result[scored[0] if spec.kind == "generation" else "accuracy"]) if result["labeled"] else "no labels"
             err_console.print(f"  {lang}: {result['n']} rows, {acc}, {result['pairs_per_s']} pairs/s")
 
-    done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype, cache_dir / ENCODED,
-                        on_language)
+    if len(runs) > 1:  # an ensemble: the mean of the runs' label probabilities, saved as a row of its own
+        done = evaluate_ensemble(runs, bb, spec, wanted, split, dirs, limit, batch_size, dtype, cache_dir / ENCODED,
+                                 on_language=on_language, device=distributed.local_device(device.value))
+        run_dir = done.run_dir
+    else:
+        done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype,
+                            cache_dir / ENCODED, on_language, generation)
     if done.results is None:  # another process's share, merged by rank 0
         return
     if as_json:
@@ -244,9 +320,10 @@ def evaluate_cmd(
                           "summary": done.summary}, indent=2, sort_keys=True))
         return
     trained_on = f"{card['task']}/{card.get('train_language')}"
+    shown = scored if spec.kind == "generation" else ("accuracy", "macro_f1")
     _table(f"{spec.name} {split}: prompt of {run_dir.name} (trained on {trained_on}), unchanged",
-           ["language", "n", "accuracy", "macro-F1"], language_rows(done.results, done.source, spec.official_languages),
-           right=("n", "accuracy", "macro-F1"))
+           ["language", "n", *shown], language_rows(done.results, done.source, spec.official_languages, shown),
+           right=("n", *shown))
     unlabeled = [lang for lang, r in done.results.items() if not r["labeled"]]
     if unlabeled:
         console.print(f"no labels found in the {split} files of {', '.join(unlabeled)}: predictions written only")

@@ -41,10 +41,17 @@ def excluded_rows(run_dir: Path, card: dict, task: TaskSpec, split: str) -> dict
     return None
 
 
+def transductive_languages(card: dict, split: str) -> set[str]:
+    """The languages whose ``split`` rows the run read while training (self-training's unlabeled
+    inputs): its results there are transductive."""
+    read = card.get("selection", {}).get("self_training") or {}
+    return set(read.get("languages", [])) if read.get("source") == f"{split} inputs" else set()
+
+
 def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbone, task: TaskSpec, langs: list[str],
                  split: str = "dev", data_dirs: list[Path] | None = None, limit: int | None = None,
                  batch_size: int = 64, dtype: DType = DType.FP32, cache_dir: Path | None = None,
-                 on_language=None) -> Evaluation:
+                 on_language=None, generation: dict | None = None) -> Evaluation:
     """Apply a run's prompt unchanged to each language (this process's share of them under a
     launcher); on rank 0, write ``predictions/<task>.<split>.<lang>.tsv``, merge the results into
     ``metrics.json`` (with the rows, limit and dtype of each) and refresh the index."""
@@ -54,7 +61,7 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     mine = evaluate_languages(model, task, backbone.tokenizer, langs[rank::world], split, data_dirs, limit, batch_size,
                               dtype=dtype, on_language=on_language, bridge=bridge, cache_dir=cache_dir,
                               template=card.get("template_style", "agnostic"),
-                              exclude_ids=excluded_rows(run_dir, card, task, split))
+                              exclude_ids=excluded_rows(run_dir, card, task, split), generation=generation)
     merged = {lang: result for part in distributed.gather(mine) for lang, result in part.items()}
     if rank != 0:
         return Evaluation(run_dir, card, source, None, None)
@@ -65,11 +72,60 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     entry = metrics.setdefault("eval", {}).setdefault(task.name, {}).setdefault(split, {})
+    transductive = transductive_languages(card, split) if card["task"] == task.name else set()
     for lang, result in results.items():
+        result["protocol"] = "transductive" if lang in transductive else card.get("protocol", "zero-shot")
         entry[lang] = {**result, "limit": limit, "dtype": DType(dtype).value}
     write_json(metrics_path, metrics)
     index_run(Path(run_dir).parent, run_dir)
     return Evaluation(run_dir, card, source, results, summarize(results, source, task.metric, task.official_languages))
+
+
+def evaluate_ensemble(run_dirs: list[Path], backbone: Backbone, task: TaskSpec, langs: list[str], split: str = "dev",
+                      data_dirs: list[Path] | None = None, limit: int | None = None, batch_size: int = 64,
+                      dtype: DType = DType.FP32, cache_dir: Path | None = None, folder: Path | None = None,
+                      on_language=None, device="cpu") -> Evaluation:
+    """Several runs' prompts as one prediction per row: the mean of their label probabilities, one pass
+    over each language's rows. The members must share task, labels, template style and protocol
+    (zero-shot or transductive; adapted runs scored elsewhere are refused). The ensemble is a row of
+    its own: a folder (default ``ensemble-<hash of the members>`` beside the first) with config.json,
+    metrics.json and predictions, in the index like any run."""
+    import hashlib
+
+    from ..model import EnsembleModel
+
+    run_dirs = [Path(r) for r in run_dirs]
+    loaded = [load_run_model(run, backbone) for run in run_dirs]
+    cards = [card for _, card in loaded]
+    for what in ("task", "labels", "template_style", "protocol"):
+        values = {json_key(card.get(what)) for card in cards}
+        if len(values) > 1:
+            raise XPromptError(f"an ensemble's runs must share their {what}: {', '.join(sorted(values))}")
+    if cards[0].get("protocol", "zero-shot") == "few-shot-target":
+        raise XPromptError("adapted (few-shot-target) runs cannot be ensembled: each left out other rows")
+    names = sorted(run.name for run in run_dirs)
+    folder = folder or run_dirs[0].parent / f"ensemble-{hashlib.sha256(','.join(names).encode()).hexdigest()[:10]}"
+    if not (folder / "config.json").is_file():
+        base = read_json(run_dirs[0] / "config.json")
+        members = [read_json(run / "config.json")["train"] for run in run_dirs]
+        write_json(folder / "config.json", {
+            **{k: base.get(k) for k in ("backbone", "compute", "task_version", "data_dir")},
+            "train": {**base["train"], "method": "ensemble", "seed": None, "members": names,
+                      "member_configs": members},
+            "ensemble": [str(run) for run in run_dirs]})
+    read = {lang for card in cards for lang in (card.get("selection", {}).get("self_training") or {}).get("languages", [])}
+    sources = {(card.get("selection", {}).get("self_training") or {}).get("source") for card in cards} - {None}
+    card = {**cards[0], "method": "ensemble",
+            "selection": {"self_training": {"languages": sorted(read), "source": sources.pop()}} if sources else {}}
+    model = EnsembleModel([m.place(device) for m, _ in loaded])
+    return evaluate_run(folder, model, card, backbone, task, langs, split, data_dirs, limit, batch_size, dtype,
+                        cache_dir, on_language)
+
+
+def json_key(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
 
 
 def adapted_name(run_dir: Path, lang: str, shots: int, steps: int, seed: int) -> str:

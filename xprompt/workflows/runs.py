@@ -19,21 +19,24 @@ import numpy as np
 import torch
 
 from .. import __version__, distributed
+from ..augment import neighbour_swap
 from ..backbones import Backbone
 from ..config import DType, TrainConfig
 from ..data import prepare_data, sequence_ends
 from ..errors import XPromptError
-from ..evaluation import predict
+from ..evaluation import generate_texts, predict, text_scores
 from ..fileio import read_json, write_json
 from ..hardware import resolve_dtype
 from ..model import build_model
 from ..peft_io import write_adapter
 from ..registry import index_run
-from ..start import init_prompt_and_verbalizer, init_sample, prompt_card, set_class_means
+from ..selftrain import self_train
+from ..start import init_prompt_and_verbalizer, init_sample, prompt_card, restore, set_class_means
 from ..store import default_run_name, new_run_dir, run_lock, save_prompt
 from ..tasks import TaskSpec
 from ..training import fit
 from ..transfer import LIBRARY, init_from_library, start_from_runs
+from ..generation import generation_head
 from ..verbalizers import make_verbalizer, resolve_choices, resolve_template, task_label_words
 
 
@@ -72,8 +75,13 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
     seed_everything(cfg.seed)
     cfg = settle(cfg, backbone, where)
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
-    verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
-                                 cfg.label_reduce, cfg.readout)
+    if task.kind == "generation":
+        if cfg.shots:
+            raise XPromptError("--shots samples K rows per class: a generation task has no classes")
+        verbalizer = generation_head(backbone)
+    else:
+        verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
+                                     cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
                         cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection).place(where)
     if backbone.sharded:
@@ -84,6 +92,11 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
     select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
 
     def select_accuracy() -> float:
+        if task.kind == "generation":  # chrF of what it writes for the held-out rows, over every process's share
+            texts = [t for part in distributed.gather(generate_texts(model, select_part, backbone.tokenizer,
+                                                                      dtype=cfg.dtype)) for t in part]
+            references = [t for part in distributed.gather(list(select_part["target"])) for t in part]
+            return text_scores(texts, references, cfg.lang, (task.metric,))[task.metric]
         preds = predict(model, select_part, 64, pad, cfg.dtype)
         correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
         return correct / n
@@ -98,16 +111,26 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         if not took:  # class means read through the prompt it starts from, not the discarded vocabulary one
             set_class_means(model, init_sample(data.train, cfg.init_examples, cfg.seed), pad, cfg.dtype)
 
-    done = fit(model, data.train, select_accuracy, cfg, run_dir, where, pad, on_step)
+    transform = augmented = None
+    if cfg.augment == "neighbours":
+        transform, augmented = neighbour_swap(backbone, data.train, cfg.augment_rate, cfg.seed)
+    done = fit(model, data.train, select_accuracy, cfg, run_dir, where, pad, on_step, transform)
+    fits, self_training = [done], None
+    if cfg.unlabeled:  # rounds from the best prompt so far, selected on English held-out rows again
+        restore(model, done.best["tensors"])
+        done, self_training = self_train(model, cfg, task, data.train, select_accuracy, run_dir, where, pad,
+                                         backbone.tokenizer, data_dirs, cache_dir, on_step, transform)
+        fits.append(done)
+    seconds, seen = sum(f.seconds for f in fits), sum(f.seen for f in fits)
     summary = {
         "train_rows": len(data.train),
         "dtype": cfg.dtype.value,
         "data": data.describe,
-        "steps": done.steps,
+        "steps": sum(f.steps for f in fits),
         "best_step": done.best["step"],
         "select_accuracy": round(done.best["accuracy"], 4),
-        "train_seconds": round(done.seconds, 1),
-        "train_examples_per_s": round(done.seen / done.seconds, 2),
+        "train_seconds": round(seconds, 1),
+        "train_examples_per_s": round(seen / seconds, 2),
         "trainable_parameters": done.trainable_parameters,
         "init_from": cfg.init_from,
         "init": init_note or f"{cfg.init} prompt start, class-mean label vectors",
@@ -115,6 +138,10 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         "protocol": cfg.protocol,
         "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
+    if augmented:
+        summary["augment"] = augmented
+    if self_training:
+        summary["self_training"] = self_training
     if world > 1:
         summary["processes"] = world
     if missing:
@@ -149,13 +176,15 @@ def git_commit() -> str | None:
         return None
 
 
-def resume_plan(run_dir: Path) -> tuple[TrainConfig, Path | None]:
-    """The config of an interrupted run (with the dtype it started with) and its data folder."""
+def resume_plan(run_dir: Path) -> tuple[TrainConfig, Path | None, Path | None]:
+    """The config of an interrupted run (with the dtype it started with), its data folder and its
+    task cards' folder (None: the defaults)."""
     saved = read_json(Path(run_dir) / "config.json")
     cfg = TrainConfig.from_dict(saved["train"])
     if cfg.dtype is DType.AUTO and saved.get("compute", {}).get("dtype"):
         cfg.dtype = DType(saved["compute"]["dtype"])  # the dtype it started with: the same computation
-    return cfg, Path(saved["data_dir"]) if saved.get("data_dir") else None
+    folder = lambda key: Path(saved[key]) if saved.get(key) else None  # noqa: E731
+    return cfg, folder("data_dir"), folder("tasks_dir")
 
 
 def plan_runs(configs: list[TrainConfig], runs_dir: Path, run_name: str | None) -> list[tuple[TrainConfig, Path | str | None]]:
@@ -200,16 +229,16 @@ def _interrupt(signum, frame):
 def train_run(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, target, runs_dir: Path, data_dirs: list[Path],
               data_dir: Path | None = None, device: str = "cpu", cache_dir: Path | None = None,
               tasks_dir: Path | None = None, compute: dict | None = None, events: RunEvents | None = None):
-    """Train one run: ``target`` is an existing run folder to resume, or the new run's name (None:
-    default). Under a launcher, rank 0 creates, locks and writes; the others only compute.
-    Returns (run_dir, summary)."""
+    """Train one run: ``target`` is an existing run folder to resume, a folder just made for a new
+    run (no config.json yet), or the new run's name (None: default). Under a launcher, rank 0
+    creates, locks and writes; the others only compute. Returns (run_dir, summary)."""
     events = events or RunEvents()
     repeatable()
     rank, world = distributed.rank_world()
     main = rank == 0
     runs_dir = Path(runs_dir)
     runs_dir_is_new = not runs_dir.exists()
-    resume = target if isinstance(target, Path) else None
+    resume = target if isinstance(target, Path) and (target / "config.json").is_file() else None
     if resume is not None:
         run_dir = resume
         saved = read_json(resume / "config.json")
@@ -223,15 +252,17 @@ def train_run(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, target, runs
             events.warning("versions differ from the run's start, so the resumed prompt may not be bit-identical: "
                            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     else:
-        run_dir = None
+        run_dir = target if isinstance(target, Path) else None
         if main:
-            run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method, cfg.seed))
+            if run_dir is None:
+                run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method, cfg.seed))
             write_json(run_dir / "config.json", {
                 "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": git_commit(),
                 "versions": versions(), "compute": compute or {},
                 "backbone": {"name": backbone.name, "kind": backbone.kind, "sha256": backbone.sha256,
                              "revision": backbone.revision},
                 "task_version": task.version, "data_dir": str(data_dir) if data_dir else None,
+                "tasks_dir": str(tasks_dir) if tasks_dir else None,
             })
         run_dir = distributed.broadcast(run_dir)
     around = events.started(run_dir, cfg, world) if events.started and main else contextlib.nullcontext()
