@@ -17,6 +17,33 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA = ROOT / "tests" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _backbones_loaded_once():
+    """The tests' CLI calls load the same few tiny backbone folders over and over (4-5 s each, mostly
+    the 250k-piece tokenizer): load each once per session, keyed by its name, options and files, as a
+    long-lived process would. Tests that load a backbone directly get their own object as before."""
+    import xprompt.backbones as backbones
+
+    cache = {}
+    real = backbones.load_backbone
+
+    def identity(name) -> tuple:
+        folder = Path(str(name))
+        if not folder.is_dir():
+            return ()
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
+
+    def load_once(name, cache_dir, **kwargs):
+        key = (str(name), str(cache_dir), repr(sorted((k, str(v)) for k, v in kwargs.items())), identity(name))
+        if key not in cache:
+            cache[key] = real(name, cache_dir, **kwargs)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backbones, "load_backbone", load_once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from xprompt.backbones.embedded import embedded_tokenizer

@@ -1,7 +1,7 @@
 """Every method x every verbalizer kind on the realistic XLM-R and mT5 folders (laid out as the hub
 ships them), through the CLI as a user runs it: train, eval, library similar (all three measures),
 library transfer, --init-from library with every transfer mode, and the PEFT export where a twin
-exists. Backbones are loaded once per folder (the CLI's loader is memoised for this module)."""
+exists. Backbones are loaded once per folder (conftest memoises the CLI's loader)."""
 
 import json
 
@@ -14,25 +14,6 @@ METHODS = ["soft", "ptuning", "deep", "prefix", "unified"]
 VERBALIZERS = {"xlmr": ["soft", "centered", "hard", "soft-words"], "mt5": ["soft", "centered", "hard"]}
 CASES = [(bb, m, v) for bb, kinds in VERBALIZERS.items() for m in METHODS for v in kinds]
 STEPS = ["--max-steps", 2, "--eval-every", 2, "--prompt-length", 2, "--batch-size", 8]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def loaded_once():
-    """Memoise backbone loading for this module (each CLI call would reload the same folder)."""
-    import xprompt.backbones as backbones
-
-    cache = {}
-    real = backbones.load_backbone
-
-    def memo(name, cache_dir, **kwargs):
-        key = (str(name), json.dumps({k: str(v) for k, v in sorted(kwargs.items())}))
-        if key not in cache:
-            cache[key] = real(name, cache_dir, **kwargs)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backbones, "load_backbone", memo)
-        yield
 
 
 @pytest.fixture(scope="module")
