@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import TEST_DATA
 from xprompt.errors import XPromptError
 from xprompt.similarity import activated_neurons, flat_cosine, mean_cosine, neuron_overlap
 
@@ -146,3 +147,46 @@ def test_train_init_from_flags(tiny_bert_dir, tmp_path):
     assert other.exit_code == 1 and "no prompt of another task" in other.output
     missing = invoke("train", *common, "--run-name", "y", "--init-from", runs / "nope")
     assert missing.exit_code == 1 and "holds no trained prompt" in missing.output
+
+
+def test_similarity_compares_what_each_method_trains():
+    """A prefix prompt trains keys and values (its placeholder vectors are fixed); a unified prompt
+    trains its vectors and its tower: two prompts that differ only there are not 'identical'."""
+    from xprompt.similarity import flat_cosine, mean_cosine
+
+    torch.manual_seed(0)
+    placeholders = torch.randn(2, 4)
+    a = {"prompt_embeddings": placeholders, "keys": torch.randn(3, 2, 4), "values": torch.randn(3, 2, 4)}
+    b = {"prompt_embeddings": placeholders, "keys": torch.randn(3, 2, 4), "values": torch.randn(3, 2, 4)}
+    expected = torch.nn.functional.cosine_similarity(torch.cat([a["keys"].flatten(), a["values"].flatten()]),
+                                                     torch.cat([b["keys"].flatten(), b["values"].flatten()]), dim=0)
+    assert flat_cosine(a, b, "prefix") == pytest.approx(expected.item(), abs=1e-6)
+    assert flat_cosine(a, b, "prefix") < 0.9 and flat_cosine(a, b, "soft") == pytest.approx(1.0)  # placeholders only
+    assert flat_cosine(a, a, "prefix") == pytest.approx(1.0)
+
+    vectors = torch.randn(2, 4)
+    tower = {"tower.0.weight": torch.randn(4, 4), "tower.0.bias": torch.randn(4)}
+    c = {"prompt_embeddings": vectors, **tower}
+    d = {"prompt_embeddings": vectors, **{k: -v for k, v in tower.items()}}  # the same vectors, another tower
+    assert flat_cosine(c, d, "unified") < 0.5 and mean_cosine(c, d, "unified") < 0.5
+    assert flat_cosine(c, c, "unified") == pytest.approx(1.0) and mean_cosine(c, c, "unified") == pytest.approx(1.0)
+
+
+def test_library_similar_uses_the_methods_tensors(tiny_bert_dir, tmp_path):
+    """Two prefix prompts of different seeds: `library similar` reports the cosine of their keys and
+    values, not of their placeholders."""
+    from safetensors.torch import load_file
+    from test_cli import invoke
+
+    from xprompt.similarity import flat_cosine
+
+    runs = tmp_path / "runs"
+    for seed in (5, 6):
+        out = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--method",
+                     "prefix", "--max-steps", 2, "--prompt-length", 2, "--dtype", "fp32", "--seed", seed,
+                     "--run-name", f"p{seed}")
+        assert out.exit_code == 0, out.output
+    out = invoke("library", "similar", runs / "p5", "--runs-dir", runs, "--json")
+    (row,) = json.loads(out.stdout)["similar"]
+    a, b = (load_file(str(runs / f"p{s}" / "prompt" / "prompt.safetensors")) for s in (5, 6))
+    assert row["flat"] == pytest.approx(flat_cosine(a, b, "prefix"), abs=1e-6)
