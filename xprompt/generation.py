@@ -9,26 +9,11 @@ from torch import nn
 from .errors import XPromptError
 
 
-class GenerationHead(nn.Module):
-    """For a generation task on a seq2seq backbone: the frozen decoder writes the target from the
-    prompted encoder states. ``loss`` is teacher forcing (each row's mean token negative
-    log-likelihood, summed over rows); ``generate`` decodes (greedy, or beam search). The
-    encoder-decoder is the backbone's, kept out of this module's submodules."""
+class FixedHead(nn.Module):
+    """A head with nothing trained: nothing to initialise, update, save or load (fixed label words,
+    a frozen decoder)."""
 
-    kind = "generate"
-    reads_sequence = True
-    needs_init = False  # nothing trained: the frozen decoder writes
-
-    def __init__(self, seq2seq: nn.Module):
-        super().__init__()
-        self._seq2seq = (seq2seq,)
-
-    @property
-    def seq2seq(self) -> nn.Module:
-        return self._seq2seq[0]
-
-    def use_language(self, lang: str) -> None:
-        """The decoder writes whatever language the input asks for: nothing to switch."""
+    needs_init = False
 
     def end_step(self, reduce=None) -> None:
         """Nothing to update after a step."""
@@ -40,7 +25,28 @@ class GenerationHead(nn.Module):
         return {}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Nothing saved: the decoder is the backbone's."""
+        """Nothing saved: the words come from the card, the decoder is the backbone's."""
+
+
+class GenerationHead(FixedHead):
+    """For a generation task on a seq2seq backbone: the frozen decoder writes the target from the
+    prompted encoder states. ``loss`` is teacher forcing (each row's mean token negative
+    log-likelihood, summed over rows); ``generate`` decodes (greedy, or beam search). The
+    encoder-decoder is the backbone's, kept out of this module's submodules."""
+
+    kind = "generate"
+    reads_sequence = True
+
+    def __init__(self, seq2seq: nn.Module):
+        super().__init__()
+        self._seq2seq = (seq2seq,)
+
+    @property
+    def seq2seq(self) -> nn.Module:
+        return self._seq2seq[0]
+
+    def use_language(self, lang: str) -> None:
+        """The decoder writes whatever language the input asks for: nothing to switch."""
 
     def loss(self, hidden: torch.Tensor, mask: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         from transformers.modeling_outputs import BaseModelOutput

@@ -20,7 +20,7 @@ from torch import nn
 from .config import LABEL_REDUCES, VERBALIZERS, WORD_VERBALIZERS
 from .data import span_sentinels
 from .errors import XPromptError
-from .generation import GenerationHead, generation_head
+from .generation import FixedHead as _FixedWords, GenerationHead, generation_head  # a verbalizer of fixed words
 
 
 class SoftVerbalizer(nn.Module):
@@ -124,24 +124,6 @@ class CenteredVerbalizer(SoftVerbalizer):
             raise XPromptError(f"{where}: 'verbalizer.center' is missing or of another shape; was it trained with "
                                "--verbalizer centered?")
         self.center.copy_(value)
-
-
-class _FixedWords(nn.Module):
-    """A verbalizer of fixed label words: nothing to initialise, save or load."""
-
-    needs_init = False
-
-    def end_step(self, reduce=None) -> None:
-        """Nothing to update after a step."""
-
-    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        return []
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Nothing is trained: the label words come from the card."""
 
 
 class WordVerbalizer(_FixedWords):
