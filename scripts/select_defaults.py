@@ -8,7 +8,7 @@ The search is coordinate-wise from today's default, one factor at a time, in thi
 1. method (soft, ptuning, deep, prefix, unified)
 2. prompt length (4, 8, 16, 32)
 3. verbalizer and readout (centered/mean, centered/mask, centered/both, soft/mask, soft/mean)
-4. learning rate, per task (the task card's ``train_defaults.lr``): 3e-3, 1e-2, 3e-2, 1e-1
+4. learning rate, per task: factors of the task card's ``train_defaults.lr`` (0.3, 1, 3, 10)
 5. steps (the budget: 600, 1200, 2400), with the chosen configuration
 
 Factors 1-3 and 5 are global defaults: a candidate's score is the mean of its tasks' held-out
@@ -17,6 +17,8 @@ Finished runs are reused, so an interrupted search continues where it stopped.
 
     python scripts/select_defaults.py --runs-dir runs/select --out docs/select_defaults.json
     python scripts/select_defaults.py --tasks xnli --steps 300      # a quicker, smaller search
+    python scripts/select_defaults.py --steps 400 --lengths 8,16,32 --readouts centered/mean,centered/mask,soft/mean \
+        --lr-factors 0.333333,1,3 --budgets 400,1200              # the reduced grid behind today's defaults
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def main() -> None:
     parser.add_argument("--tasks", default="xnli,pawsx")
     parser.add_argument("--steps", type=int, default=600, help="steps of every candidate before the budget stage")
     parser.add_argument("--budgets", default="600,1200,2400", help="the steps stage's candidates")
+    parser.add_argument("--methods", default="deep,soft,ptuning,prefix,unified", help="the method stage's candidates")
+    parser.add_argument("--lengths", default="4,8,16,32", help="the prompt-length stage's candidates")
+    parser.add_argument("--readouts", default=",".join(f"{v}/{r}" for v, r in READOUTS),
+                        help="the verbalizer/readout stage's candidates")
+    parser.add_argument("--lr-factors", default="0.3,1,3,10",
+                        help="the rate stage's candidates, as factors of each task card's rate")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs-dir", default="runs/select")
     parser.add_argument("--out", type=Path, default=Path("docs/select_defaults.json"))
@@ -99,13 +107,15 @@ def main() -> None:
     tasks = args.tasks.split(",")
     base = {task: {**TODAY, "lr": card_lr(task), "max_steps": args.steps} for task in tasks}
     log: list = []
-    base = stage(args, log, "method", base, [{"method": m} for m in ("deep", "soft", "ptuning", "prefix", "unified")],
+    base = stage(args, log, "method", base, [{"method": m} for m in args.methods.split(",")],
                  tasks)
-    lengths = [base[tasks[0]]["prompt_length"]] + [n for n in (4, 8, 16, 32) if n != base[tasks[0]]["prompt_length"]]
+    wanted = [int(n) for n in args.lengths.split(",")]
+    lengths = [base[tasks[0]]["prompt_length"]] + [n for n in wanted if n != base[tasks[0]]["prompt_length"]]
     base = stage(args, log, "prompt_length", base, [{"prompt_length": n} for n in lengths], tasks)
-    base = stage(args, log, "verbalizer_readout", base, [{"verbalizer": v, "readout": r} for v, r in READOUTS], tasks)
-    rates = sorted({3e-3, 1e-2, 3e-2, 1e-1})
-    per_task_rates = {task: [base[task]["lr"]] + [r for r in rates if r != base[task]["lr"]] for task in tasks}
+    base = stage(args, log, "verbalizer_readout", base, [{"verbalizer": v, "readout": r} for v, r in (x.split("/") for x in args.readouts.split(","))], tasks)
+    factors = [float(x) for x in args.lr_factors.split(",")]
+    per_task_rates = {task: [base[task]["lr"]] + [round(base[task]["lr"] * f, 6) for f in factors if f != 1]
+                      for task in tasks}
     # one stage per task for the rate (each task's own candidates, its card's rate first)
     chosen_rates = {}
     for task in tasks:
