@@ -70,7 +70,7 @@ def stage(args, log: list, name: str, base: dict, options: list[dict], tasks: li
     for option in options:
         scores = {task: train(args, task, {**base[task], **option}) for task in tasks}
         table.append({"option": option, "scores": scores,
-                      "mean": mean(s["select_accuracy"] for s in scores.values())})
+                      "mean": round(mean(s["select_accuracy"] for s in scores.values()), 9)})  # float noise is no win
         print(f"  {name} {option}: " + ", ".join(f"{t} {100 * s['select_accuracy']:.1f}" for t, s in scores.items()),
               flush=True)
     if per_task:
