@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--levers", default=",".join(LEVERS))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/gap"))
     parser.add_argument("--out", type=Path, default=Path("docs/close_gap.md"))
+    parser.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the baseline's seeds")
     parser.add_argument("--test-predictions", help="a lever whose config is retrained reading dev inputs, for test files")
     parser.add_argument("train_args", nargs="*", help="extra flags for every xprompt train (after --)")
     args = parser.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
                     run(["eval", "--run", str(args.runs_dir / name), "--langs", "all"])
                 names.append(name)
             report[task_name][lever] = [results(args.runs_dir / n, task_name) for n in names]
-            if lever == "baseline" and len(names) > 1:  # the ensemble of the baseline's seeds
+            if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
                 ensemble = None
                 for folder in args.runs_dir.glob("ensemble-*"):
                     members = json.loads((folder / "config.json").read_text())["train"].get("members")
