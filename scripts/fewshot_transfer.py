@@ -2,7 +2,7 @@
 vocabulary (SPoT's and PPT's question).
 
     python scripts/fewshot_transfer.py --library runs/library --runs-dir runs/fewshot --out docs/fewshot_transfer
-    python scripts/fewshot_transfer.py --library runs/library --ppt runs/ppt/PPT_RUN --eval-langs all \
+    python scripts/fewshot_transfer.py --library runs/library --ppt runs/ppt/PPT_RUN --eval-langs all:xnli \
         --out docs/fewshot_ppt                          # + the PPT start; XNLI scored on every language
 
 For each target (default OCNLI/zh, XNLI/en, PAWS-X/en) and seed, two `xprompt train --shots 16` runs
@@ -62,8 +62,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/fewshot_transfer"))
     parser.add_argument("--ppt", type=Path, help="a pre-trained prompt's run (xprompt pretrain): a third start")
     parser.add_argument("--eval-langs", default="source",
-                        help="'source' (the target's language) or 'all' (every dev language; the target's own figure "
-                             "is its training language's, the others are reported beside it)")
+                        help="'source' (the target's language), 'all' (every dev language; the target's own figure "
+                             "is its training language's, the others are reported beside it), or 'all:TASK[+TASK]' "
+                             "(every language for those tasks only, e.g. all:xnli)")
     args, extra = parser.parse_known_args()  # more `xprompt train` flags for the library arm, e.g. --transfer average
     seeds = [int(s) for s in args.seeds.split(",")]
     starts = {"vocab": [], "library": ["--init-from", "library", "--library", str(args.library), *extra]}
@@ -85,7 +86,9 @@ def main() -> None:
                             "--runs-dir", str(args.runs_dir), "--run-name", name, *flags)
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 scored = metrics.get("eval", {}).get(task, {}).get("dev", {})
-                wanted = "all" if args.eval_langs == "all" else lang
+                every = args.eval_langs == "all" or (args.eval_langs.startswith("all:")
+                                                     and task in args.eval_langs[4:].split("+"))
+                wanted = "all" if every else lang
                 if lang not in scored or (wanted == "all" and len(scored) < 2):
                     run("eval", "--run", str(run_dir), "--langs", wanted)
                     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -78,6 +78,53 @@ def test_cpu_attention_follows_the_dtype_in_use(backbone):
         assert sdpa.call_count == 1 and out.dtype == torch.bfloat16
 
 
+def test_frozen_weights_held_in_bf16_change_nothing_but_speed(backbone, xnli):
+    """Under CPU bf16 the frozen Linear weights are cast once, not at every call: the same logits
+    and prompt gradients bit for bit as plain autocast, trainable tensors and embeddings untouched,
+    and every weight back in its own fp32 storage afterwards."""
+    from xprompt.data import batches, encode, load_split
+    from xprompt.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(backbone, 3, "deep", 4, "mean")
+    rows = encode(load_split(xnli, "en", "dev").select(range(16)), xnli.template, backbone.tokenizer)
+    batch = next(batches(rows, 16, backbone.tokenizer.pad_token_id))
+    before = {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()}
+    results = []
+    for cast in (False, True):
+        model.zero_grad(set_to_none=True)
+        with hardware.compute(model, "bf16", "cpu") if cast else torch.autocast("cpu", dtype=torch.bfloat16):
+            if cast:
+                frozen = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+                assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
+                assert model.embed.weight.dtype == torch.float32
+                assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            logits = model(batch)
+            logits.float().sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.trainable_parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert {name: (p.dtype, p.data_ptr()) for name, p in model.named_parameters()} == before
+    with hardware.compute(model, "fp32", "cpu"):  # fp32 (and GPUs) leave every weight as it is
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_weight_shared_with_an_embedding_stays_in_fp32():
+    table = torch.nn.Embedding(10, 4).requires_grad_(False)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = table.weight  # a tied LM head: casting it would change the input embeddings too
+    model = torch.nn.ModuleDict({"table": table, "head": head, "dense": torch.nn.Linear(4, 4).requires_grad_(False)})
+    with hardware.frozen_weights_in_bf16(model, "bf16", "cpu"):
+        assert head.weight.dtype == torch.float32 and model["dense"].weight.dtype == torch.bfloat16
+        assert model["dense"].bias.dtype == torch.bfloat16
+    assert model["dense"].weight.dtype == torch.float32 and model["dense"].bias.dtype == torch.float32
+
+
+def test_evaluation_batches_are_smaller_on_a_cpu():
+    assert hardware.eval_batch_size("cpu") == 16 and hardware.eval_batch_size(torch.device("cpu")) == 16
+    assert hardware.eval_batch_size("cuda") == 64
+
+
 # ---------------------------------------------------------------- hub layouts
 
 def test_mt5_folder_as_the_hub_ships_it(tiny_mt5_dir, tmp_path):

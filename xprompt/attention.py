@@ -31,13 +31,19 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     batch, heads, length, dim = query.shape
     keys = key.shape[2]
     scale = dim**-0.5 if scaling is None else scaling
-    scores = torch.bmm(query.reshape(batch * heads, length, dim), key.reshape(batch * heads, keys, dim).transpose(1, 2))
-    scores = scores.view(batch, heads, length, keys).float().mul_(scale)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask, float("-inf"))
-        else:
-            scores.add_(attention_mask)
+    # the scores scaled inside one bf16 matmul (float32 accumulation), then upcast by the mask's
+    # float32 add and normalised in float32: three passes over the scores where an upcast, a scale,
+    # a mask fill and a softmax took four (bf16 softmax kernels are slower than float32 ones)
+    q = query.reshape(batch * heads, length, dim)
+    kt = key.reshape(batch * heads, keys, dim).transpose(1, 2)
+    scores = torch.baddbmm(q.new_empty(()).expand(batch * heads, length, keys), q, kt, beta=0.0, alpha=scale)
+    scores = scores.view(batch, heads, length, keys)
+    if attention_mask is None:
+        scores = scores.float()
+    elif attention_mask.dtype == torch.bool:
+        scores = torch.zeros(attention_mask.shape).masked_fill_(~attention_mask, float("-inf")).add(scores)
+    else:
+        scores = scores.float().add_(attention_mask)
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch * heads, length, keys)
     out = torch.bmm(probs, value.reshape(batch * heads, keys, dim)).view(batch, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None

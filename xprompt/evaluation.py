@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from .config import DType
 from .data import NO_LABEL, batches, encode, load_split
-from .hardware import autocast
+from .hardware import compute
 from .model import PromptModel
 from .tasks import TaskSpec
 
@@ -22,7 +22,7 @@ def predict(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DT
     model.eval()
     preds = np.empty(len(encoded), dtype=np.int64)
     device = next(model.parameters()).device
-    with autocast(dtype, device.type):
+    with compute(model, dtype, device.type):
         for batch in batches(encoded, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             preds[batch["index"].cpu().numpy()] = model(batch).argmax(-1).cpu().numpy()
@@ -35,7 +35,7 @@ def probabilities(model: PromptModel, encoded, batch_size: int, pad_id: int, dty
     model.eval()
     out = None
     device = next(model.parameters()).device
-    with autocast(dtype, device.type):
+    with compute(model, dtype, device.type):
         for batch in batches(encoded, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             probs = torch.softmax(model(batch).float(), dim=-1).cpu().numpy()
@@ -53,7 +53,7 @@ def generate_texts(model: PromptModel, encoded, tokenizer, batch_size: int = 32,
     model.eval()
     texts: list[str] = [""] * len(encoded)
     device = next(model.parameters()).device
-    with autocast(dtype, device.type):
+    with compute(model, dtype, device.type):
         for batch in batches(encoded, batch_size, tokenizer.pad_token_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model.generate(batch, num_beams, max_new_tokens)

@@ -20,6 +20,7 @@ import numpy as np
 from .data import encode, sequence_ends
 from .errors import XPromptError
 from .evaluation import predict
+from .hardware import eval_batch_size
 from .model import load_run_model, model_from_card
 from .similarity import activated_neurons, flat_cosine, mean_cosine, neuron_overlap, prompt_shapes
 from .start import load_average, restore, set_class_means, snapshot
@@ -147,7 +148,7 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
             model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
         elif used == "class means":
             set_class_means(model, rows_as(style, sample), pad, dtype)
-        preds = predict(model, rows_as(style, rows), 64, pad, dtype)
+        preds = predict(model, rows_as(style, rows), eval_batch_size(backbone.input_device()), pad, dtype)
         if bridge is not None:
             preds = np.asarray(bridge)[preds]
         scores.append((float((preds == labels).mean()), used))

@@ -18,6 +18,7 @@ from datasets import Dataset
 
 from .data import encode, load_split, read_jsonl
 from .errors import XPromptError
+from .hardware import eval_batch_size
 from .evaluation import probabilities
 from .start import restore
 from .training import fit
@@ -87,7 +88,7 @@ def self_train(model, cfg, task, train_rows, select_accuracy, run_dir: Path, dev
         kept = {}
         for lang, pool in pools.items():
             model.verbalizer.use_language(lang)
-            probs = probabilities(model, pool, 64, pad_id, cfg.dtype)
+            probs = probabilities(model, pool, eval_batch_size(model.prompt.embeddings.device), pad_id, cfg.dtype)
             rows, labels = pseudo_rows(probs, cfg.pseudo_rule, cfg.pseudo_fraction, cfg.pseudo_threshold)
             chosen = pool.select(rows.tolist())
             for name in ("input_ids", "mask_pos", "length"):

@@ -13,7 +13,7 @@ from . import __version__
 from .backbones import Backbone
 from .data import batches, sequence_ends
 from .errors import XPromptError
-from .hardware import autocast
+from .hardware import compute
 from .model import PromptModel
 from .prompts import PromptMethod, input_vectors
 from .verbalizers import resolve_template, task_label_words
@@ -39,7 +39,7 @@ def set_class_means(model: PromptModel, sample, pad_id: int, dtype) -> list[int]
     states, labels = [], []
     model.eval()
     device = model.prompt.embeddings.device
-    with autocast(dtype, device.type):
+    with compute(model, dtype, device.type):
         for batch in batches(sample, 64, pad_id):
             states.append(model.states({k: v.to(device) for k, v in batch.items()}).float().cpu())
             labels.append(batch["labels"])

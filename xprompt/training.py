@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .data import batches, slice_batch
 from .errors import XPromptError
 from .fileio import append_jsonl, truncate_log
-from .hardware import autocast
+from .hardware import autocast, frozen_weights_in_bf16
 from .model import PromptModel
 from .start import snapshot
 
@@ -82,48 +82,49 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
             save_checkpoint(run_dir, model, optimizer, scheduler, progress, best)
 
     try:
-        while step < total:
-            skip = progress["batch"] if epoch == progress["epoch"] else 0
-            epoch_batches = batches(train_rows, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed, epoch=epoch)
-            for position, batch in enumerate(epoch_batches, 1):
-                if position <= skip:
+        with frozen_weights_in_bf16(model, cfg.dtype, device.type):  # once for the loop, not per step
+            while step < total:
+                skip = progress["batch"] if epoch == progress["epoch"] else 0
+                epoch_batches = batches(train_rows, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed, epoch=epoch)
+                for position, batch in enumerate(epoch_batches, 1):
+                    if position <= skip:
+                        continue
+                    model.train()
+                    if transform is not None:
+                        batch = transform(batch, step)
+                    loss = accumulate_gradients(model, batch, cfg, device, rank, world)
+                    loss = distributed.sum_gradients(params, loss)
+                    if not torch.isfinite(loss):
+                        raise XPromptError(
+                            f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
+                            f"or use --dtype fp32 (now {cfg.dtype.value})"
+                        )
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    seen += len(batch["labels"])
+                    window_loss += loss.item()
+                    window_n += 1
+                    rate = seen / (time.perf_counter() - started)
+                    if step % 20 == 0 or step == total:
+                        log({"step": step, "loss": round(window_loss / window_n, 5),
+                             "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
+                        window_loss, window_n = 0.0, 0
+                    if step % cfg.eval_every == 0 or step == total:
+                        acc = select_accuracy()
+                        log({"step": step, "select_accuracy": acc})
+                        if acc > best["accuracy"]:
+                            best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
+                        save_progress(position)
+                    if on_step:
+                        on_step(step, total, loss.item(), rate)
+                    if step >= total:
+                        break
+                else:
+                    epoch += 1
                     continue
-                model.train()
-                if transform is not None:
-                    batch = transform(batch, step)
-                loss = accumulate_gradients(model, batch, cfg, device, rank, world)
-                loss = distributed.sum_gradients(params, loss)
-                if not torch.isfinite(loss):
-                    raise XPromptError(
-                        f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
-                        f"or use --dtype fp32 (now {cfg.dtype.value})"
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                seen += len(batch["labels"])
-                window_loss += loss.item()
-                window_n += 1
-                rate = seen / (time.perf_counter() - started)
-                if step % 20 == 0 or step == total:
-                    log({"step": step, "loss": round(window_loss / window_n, 5),
-                         "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
-                    window_loss, window_n = 0.0, 0
-                if step % cfg.eval_every == 0 or step == total:
-                    acc = select_accuracy()
-                    log({"step": step, "select_accuracy": acc})
-                    if acc > best["accuracy"]:
-                        best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
-                    save_progress(position)
-                if on_step:
-                    on_step(step, total, loss.item(), rate)
-                if step >= total:
-                    break
-            else:
-                epoch += 1
-                continue
-            break
+                break
     except KeyboardInterrupt:
         save_progress(position)
         raise

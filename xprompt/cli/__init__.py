@@ -236,7 +236,7 @@ def evaluate_cmd(
     split: Annotated[str, typer.Option(help="dev or test (test files carry no labels: predictions only).")] = "dev",
     limit: Annotated[Optional[int], typer.Option(help="At most N rows per language.")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone (default: the run's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per forward pass (default: 16 on a CPU, 64 on a GPU).")] = None,
     dtype: DTypeOption = DType.AUTO,
     device: DeviceOption = Device.CPU,
     device_map: DeviceMap = None,
@@ -259,6 +259,7 @@ def evaluate_cmd(
     With --shots K, also adapt a copy per language on K target examples per class.
     Under torchrun / accelerate launch the languages are shared out over the processes and merged."""
     from .. import distributed
+    from ..hardware import eval_batch_size
     from ..model import load_run_model
     from ..reports import language_rows
     from ..store import latest_run, load_prompt
@@ -268,6 +269,8 @@ def evaluate_cmd(
         raise typer.BadParameter(f"unknown split '{split}'; known: dev, test, train")
     if limit is not None and limit < 1:
         raise typer.BadParameter("--limit must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise typer.BadParameter("--batch-size must be at least 1")
     runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else [latest_run(runs_dir)]
     run_dir = runs[0]
     _, card = load_prompt(run_dir)
@@ -281,6 +284,7 @@ def evaluate_cmd(
                                   allow_bin_weights or bool(card.get("backbone_bin_weights")))
     model, card = load_run_model(run_dir, bb)
     model.place(distributed.local_device(device.value))
+    batch_size = batch_size or eval_batch_size(distributed.local_device(device.value))
     if shots and len(runs) > 1:
         raise XPromptError("--shots adapts one run; pass a single --run")
     if shots:

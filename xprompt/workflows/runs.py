@@ -26,7 +26,7 @@ from ..data import prepare_data, sequence_ends
 from ..errors import XPromptError
 from ..evaluation import generate_texts, predict, text_scores
 from ..fileio import read_json, write_json
-from ..hardware import resolve_dtype
+from ..hardware import eval_batch_size, resolve_dtype
 from ..model import build_model
 from ..peft_io import write_adapter
 from ..registry import index_run
@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
                                                                       dtype=cfg.dtype)) for t in part]
             references = [t for part in distributed.gather(list(select_part["target"])) for t in part]
             return text_scores(texts, references, cfg.lang, (task.metric,))[task.metric]
-        preds = predict(model, select_part, 64, pad, cfg.dtype)
+        preds = predict(model, select_part, eval_batch_size(where), pad, cfg.dtype)
         correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
         return correct / n
 
