@@ -121,9 +121,11 @@ def main() -> None:
             official = load_task(target.split(":")[0]).official_targets
             other = [mean(v for x, v in results[(target, start, s)]["others"].items() if x in official)
                      for s in seeds if any(x in official for x in results[(target, start, s)]["others"])]
-            lines.append(f"| {target} | {start} | {fmt(dev)} | {fmt(other) if other else '-'} | {fmt(at0)} | "
+            other_text = f"{fmt(other)} ({len(other)} seed{'s' if len(other) > 1 else ''})" if other else "-"
+            lines.append(f"| {target} | {start} | {fmt(dev)} | {other_text} | {fmt(at0)} | "
                          f"{steps_text} | {len(reached)}/{len(seeds)} |")
-            table.append({"target": target, "start": start, "dev": dev, "select_at_step0": at0, "steps_to_vocab_final": needed})
+            table.append({"target": target, "start": start, "dev": dev, "select_at_step0": at0, "steps_to_vocab_final": needed,
+                          "other_languages_mean": other})
     sources = {}
     for (target, start, seed), r in results.items():
         if start == "library":
