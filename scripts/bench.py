@@ -260,7 +260,9 @@ def peft_eval(args) -> dict:
     collate = DataCollatorWithPadding(tokenizer)
     features = peft_features(tokenizer, eval_set(args.eval_rows))
     peft_predict(model, collate, features[:16], 64, args.dtype)  # warm-up
-    timed = {PEER_BATCH: [], 16: []}
+    from xprompt.hardware import eval_batch_size
+
+    timed = {PEER_BATCH: [], eval_batch_size("cpu"): []}
     for _ in range(args.inner):
         for size in timed:
             start = time.perf_counter()
@@ -374,6 +376,7 @@ def main() -> None:
     per_dtype = {}
     for dtype in dtypes:
         limit = med("matmul", f"matmul_gflop_per_s_{dtype}")
+        cpu_batch = rows[f"eval-xprompt-{dtype}"][0]["eval_batch"]
         out = {"emulated": emulated(dtype), "eval_rows_per_language": args.emulated_rows if emulated(dtype) else args.eval_rows,
                "matmul_gflop_per_s": limit,
                "xprompt_eval_pairs_per_s": med(f"eval-xprompt-{dtype}", "eval_pairs_per_s"),
@@ -382,10 +385,10 @@ def main() -> None:
                "xprompt_eval_gflop_per_s": med(f"eval-xprompt-{dtype}", "eval_gflop_per_s"),
                "xprompt_eval_pairs_per_s_sdpa": med(f"eval-xprompt-{dtype}", "eval_pairs_per_s_sdpa"),
                "eval_attention_speedup": med(f"eval-xprompt-{dtype}", "attention_speedup"),
-               "xprompt_eval_batch": rows[f"eval-xprompt-{dtype}"][0]["eval_batch"],
+               "xprompt_eval_batch": cpu_batch,
                f"xprompt_eval_pairs_per_s_batch{PEER_BATCH}": med(f"eval-xprompt-{dtype}", f"eval_pairs_per_s_batch{PEER_BATCH}"),
                f"peft_eval_pairs_per_s_batch{PEER_BATCH}": med(f"eval-peft-{dtype}", f"eval_pairs_per_s_batch{PEER_BATCH}"),
-               "peft_eval_pairs_per_s_batch16": med(f"eval-peft-{dtype}", "eval_pairs_per_s_batch16")}
+               "peft_eval_pairs_per_s_xprompt_batch": med(f"eval-peft-{dtype}", f"eval_pairs_per_s_batch{cpu_batch}")}
         out["eval_ratio_same_batch"] = ratio(f"eval-xprompt-{dtype}", f"eval-peft-{dtype}", f"eval_pairs_per_s_batch{PEER_BATCH}")
         out["eval_fraction_of_matmul_limit"] = out["xprompt_eval_gflop_per_s"] / limit
         if not emulated(dtype):
@@ -437,7 +440,7 @@ def main() -> None:
             ]
         table += [
             f"| {tag} | eval pairs/s ({v['eval_rows_per_language']} rows x 15 languages; xprompt's CPU batch {v['xprompt_eval_batch']}, "
-            f"PEFT's faster of batch 16 / {PEER_BATCH}) | {v['xprompt_eval_pairs_per_s']:.1f} | {v['peft_eval_pairs_per_s']:.1f} | {v['eval_ratio']:.2f}x |",
+            f"PEFT's faster of batch {v['xprompt_eval_batch']} / {PEER_BATCH}) | {v['xprompt_eval_pairs_per_s']:.1f} | {v['peft_eval_pairs_per_s']:.1f} | {v['eval_ratio']:.2f}x |",
             f"| {tag} | eval pairs/s, both at batch {PEER_BATCH} | {v[f'xprompt_eval_pairs_per_s_batch{PEER_BATCH}']:.1f} "
             f"| {v[f'peft_eval_pairs_per_s_batch{PEER_BATCH}']:.1f} | {v['eval_ratio_same_batch']:.2f}x |",
             f"| {tag} | eval GFLOP/s (share of the {dtype} matmul limit {v['matmul_gflop_per_s']:.0f}) | {v['xprompt_eval_gflop_per_s']:.0f} ({100 * v['eval_fraction_of_matmul_limit']:.0f}%) | | |",

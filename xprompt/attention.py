@@ -36,7 +36,8 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     # a mask fill and a softmax took four (bf16 softmax kernels are slower than float32 ones)
     q = query.reshape(batch * heads, length, dim)
     kt = key.reshape(batch * heads, keys, dim).transpose(1, 2)
-    scores = torch.baddbmm(q.new_empty(()).expand(batch * heads, length, keys), q, kt, beta=0.0, alpha=scale)
+    ignored = q.new_empty(()).expand(batch * heads, length, keys)  # beta=0: baddbmm only takes its shape
+    scores = torch.baddbmm(ignored, q, kt, beta=0.0, alpha=scale)
     scores = scores.view(batch, heads, length, keys)
     if attention_mask is None:
         scores = scores.float()
