@@ -111,3 +111,30 @@ def test_backbones_switch_and_evaluate_the_same(tiny_bert_dir, tiny_mt5_dir, tmp
         ours = predict(model, encoded, 16, pad, "bf16")
         fp32 = predict(model, encoded, 16, pad, "fp32")
         assert np.mean(ours == fp32) >= 0.95, method
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", None])
+def test_prefix_keys_are_seen_by_every_row(mask_kind):
+    """A key/value prefix inserted at ``at`` gives what attention over the full sequence gives at
+    the other rows (the prefix's columns visible to all, padded keys still hidden)."""
+    from xprompt.attention import with_prefix
+
+    q, k, v, mask = _inputs(torch.float32, seed=3)
+    g = torch.Generator().manual_seed(4)
+    pk, pv = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 4, 3, 8, generator=g)
+    at = 1
+    full_k = torch.cat([k[:, :, :at], pk.expand(5, -1, -1, -1), k[:, :, at:]], dim=2)
+    full_v = torch.cat([v[:, :, :at], pv.expand(5, -1, -1, -1), v[:, :, at:]], dim=2)
+    keep = torch.cat([mask[..., :at], torch.ones(5, 1, 11, 3, dtype=torch.bool), mask[..., at:]], dim=-1)
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    elif mask_kind is None:
+        mask, keep = None, None
+    ref, _ = sdpa_attention_forward(_Module(), q, full_k, full_v, keep, scaling=0.3)
+    k2, v2, widened = with_prefix(k, v, mask, pk, pv, at)
+    assert torch.equal(k2, full_k) and torch.equal(v2, full_v)
+    assert widened is None if mask_kind is None else widened.shape == (5, 1, 11, 14)
+    module = _Module()
+    module._xprompt_prefix = (pk, pv, at)
+    ours, _ = cpu_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.3)
+    assert torch.allclose(ours.float(), ref, atol=3e-2, rtol=3e-2)

@@ -225,3 +225,66 @@ def test_centered_verbalizer_centre_follows_each_global_batch(backbone, xnli, to
         centres.append(twin.verbalizer.center)
     torch.testing.assert_close(centres[0], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(centres[1], centres[0], atol=1e-6, rtol=1e-6)
+
+
+def _key_value_only_case(which, backbone, tiny_xlmr_mlm_dir, tmp_path):
+    if which == "bert":
+        return backbone
+    from xprompt.backbones import load_backbone
+
+    return load_backbone(str(tiny_xlmr_mlm_dir), tmp_path)
+
+
+@pytest.mark.parametrize("which", ["bert", "xlmr"])
+@pytest.mark.parametrize("readout,position", [("mask", "after-bos"), ("mean", "after-bos"), ("both", "first")])
+def test_deep_readouts_skip_the_prompt_rows(which, readout, position, backbone, tiny_xlmr_mlm_dir, tmp_path, xnli):
+    """The deep prompt's positions are keys and values only: the readouts run the encoder on the
+    input's own rows (never the prompt's) and get the same states and gradients as the full sequence."""
+    from xprompt.attention import PREFIX
+
+    bb = _key_value_only_case(which, backbone, tiny_xlmr_mlm_dir, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(bb, 3, "deep", 4, readout, position=position)
+    with torch.no_grad():
+        model.prompt.embeddings.normal_(0, 1.0)
+        model.prompt.layer_prompts.normal_(0, 1.0)
+    assert model._attentions is not None and len(model._attentions) == bb.num_layers
+    ds = encode(load_split(xnli, "en", "dev", [TEST_DATA], use_hub=False).select(range(6)), xnli.template, bb.tokenizer)
+    batch = next(batches(ds, 6, bb.tokenizer.pad_token_id))
+    assert (batch["attention_mask"] == 0).any()  # padded rows: the widened mask is exercised
+    seen = []
+    hook = model._layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    results = []
+    for skip in (False, True):
+        model.skip_prompt_rows = skip
+        model.zero_grad(set_to_none=True)
+        states = model.states(batch)
+        states.pow(2).sum().backward()
+        results.append((states.detach(), [p.grad.clone() for p in model.prompt.parameters() if p.grad is not None]))
+    hook.remove()
+    width = batch["input_ids"].shape[1]
+    assert seen == [width + 4, width]  # the full sequence, then the input's own rows only
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert len(results[0][1]) == len(results[1][1]) == 2
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(results[0][1], results[1][1]))
+    assert all(PREFIX not in m.__dict__ for m in model._attentions)  # nothing left for the next call
+
+
+def test_key_value_only_path_leaves_nothing_behind_on_error(backbone, xnli, tokenizer):
+    """A failed pass must not leave a prefix on the attention modules for the next (full) pass."""
+    from xprompt.attention import PREFIX
+
+    model = build_model(backbone, 3, "deep", 4, "mask")
+    _, batch = _batch(xnli, tokenizer)
+    boom = model._layers[-1].register_forward_pre_hook(lambda m, args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        model.states(batch)
+    boom.remove()
+    assert all(PREFIX not in m.__dict__ for m in model._attentions)
+    full = model.encode(batch["input_ids"], batch["attention_mask"])
+    assert full.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("method", [m for m in method_names() if m != "deep"])
+def test_only_the_deep_prompt_skips_rows(backbone, method):
+    assert build_model(backbone, 3, method, 4, "mask")._attentions is None

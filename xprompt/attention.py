@@ -6,6 +6,11 @@ its backward pass is slower still. Two batched bf16 matmuls around a float32 sof
 sum faster, forward and backward (``scripts/bench.py`` times both against ``sdpa``). Everything
 else goes to transformers' own ``sdpa`` unchanged: GPUs, float32, dropout, T5's position bias,
 causal or cross attention.
+
+It also takes a per-layer key/value prefix (``with_prefix``): the deep prompt's positions as keys
+and values only. Their own outputs are overwritten by the next layer's prompt vectors (and never
+read after the last layer), so computing their queries, attention outputs and feed-forward blocks
+is wasted work; with the prefix the encoder runs on the input's own tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +19,36 @@ import torch
 from torch import nn
 
 NAME = "xprompt_cpu"
+PREFIX = "_xprompt_prefix"  # set on a self-attention module for one forward pass: (keys, values, at)
+
+
+def with_prefix(key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                prefix_key: torch.Tensor, prefix_value: torch.Tensor, at: int):
+    """Keys and values with a prefix's (1, heads, P, dim) inserted at position ``at`` (where the
+    prompt sits in the full sequence), and the mask widened by P columns that every row sees."""
+    batch = key.shape[0]
+
+    def insert(x, p):
+        return torch.cat([x[:, :, :at], p.to(x.dtype).expand(batch, -1, -1, -1), x[:, :, at:]], dim=2)
+
+    if attention_mask is not None:
+        length = prefix_key.shape[2]
+        seen = (torch.ones_like if attention_mask.dtype == torch.bool else torch.zeros_like)(attention_mask[..., :1])
+        attention_mask = torch.cat([attention_mask[..., :at], seen.expand(*attention_mask.shape[:-1], length),
+                                    attention_mask[..., at:]], dim=-1)
+    return insert(key, prefix_key), insert(value, prefix_value), attention_mask
+
+
+def prefix_attention_modules(model: nn.Module, layers) -> list[nn.Module] | None:
+    """The self-attention modules whose ``cpu_attention`` can take a key/value prefix (BERT and
+    XLM-R layers running this module's attention), or None for any other encoder."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != NAME or getattr(model, "embeddings", None) is None:
+        return None
+    modules = [getattr(getattr(layer, "attention", None), "self", None) for layer in layers]
+    if not all(hasattr(m, "key") and hasattr(m, "value") and hasattr(m, "attention_head_size") for m in modules):
+        return None
+    return modules
 
 
 def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -23,6 +58,9 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     inputs, a boolean (True = attend) or additive mask, output (batch, length, heads, dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    prefix = getattr(module, PREFIX, None)
+    if prefix is not None:
+        key, value, attention_mask = with_prefix(key, value, attention_mask, *prefix)
     if (query.device.type != "cpu" or query.dtype != torch.bfloat16
             or kwargs.get("position_bias") is not None or kwargs.get("is_causal") or getattr(module, "is_causal", False)
             or key.shape[1] != query.shape[1] or dropout):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import PREFIX, prefix_attention_modules
 from .backbones import Backbone
 from .data import sequence_ends
 from .errors import XPromptError
@@ -24,6 +25,8 @@ READOUTS = ("mask", "mean", "both")
 
 
 class PromptModel(nn.Module):
+    skip_prompt_rows = True  # False: the readouts compute every position, as ``encode`` does
+
     def __init__(self, backbone: Backbone, prompt: PromptMethod, verbalizer: nn.Module, readout: str = "mask"):
         super().__init__()
         if readout not in READOUTS:
@@ -38,6 +41,10 @@ class PromptModel(nn.Module):
         self._sharded = backbone.sharded
         self._input_device = backbone.input_device()
         self._output_device = backbone.output_device()
+        # a prompt whose positions only serve as keys and values (deep) on an encoder that takes them
+        # as a prefix: the readouts skip computing those positions' rows (``_token_states``)
+        self._attentions = (prefix_attention_modules(self.backbone, self._layers)
+                            if hasattr(prompt, "install_key_values") else None)
 
     def place(self, device) -> "PromptModel":
         """Move to ``device``; with a sharded backbone (device_map) only the prompt moves, to the
@@ -83,16 +90,33 @@ class PromptModel(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    def _token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states at the input's own positions only, (batch, tokens, hidden): the
+        prompt's positions enter every layer as keys and values, their rows are never computed.
+        Equal to ``encode`` without the prompt's rows (to float rounding)."""
+        inputs, _ = self._with_prompt(input_ids, attention_mask)
+        handles = self.prompt.install_key_values(self.backbone.embeddings, self._attentions)
+        try:
+            return self.backbone(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in self._attentions:
+                module.__dict__.pop(PREFIX, None)
+
     def states(self, batch: dict) -> torch.Tensor:
         """The (batch, hidden) states that the verbalizer scores."""
-        hidden = self.encode(batch["input_ids"], batch["attention_mask"])
+        if self._attentions is not None and self.skip_prompt_rows:
+            hidden, shift = self._token_states(batch["input_ids"], batch["attention_mask"]), 0
+        else:
+            hidden, shift = self.encode(batch["input_ids"], batch["attention_mask"]), self.prompt.length
         parts = []
         if self.readout in ("mask", "both"):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            parts.append(hidden[rows, batch["mask_pos"] + self.prompt.length])
+            parts.append(hidden[rows, batch["mask_pos"] + shift])
         if self.readout in ("mean", "both"):
             # the input's own tokens after <s>, if any (the prompt sits before them, before or after <s>)
-            tokens = hidden[:, self._skip + self.prompt.length :]
+            tokens = hidden[:, self._skip + shift :]
             mask = batch["attention_mask"][:, self._skip :].unsqueeze(-1).to(tokens.dtype)
             parts.append((tokens * mask).sum(1) / mask.sum(1))
         return parts[0] if len(parts) == 1 else 0.5 * (parts[0] + parts[1])

@@ -32,6 +32,35 @@ class DeepPrompt(ProjectedPrompt):
         return [layer.register_forward_pre_hook(self._hook(tables[index - 1]), with_kwargs=True)
                 for index, layer in enumerate(layers) if index > 0]
 
+    def install_key_values(self, embeddings: nn.Module, attentions: list[nn.Module]) -> list:
+        """Hooks for one forward pass that give the same final states at the input's own positions
+        as ``install``, without computing the prompt positions' rows: the embeddings' output loses
+        the prompt rows (kept as layer 0's prompt states: the same for every row of the batch, as
+        the frozen backbone runs without dropout), and each layer's self-attention gets its prompt
+        states' keys and values as a prefix (``attention.with_prefix``). The caller passes the
+        input's own attention mask and removes the ``attention.PREFIX`` attributes afterwards."""
+        from ..attention import PREFIX
+
+        tables = self.layer_vectors()
+        start, end = self.offset, self.offset + self.length
+        first: list[torch.Tensor] = []
+
+        def strip(module, args, output):
+            first.append(output[0, start:end])
+            return torch.cat([output[:, :start], output[:, end:]], dim=1)
+
+        def prefix(index: int):
+            def hook(module, args, kwargs):
+                states = first[0] if index == 0 else tables[index - 1]
+                states = states.to(module.key.weight.device)
+                pair = [proj(states).view(self.length, -1, module.attention_head_size).transpose(0, 1).unsqueeze(0)
+                        for proj in (module.key, module.value)]
+                setattr(module, PREFIX, (*pair, start))
+            return hook
+
+        return [embeddings.register_forward_hook(strip),
+                *(m.register_forward_pre_hook(prefix(i), with_kwargs=True) for i, m in enumerate(attentions))]
+
     def _hook(self, table: torch.Tensor):
         def overwrite(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
