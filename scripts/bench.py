@@ -117,11 +117,13 @@ def xprompt_train(args, attention: str | None = None) -> dict:
     }
 
 
-def encoder_flops_per_sequence(config, tokens: int) -> float:
-    """Forward FLOPs of a BERT-style encoder on one sequence of ``tokens`` tokens (multiply-add = 2)."""
+def encoder_flops_per_sequence(config, tokens: int, prefix: int = 0) -> float:
+    """Forward FLOPs of a BERT-style encoder on one sequence of ``tokens`` computed rows that also
+    attend to ``prefix`` key/value positions (the deep prompt's; their keys and values are computed
+    once per batch, not counted) (multiply-add = 2)."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     linear = 4 * d * d + 2 * d * ff  # q, k, v, output projections and the two FFN matrices
-    attention = 2 * tokens * d  # q.k^T and attn.v, per token
+    attention = 2 * (tokens + prefix) * d  # q.k^T and attn.v, per computed row
     return layers * tokens * 2 * (linear + attention)
 
 
@@ -159,7 +161,10 @@ def xprompt_eval(args) -> dict:
             timed[impl, size].append(time.perf_counter() - start)
     bb.model.set_attn_implementation(NAME)
     ours, sdpa, peer_batch = (median(timed[key]) for key in timed)
-    flops = sum(encoder_flops_per_sequence(bb.model.config, n + args.prompt_length) for n in encoded["length"])
+    # the FLOPs xprompt computes: a deep prompt's positions are a key/value prefix (model._attentions)
+    skip = model._attentions is not None and model.skip_prompt_rows
+    rows, prefix = (0, args.prompt_length) if skip else (args.prompt_length, 0)
+    flops = sum(encoder_flops_per_sequence(bb.model.config, n + rows, prefix) for n in encoded["length"])
     return {"eval_pairs_per_s": len(encoded) / ours, "eval_gflop_per_s": flops / ours / 1e9, "eval_batch": mine,
             "eval_pairs_per_s_sdpa": len(encoded) / sdpa, "attention_speedup": sdpa / ours,
             f"eval_pairs_per_s_batch{PEER_BATCH}": len(encoded) / peer_batch,
