@@ -52,7 +52,10 @@ def main() -> None:
     from xprompt.tasks import load_task
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--library", type=Path, required=True)
+    parser.add_argument("--library", type=Path, help="the prompt library (scripts/build_library.py); needed by the "
+                        "library start")
+    parser.add_argument("--starts", default="vocab,library,ppt",
+                        help="which starts to run, of vocab, library and ppt (ppt also needs --ppt)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/fewshot"))
     parser.add_argument("--targets", default="ocnli:zh,xnli:en,pawsx:en")
     parser.add_argument("--seeds", default="13,21,42,87,100")
@@ -67,9 +70,13 @@ def main() -> None:
                              "(every language for those tasks only, e.g. all:xnli)")
     args, extra = parser.parse_known_args()  # more `xprompt train` flags for the library arm, e.g. --transfer average
     seeds = [int(s) for s in args.seeds.split(",")]
+    wanted = args.starts.split(",")
+    if "library" in wanted and args.library is None:
+        parser.error("the library start needs --library (or leave it out of --starts)")
     starts = {"vocab": [], "library": ["--init-from", "library", "--library", str(args.library), *extra]}
     if args.ppt:
         starts["ppt"] = ["--init-from", str(args.ppt)]
+    starts = {name: flags for name, flags in starts.items() if name in wanted}
     results = {}
     for target in args.targets.split(","):
         task, lang = target.split(":")
@@ -114,8 +121,8 @@ def main() -> None:
             at0 = [results[(target, start, s)]["curve"][0][1] for s in seeds]
             needed = []
             for s in seeds:
-                goal = results[(target, "vocab", s)]["select"]
-                needed.append(steps_to(results[(target, start, s)]["curve"], goal))
+                goal = results.get((target, "vocab", s), {}).get("select")  # None without the vocab start
+                needed.append(None if goal is None else steps_to(results[(target, start, s)]["curve"], goal))
             reached = [n for n in needed if n is not None]
             steps_text = fmt([float(n) for n in reached], 1.0) if reached else "never"
             official = load_task(target.split(":")[0]).official_targets
