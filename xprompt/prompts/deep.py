@@ -52,7 +52,7 @@ class DeepPrompt(ProjectedPrompt):
         def prefix(index: int):
             def hook(module, args, kwargs):
                 states = first[0] if index == 0 else tables[index - 1]
-                states = states.to(module.key.weight.device)
+                states = states.to(module.key.weight.device, module.key.weight.dtype)  # bf16 weights on a GPU
                 pair = [proj(states).view(self.length, -1, module.attention_head_size).transpose(0, 1).unsqueeze(0)
                         for proj in (module.key, module.value)]
                 setattr(module, PREFIX, (*pair, start))
