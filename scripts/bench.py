@@ -12,7 +12,8 @@ timed on evaluation over ``--emulated-rows`` rows per language: training there w
 A large matmul in its own process gives the machine's FLOP limit per dtype, and the eval FLOPs are
 counted from the model's shapes and the real token counts. xprompt's CPU attention
 (``xprompt/attention.py``) is measured against transformers' sdpa: in training as a third system
-in the rotation (in the default dtype), in evaluation alternating in one process.
+in the rotation (in the default dtype), in evaluation alternating in one process, where the fused
+inference layers (``xprompt/fused.py``) are also timed against transformers' own layers.
 
     pip install -e '.[bench]'                                  # PEFT, the peer
     python scripts/bench.py --repeats 3 --steps 60 --out docs/bench.json
@@ -128,10 +129,13 @@ def encoder_flops_per_sequence(config, tokens: int, prefix: int = 0) -> float:
 
 
 def xprompt_eval(args) -> dict:
-    """The default model (centered label vectors on the mean state); timed with xprompt's CPU
-    attention and, alternating in the same process, with transformers' sdpa, for the ratio."""
+    """The default model (centered label vectors on the mean state); timed, alternating in the
+    same process, as `xprompt eval` runs it (fused layers, CPU attention, its CPU batch), with
+    transformers' own layers on xprompt's attention ("unfused"), with transformers' layers and sdpa,
+    and at PEFT's batch."""
     import numpy as np
 
+    from xprompt import fused
     from xprompt.attention import NAME
     from xprompt.backbones import load_backbone
     from xprompt.data import encode
@@ -148,27 +152,42 @@ def xprompt_eval(args) -> dict:
                         verbalizer=CenteredVerbalizer(3, bb.hidden_size))
     encoded = encode(eval_set(args.eval_rows), task.template, bb.tokenizer)
     pad = bb.tokenizer.pad_token_id
+    # the prompt and label vectors as training starts them (class means of 96 English train rows),
+    # so that predictions depend on the states and the agreement figures mean something
+    from xprompt.config import TrainConfig
+    from xprompt.start import init_prompt_and_verbalizer
+
+    init_prompt_and_verbalizer(model, bb, encode(xnli_rows("train", "en", 96)[1], task.template, bb.tokenizer),
+                               TrainConfig(prompt_length=args.prompt_length, dtype="fp32", verbalizer="centered"))
     mine = eval_batch_size("cpu")  # what `xprompt eval` uses on a CPU
     predict(model, encoded.select(range(min(16, len(encoded)))), mine, pad, args.dtype)  # warm-up
-    # xprompt's default (CPU attention, its CPU batch), transformers' sdpa instead, and PEFT's batch
-    timed = {(NAME, mine): [], ("sdpa", mine): [], (NAME, PEER_BATCH): []}
+    fusable = fused.fusable
+    timed = {(NAME, mine): [], ("unfused", mine): [], ("sdpa", mine): [], (NAME, PEER_BATCH): []}
     preds = {}
     for _ in range(args.inner):
         for impl, size in timed:
-            bb.model.set_attn_implementation(impl)
+            bb.model.set_attn_implementation("sdpa" if impl == "sdpa" else NAME)
+            fused.fusable = fusable if impl == NAME else (lambda module: False)
             start = time.perf_counter()
             preds[impl] = predict(model, encoded, size, pad, args.dtype)
             timed[impl, size].append(time.perf_counter() - start)
     bb.model.set_attn_implementation(NAME)
-    ours, sdpa, peer_batch = (median(timed[key]) for key in timed)
+    fused.fusable = fusable
+    ours, unfused, sdpa, peer_batch = (median(timed[key]) for key in timed)
     # the FLOPs xprompt computes: a deep prompt's positions are a key/value prefix (model._attentions)
     skip = model._attentions is not None and model.skip_prompt_rows
     rows, prefix = (0, args.prompt_length) if skip else (args.prompt_length, 0)
-    flops = sum(encoder_flops_per_sequence(bb.model.config, n + rows, prefix) for n in encoded["length"])
-    return {"eval_pairs_per_s": len(encoded) / ours, "eval_gflop_per_s": flops / ours / 1e9, "eval_batch": mine,
-            "eval_pairs_per_s_sdpa": len(encoded) / sdpa, "attention_speedup": sdpa / ours,
+    # with the padding of its length-sorted batches (as PEFT's are counted)
+    lengths = sorted(n + rows for n in encoded["length"])
+    padded = sum(len(lengths[i : i + mine]) * encoder_flops_per_sequence(bb.model.config, lengths[min(i + mine, len(lengths)) - 1], prefix)
+                 for i in range(0, len(lengths), mine))
+    return {"eval_pairs_per_s": len(encoded) / ours, "eval_gflop_per_s": padded / ours / 1e9, "eval_batch": mine,
+            "eval_flops_per_pair": padded / len(encoded),
+            "eval_pairs_per_s_unfused": len(encoded) / unfused, "fused_speedup": unfused / ours,
+            "eval_pairs_per_s_sdpa": len(encoded) / sdpa, "attention_speedup": sdpa / unfused,
             f"eval_pairs_per_s_batch{PEER_BATCH}": len(encoded) / peer_batch,
-            "attention_agreement": float(np.mean(preds[NAME] == preds["sdpa"])),
+            "attention_agreement": float(np.mean(preds["unfused"] == preds["sdpa"])),
+            "fused_agreement": float(np.mean(preds[NAME] == preds["unfused"])),
             "pairs": len(encoded), "mean_tokens": sum(encoded["length"]) / len(encoded) + args.prompt_length,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -257,8 +276,8 @@ def peft_train(args) -> dict:
 
 
 def peft_eval(args) -> dict:
-    """PEFT at the batch an HF user usually evaluates with (64) and at xprompt's CPU batch (16),
-    alternating in one process; its faster one is the peer."""
+    """PEFT at the batch an HF user usually evaluates with (64), at 16 and at xprompt's CPU batch,
+    alternating in one process; its fastest is the peer."""
     from transformers import DataCollatorWithPadding
 
     model, tokenizer = peft_model(args)
@@ -267,7 +286,7 @@ def peft_eval(args) -> dict:
     peft_predict(model, collate, features[:16], 64, args.dtype)  # warm-up
     from xprompt.hardware import eval_batch_size
 
-    timed = {PEER_BATCH: [], eval_batch_size("cpu"): []}
+    timed = {size: [] for size in (PEER_BATCH, 16, eval_batch_size("cpu"))}
     for _ in range(args.inner):
         for size in timed:
             start = time.perf_counter()
@@ -275,7 +294,16 @@ def peft_eval(args) -> dict:
             timed[size].append(time.perf_counter() - start)
     rates = {size: len(features) / median(seconds) for size, seconds in timed.items()}
     best = max(rates, key=rates.get)
+    # the FLOPs PEFT computes at its best batch: every row padded to its batch's longest, plus the
+    # virtual tokens, through every layer
+    config = model.get_base_model().config
+    flops = 0.0
+    for i in range(0, len(features), best):
+        group = features[i : i + best]
+        width = max(len(f["input_ids"]) for f in group) + args.prompt_length
+        flops += len(group) * encoder_flops_per_sequence(config, width)
     return {"eval_pairs_per_s": rates[best], "eval_batch": best, **{f"eval_pairs_per_s_batch{k}": v for k, v in rates.items()},
+            "eval_gflop_per_s": flops / len(features) * rates[best] / 1e9, "eval_flops_per_pair": flops / len(features),
             "pairs": len(features), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -388,6 +416,11 @@ def main() -> None:
                "peft_eval_pairs_per_s": med(f"eval-peft-{dtype}", "eval_pairs_per_s"),
                "eval_ratio": ratio(f"eval-xprompt-{dtype}", f"eval-peft-{dtype}", "eval_pairs_per_s"),
                "xprompt_eval_gflop_per_s": med(f"eval-xprompt-{dtype}", "eval_gflop_per_s"),
+               "peft_eval_gflop_per_s": med(f"eval-peft-{dtype}", "eval_gflop_per_s"),
+               "flops_per_pair_peft_over_xprompt": med(f"eval-peft-{dtype}", "eval_flops_per_pair") / med(f"eval-xprompt-{dtype}", "eval_flops_per_pair"),
+               "xprompt_eval_pairs_per_s_unfused": med(f"eval-xprompt-{dtype}", "eval_pairs_per_s_unfused"),
+               "eval_fused_speedup": med(f"eval-xprompt-{dtype}", "fused_speedup"),
+               "eval_fused_agreement": med(f"eval-xprompt-{dtype}", "fused_agreement"),
                "xprompt_eval_pairs_per_s_sdpa": med(f"eval-xprompt-{dtype}", "eval_pairs_per_s_sdpa"),
                "eval_attention_speedup": med(f"eval-xprompt-{dtype}", "attention_speedup"),
                "xprompt_eval_batch": cpu_batch,
@@ -396,6 +429,7 @@ def main() -> None:
                "peft_eval_pairs_per_s_xprompt_batch": med(f"eval-peft-{dtype}", f"eval_pairs_per_s_batch{cpu_batch}")}
         out["eval_ratio_same_batch"] = ratio(f"eval-xprompt-{dtype}", f"eval-peft-{dtype}", f"eval_pairs_per_s_batch{PEER_BATCH}")
         out["eval_fraction_of_matmul_limit"] = out["xprompt_eval_gflop_per_s"] / limit
+        out["peft_eval_fraction_of_matmul_limit"] = out["peft_eval_gflop_per_s"] / limit
         if not emulated(dtype):
             out.update({
                 "xprompt_train_examples_per_s": med(f"train-xprompt-{dtype}", "train_examples_per_s"),
@@ -445,11 +479,15 @@ def main() -> None:
             ]
         table += [
             f"| {tag} | eval pairs/s ({v['eval_rows_per_language']} rows x 15 languages; xprompt's CPU batch {v['xprompt_eval_batch']}, "
-            f"PEFT's faster of batch {v['xprompt_eval_batch']} / {PEER_BATCH}) | {v['xprompt_eval_pairs_per_s']:.1f} | {v['peft_eval_pairs_per_s']:.1f} | {v['eval_ratio']:.2f}x |",
+            f"PEFT's fastest of batch 16 / {v['xprompt_eval_batch']} / {PEER_BATCH}) | {v['xprompt_eval_pairs_per_s']:.1f} | {v['peft_eval_pairs_per_s']:.1f} | {v['eval_ratio']:.2f}x |",
             f"| {tag} | eval pairs/s, both at batch {PEER_BATCH} | {v[f'xprompt_eval_pairs_per_s_batch{PEER_BATCH}']:.1f} "
             f"| {v[f'peft_eval_pairs_per_s_batch{PEER_BATCH}']:.1f} | {v['eval_ratio_same_batch']:.2f}x |",
-            f"| {tag} | eval GFLOP/s (share of the {dtype} matmul limit {v['matmul_gflop_per_s']:.0f}) | {v['xprompt_eval_gflop_per_s']:.0f} ({100 * v['eval_fraction_of_matmul_limit']:.0f}%) | | |",
-            f"| {tag} | eval pairs/s with transformers' sdpa instead (same process) | {v['xprompt_eval_pairs_per_s_sdpa']:.1f} (CPU attention {v['eval_attention_speedup']:.2f}x) | | |",
+            f"| {tag} | eval GFLOP/s (share of the {dtype} matmul limit {v['matmul_gflop_per_s']:.0f}) | {v['xprompt_eval_gflop_per_s']:.0f} ({100 * v['eval_fraction_of_matmul_limit']:.0f}%) "
+            f"| {v['peft_eval_gflop_per_s']:.0f} ({100 * v['peft_eval_fraction_of_matmul_limit']:.0f}%, padding and prompt rows included) | |",
+            f"| {tag} | FLOPs computed per pair, PEFT / xprompt (padding, prompt rows) | | | {v['flops_per_pair_peft_over_xprompt']:.2f}x |",
+            f"| {tag} | eval pairs/s with transformers' layers instead of the fused ones (same process) | {v['xprompt_eval_pairs_per_s_unfused']:.1f} "
+            f"(fused {v['eval_fused_speedup']:.2f}x, {100 * v['eval_fused_agreement']:.1f}% same predictions) | | |",
+            f"| {tag} | eval pairs/s with transformers' layers and sdpa (same process) | {v['xprompt_eval_pairs_per_s_sdpa']:.1f} (CPU attention {v['eval_attention_speedup']:.2f}x) | | |",
         ]
         if "train_attention_speedup" in v:
             table.append(f"| {tag} | train examples/s with transformers' sdpa instead | {v['xprompt_train_examples_per_s_sdpa']:.1f} "

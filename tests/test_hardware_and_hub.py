@@ -121,7 +121,7 @@ def test_a_weight_shared_with_an_embedding_stays_in_fp32():
 
 
 def test_evaluation_batches_are_smaller_on_a_cpu():
-    assert hardware.eval_batch_size("cpu") == 16 and hardware.eval_batch_size(torch.device("cpu")) == 16
+    assert hardware.eval_batch_size("cpu") == 32 and hardware.eval_batch_size(torch.device("cpu")) == 32
     assert hardware.eval_batch_size("cuda") == 64
 
 

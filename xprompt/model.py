@@ -95,7 +95,7 @@ class PromptModel(nn.Module):
         prompt's positions enter every layer as keys and values, their rows are never computed.
         Equal to ``encode`` without the prompt's rows (to float rounding)."""
         inputs, _ = self._with_prompt(input_ids, attention_mask)
-        handles = self.prompt.install_key_values(self.backbone.embeddings, self._attentions)
+        handles = self.prompt.install_key_values(self.backbone.embeddings, self._layers, self._attentions)
         try:
             return self.backbone(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
         finally:

@@ -32,12 +32,13 @@ class DeepPrompt(ProjectedPrompt):
         return [layer.register_forward_pre_hook(self._hook(tables[index - 1]), with_kwargs=True)
                 for index, layer in enumerate(layers) if index > 0]
 
-    def install_key_values(self, embeddings: nn.Module, attentions: list[nn.Module]) -> list:
+    def install_key_values(self, embeddings: nn.Module, layers: list[nn.Module], attentions: list[nn.Module]) -> list:
         """Hooks for one forward pass that give the same final states at the input's own positions
         as ``install``, without computing the prompt positions' rows: the embeddings' output loses
         the prompt rows (kept as layer 0's prompt states: the same for every row of the batch, as
         the frozen backbone runs without dropout), and each layer's self-attention gets its prompt
-        states' keys and values as a prefix (``attention.with_prefix``). The caller passes the
+        states' keys and values as a prefix (``attention.with_prefix``), set by a pre-hook on the
+        layer (so that a fused layer forward, ``fused``, sees it too). The caller passes the
         input's own attention mask and removes the ``attention.PREFIX`` attributes afterwards."""
         from ..attention import PREFIX
 
@@ -50,7 +51,9 @@ class DeepPrompt(ProjectedPrompt):
             return torch.cat([output[:, :start], output[:, end:]], dim=1)
 
         def prefix(index: int):
-            def hook(module, args, kwargs):
+            module = attentions[index]
+
+            def hook(layer, args, kwargs):
                 states = first[0] if index == 0 else tables[index - 1]
                 states = states.to(module.key.weight.device, module.key.weight.dtype)  # bf16 weights on a GPU
                 pair = [proj(states).view(self.length, -1, module.attention_head_size).transpose(0, 1).unsqueeze(0)
@@ -59,7 +62,7 @@ class DeepPrompt(ProjectedPrompt):
             return hook
 
         return [embeddings.register_forward_hook(strip),
-                *(m.register_forward_pre_hook(prefix(i), with_kwargs=True) for i, m in enumerate(attentions))]
+                *(layer.register_forward_pre_hook(prefix(i), with_kwargs=True) for i, layer in enumerate(layers))]
 
     def _hook(self, table: torch.Tensor):
         def overwrite(module, args, kwargs):

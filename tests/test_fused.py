@@ -1,0 +1,193 @@
+"""The fused inference forward of BERT-family layers (xprompt.fused) computes what transformers'
+layers compute, runs only where it may, and leaves the model as it found it."""
+
+import pytest
+import torch
+
+from conftest import TEST_DATA
+from xprompt import fused
+from xprompt.attention import use_cpu_attention
+from xprompt.data import batches, encode, load_split
+from xprompt.fused import FusedLayer, fused_layers, fusable
+from xprompt.hardware import compute
+from xprompt.model import build_model
+
+
+def _random_norms(module):
+    """Layer norms away from their (1, 0) initialisation, so that swapping two would show."""
+    with torch.no_grad():
+        for norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.2)
+
+
+def _model(which, method, backbone, tiny_xlmr_mlm_dir, tmp_path, readout="both"):
+    if which == "bert":
+        bb = backbone
+    else:
+        from xprompt.backbones import load_backbone
+
+        bb = load_backbone(str(tiny_xlmr_mlm_dir), tmp_path)
+    torch.manual_seed(0)
+    _random_norms(bb.model)
+    model = build_model(bb, 3, method, 4, readout).eval()
+    with torch.no_grad():
+        for p in model.prompt.parameters():
+            p.normal_(0, 1.0)
+    return model, bb
+
+
+def _batch(bb, xnli, n=6):
+    ds = encode(load_split(xnli, "en", "dev", [TEST_DATA], use_hub=False).select(range(n)), xnli.template, bb.tokenizer)
+    batch = next(batches(ds, n, bb.tokenizer.pad_token_id))
+    assert (batch["attention_mask"] == 0).any()  # padded rows
+    return batch
+
+
+def _unfused(monkeypatch):
+    monkeypatch.setattr(fused, "fusable", lambda module: False)
+
+
+def _no_fused_forward_left(model):
+    return not any(isinstance(m.__dict__.get("forward"), FusedLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("which", ["bert", "xlmr"])
+@pytest.mark.parametrize("method", ["deep", "soft", "ptuning"])
+def test_fused_layers_give_transformers_states(which, method, backbone, tiny_xlmr_mlm_dir, tmp_path, xnli, monkeypatch):
+    """fp32: the same states as transformers' layers (deep: with the key/value prefix), and the
+    layers' own forward is never called while fused."""
+    model, bb = _model(which, method, backbone, tiny_xlmr_mlm_dir, tmp_path)
+    batch = _batch(bb, xnli)
+    with torch.inference_mode():
+        reference = model.states(batch)
+        layer_class = type(model._layers[0])
+        with monkeypatch.context() as m, compute(model, "fp32"):
+            assert all(isinstance(layer.__dict__.get("forward"), FusedLayer) for layer in model._layers)
+            m.setattr(layer_class, "forward", lambda *a, **k: pytest.fail("transformers' layer forward ran"))
+            got = model.states(batch)
+    assert _no_fused_forward_left(model)
+    torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["bert", "xlmr"])
+def test_fused_layers_in_bf16_stay_within_bf16_rounding(which, backbone, tiny_xlmr_mlm_dir, tmp_path, xnli, monkeypatch):
+    model, bb = _model(which, "deep", backbone, tiny_xlmr_mlm_dir, tmp_path)
+    batch = _batch(bb, xnli)
+    with torch.inference_mode():
+        with compute(model, "bf16"):
+            got = model.states(batch).float()
+        with monkeypatch.context() as m:
+            _unfused(m)
+            with compute(model, "bf16"):
+                reference = model.states(batch).float()
+        with compute(model, "fp32"):
+            exact = model.states(batch)
+    # GELU runs inside the matmul on its float32 sums: no further from fp32 than transformers' bf16
+    assert (got - exact).abs().max() <= 1.5 * (reference - exact).abs().max() + 1e-3
+    assert torch.nn.functional.cosine_similarity(got, reference).min() > 0.999
+
+
+def test_gradients_on_keep_transformers_forward(backbone, xnli):
+    """Entered with gradients on, nothing is installed; gradients on inside a fused region run the
+    layers' own forward, so the prompt still gets its gradient."""
+    model = build_model(backbone, 3, "deep", 4, "mask")
+    batch = _batch(backbone, xnli)
+    with compute(model, "fp32"):
+        assert _no_fused_forward_left(model)
+    model.zero_grad(set_to_none=True)
+    model.states(batch).pow(2).sum().backward()
+    expected = model.prompt.layer_prompts.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), compute(model, "fp32"):
+        assert not _no_fused_forward_left(model)
+        with torch.enable_grad():
+            model.states(batch).pow(2).sum().backward()
+    torch.testing.assert_close(model.prompt.layer_prompts.grad, expected)
+
+
+def test_a_hook_on_a_sub_module_still_fires(backbone, xnli):
+    """Neuron similarity reads the feed-forward activations through forward hooks: a layer with a
+    hooked sub-module runs transformers' forward, and the hook sees what it would have seen."""
+    model = build_model(backbone, 3, "soft", 4, "mask").eval()
+    batch = _batch(backbone, xnli)
+    seen = []
+    handle = model._layers[1].intermediate.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    with torch.inference_mode():
+        model.states(batch)
+        with compute(model, "fp32"):
+            model.states(batch)
+    handle.remove()
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0])
+
+
+def test_an_error_restores_every_layer(backbone, xnli):
+    model = build_model(backbone, 3, "deep", 4, "mask").eval()
+    with pytest.raises(RuntimeError, match="boom"), torch.inference_mode(), compute(model, "fp32"):
+        assert not _no_fused_forward_left(model)
+        raise RuntimeError("boom")
+    assert _no_fused_forward_left(model)
+
+
+def test_a_nested_region_keeps_the_outer_one(backbone):
+    model = build_model(backbone, 3, "deep", 4, "mask").eval()
+    with torch.inference_mode(), compute(model, "fp32"):
+        outer = [layer.__dict__["forward"] for layer in model._layers]
+        with compute(model, "fp32"):
+            assert all(layer.__dict__["forward"] is f for layer, f in zip(model._layers, outer))
+        assert all(layer.__dict__.get("forward") is f for layer, f in zip(model._layers, outer))
+    assert _no_fused_forward_left(model)
+
+
+def test_without_onednn_the_plain_matmuls_give_the_same_states(backbone, xnli, monkeypatch):
+    model = build_model(backbone, 3, "deep", 4, "mean").eval()
+    batch = _batch(backbone, xnli)
+    with torch.inference_mode():
+        reference = model.states(batch)
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        with compute(model, "fp32"):
+            assert all(layer.forward.qkv.packed is None for layer in model._layers)
+            got = model.states(batch)
+    torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_new", "gelu"])
+def test_any_activation_and_a_bare_encoder(act):
+    """A BERT encoder built by the user (no prompt): the fused layers compute its hidden states,
+    whatever its activation (only the exact GELU runs inside oneDNN's matmul)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, hidden_act=act)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    _random_norms(model)
+    ids = torch.randint(5, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with torch.inference_mode():
+        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert not any(fusable(m) for m in model.modules())  # transformers' sdpa: not xprompt's attention
+        assert use_cpu_attention(model)
+        with fused_layers(model):
+            layers = model.encoder.layer
+            assert all(isinstance(layer.forward, FusedLayer) for layer in layers)
+            assert all(layer.forward.up.gelu == (act == "gelu") for layer in layers)
+            got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
+
+
+def test_decoders_and_other_devices_are_left_alone():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=37, is_decoder=True, add_cross_attention=True)
+    model = BertModel(config, add_pooling_layer=False)
+    use_cpu_attention(model)
+    assert not any(fusable(m) for m in model.modules())
+    encoder = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=37), add_pooling_layer=False)
+    assert use_cpu_attention(encoder)
+    with torch.no_grad(), fused_layers(encoder, device="cuda"):
+        assert _no_fused_forward_left(encoder)
