@@ -152,6 +152,23 @@ def test_without_onednn_the_plain_matmuls_give_the_same_states(backbone, xnli, m
     torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
 
 
+def test_float32_packs_only_on_avx512(backbone, xnli, monkeypatch):
+    """At torch capability AVX2 float32 runs MKL's plain matmuls (oneDNN's packed ones lost there),
+    with the same states."""
+    model = build_model(backbone, 3, "deep", 4, "mean").eval()
+    batch = _batch(backbone, xnli)
+    monkeypatch.setattr(fused, "cpu_capability", lambda: "AVX2")
+    with torch.inference_mode():
+        reference = model.states(batch)
+        with compute(model, "fp32"):
+            assert all(layer.forward.down.packed is None for layer in model._layers)
+            got = model.states(batch)
+    torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
+    if torch.backends.mkldnn.is_available():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), fused_layers(model):
+            assert all(layer.forward.down.packed is not None for layer in model._layers)
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu_new", "gelu"])
 def test_any_activation_and_a_bare_encoder(act):
     """A BERT encoder built by the user (no prompt): the fused layers compute its hidden states,

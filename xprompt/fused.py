@@ -26,7 +26,15 @@ from torch import nn
 
 from .attention import NAME, cpu_attention
 
-PACK_ROWS = 768  # the rows a packed weight is laid out for (a CPU batch of 16 XNLI pairs); any count runs
+PACK_ROWS = 768  # the rows a packed weight is laid out for (oneDNN's hint); a batch of any size runs on it
+
+
+def cpu_capability() -> str:
+    """torch's CPU capability (AVX2, AVX512 ...; hardware.py reports it, and imports this module)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 def _linear(module) -> bool:
@@ -63,10 +71,10 @@ class _Projection:
     """``x @ weight.T + bias`` (then GELU if asked) on a weight packed for oneDNN, or plain
     ``F.linear`` where packing is unavailable (a PyTorch built without oneDNN, an unsupported dtype)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False, act=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False, act=None, pack: bool = True):
         self.bias, self.gelu, self.act = bias, gelu, act
         self.packed = None
-        if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        if pack and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
                 torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), self.packed, bias,
@@ -100,15 +108,19 @@ class FusedLayer:
         def cast(t):
             return t.detach().to(dtype)
 
+        # oneDNN's packed float32 kernels lost to MKL's sgemm at torch capability AVX2 (fused 0.91x
+        # of transformers' layers there, 1.19x at AVX512): float32 packs only on AVX-512 CPUs
+        pack = dtype == torch.bfloat16 or cpu_capability().startswith("AVX512")
+
         qkv_w = torch.cat([cast(sa.query.weight), cast(sa.key.weight), cast(sa.value.weight)])
         qkv_b = torch.cat([cast(sa.query.bias), cast(sa.key.bias), cast(sa.value.bias)])
-        self.qkv = _Projection(qkv_w, qkv_b)
-        self.out = _Projection(cast(attention.output.dense.weight), cast(attention.output.dense.bias))
+        self.qkv = _Projection(qkv_w, qkv_b, pack=pack)
+        self.out = _Projection(cast(attention.output.dense.weight), cast(attention.output.dense.bias), pack=pack)
         act = layer.intermediate.intermediate_act_fn
         exact = _exact_gelu(act)
         self.up = _Projection(cast(layer.intermediate.dense.weight), cast(layer.intermediate.dense.bias), gelu=exact,
-                              act=None if exact else act)
-        self.down = _Projection(cast(layer.output.dense.weight), cast(layer.output.dense.bias))
+                              act=None if exact else act, pack=pack)
+        self.down = _Projection(cast(layer.output.dense.weight), cast(layer.output.dense.bias), pack=pack)
         self.norm1, self.norm2 = attention.output.LayerNorm, layer.output.LayerNorm
 
     def applies(self, encoder_hidden_states, cache) -> bool:
