@@ -9,6 +9,7 @@ from xprompt import fused
 from xprompt.attention import use_cpu_attention
 from xprompt.data import batches, encode, load_split
 from xprompt.fused import FusedLayer, fused_layers, fusable
+from xprompt import hardware
 from xprompt.hardware import compute
 from xprompt.model import build_model
 
@@ -157,7 +158,7 @@ def test_float32_packs_only_on_avx512(backbone, xnli, monkeypatch):
     with the same states."""
     model = build_model(backbone, 3, "deep", 4, "mean").eval()
     batch = _batch(backbone, xnli)
-    monkeypatch.setattr(fused, "cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX2")
     with torch.inference_mode():
         reference = model.states(batch)
         with compute(model, "fp32"):

@@ -29,14 +29,6 @@ from .attention import NAME, cpu_attention
 PACK_ROWS = 768  # the rows a packed weight is laid out for (oneDNN's hint); a batch of any size runs on it
 
 
-def cpu_capability() -> str:
-    """torch's CPU capability (AVX2, AVX512 ...; hardware.py reports it, and imports this module)."""
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        return "unknown"
-
-
 def _linear(module) -> bool:
     return isinstance(module, nn.Linear) and module.bias is not None
 
@@ -97,7 +89,7 @@ class _Projection:
 class FusedLayer:
     """The forward of one fusable layer (see ``fusable``), installed on it by ``fused_layers``."""
 
-    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, pack_float32: bool = True):
         attention = layer.attention
         sa = attention.self
         self.layer, self.dtype, self.attention = layer, dtype, sa
@@ -108,9 +100,7 @@ class FusedLayer:
         def cast(t):
             return t.detach().to(dtype)
 
-        # oneDNN's packed float32 kernels lost to MKL's sgemm at torch capability AVX2 (fused 0.91x
-        # of transformers' layers there, 1.19x at AVX512): float32 packs only on AVX-512 CPUs
-        pack = dtype == torch.bfloat16 or cpu_capability().startswith("AVX512")
+        pack = dtype == torch.bfloat16 or pack_float32
 
         qkv_w = torch.cat([cast(sa.query.weight), cast(sa.key.weight), cast(sa.value.weight)])
         qkv_b = torch.cat([cast(sa.query.bias), cast(sa.key.bias), cast(sa.value.bias)])
@@ -145,11 +135,12 @@ class FusedLayer:
 
 
 @contextlib.contextmanager
-def fused_layers(model: nn.Module, device: str = "cpu"):
+def fused_layers(model: nn.Module, device: str = "cpu", pack_float32: bool = True):
     """For the duration, every fusable encoder layer of ``model`` on CPU runs ``FusedLayer``'s
     forward when gradients are off. Weights are packed on entry, in the dtype the layer's
     projections compute in (bf16 under CPU autocast or when held in bf16, else their own); nothing
-    happens when entered with gradients on or on another device. Restored on exit."""
+    happens when entered with gradients on or on another device. ``pack_float32=False`` keeps
+    float32 projections on plain ``F.linear`` (bf16 ones always pack). Restored on exit."""
     if device != "cpu" or torch.is_grad_enabled():
         yield
         return
@@ -161,7 +152,7 @@ def fused_layers(model: nn.Module, device: str = "cpu"):
         weight = layer.attention.self.query.weight
         if weight.device.type != "cpu" or layer.output.LayerNorm.weight.dtype != torch.float32:
             continue
-        layer.forward = FusedLayer(layer, torch.bfloat16 if autocast else weight.dtype)
+        layer.forward = FusedLayer(layer, torch.bfloat16 if autocast else weight.dtype, pack_float32)
         installed.append(layer)
     try:
         yield

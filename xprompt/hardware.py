@@ -128,5 +128,9 @@ def compute(model: torch.nn.Module, dtype: DType | str, device: str = "cpu"):
     and (gradients off, on CPU) BERT-family layers on the fused inference forward (``fused``)."""
     from .fused import fused_layers
 
-    with frozen_weights_in_bf16(model, dtype, device), autocast(dtype, device), fused_layers(model, device):
+    # oneDNN's packed float32 kernels lost to MKL's sgemm at torch capability AVX2 (fused 0.91x of
+    # transformers' layers there, 1.19x at AVX512): float32 packs only on AVX-512 CPUs
+    pack_float32 = cpu_capability().startswith("AVX512")
+    with (frozen_weights_in_bf16(model, dtype, device), autocast(dtype, device),
+          fused_layers(model, device, pack_float32)):
         yield
