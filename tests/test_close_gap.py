@@ -189,6 +189,11 @@ def test_neighbours_are_of_another_script_and_swaps_are_seeded(backbone, xnli):
     changed = first["input_ids"] != batch["input_ids"]
     assert changed.any() and (batch["attention_mask"][changed] == 1).all()
     assert swap.replaceable[batch["input_ids"][changed]].all()
+    for row in range(batch["input_ids"].shape[0]):  # a piece is swapped at all its positions of an input or at none
+        real = batch["attention_mask"][row] == 1
+        for piece in batch["input_ids"][row][real].unique():
+            at = (batch["input_ids"][row] == piece) & real
+            assert changed[row][at].all() or not changed[row][at].any()
 
 
 def test_augmented_training_from_the_cli(tiny_bert_dir, tmp_path):
