@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +31,13 @@ LEVERS = {
     "selftrain": ["--unlabeled", "official", "--unlabeled-split", "test"],
     "augment": ["--augment", "neighbours"],
     "selftrain+augment": ["--unlabeled", "official", "--unlabeled-split", "test", "--augment", "neighbours"],
+    "steps2400": ["--max-steps", "2400"],  # the budget: twice the steps, the checkpoint still chosen on English held-out rows
 }
+
+
+def run_name(task: str, lever: str, seed: int, tag: str = "") -> str:
+    """The run folder of a lever's seed ('+' is not allowed in run names)."""
+    return f"{task}-{lever.replace('+', '_')}{tag}-s{seed}"
 
 
 def run(args: list[str]) -> float:
@@ -67,7 +74,13 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/gap"))
     parser.add_argument("--out", type=Path, default=Path("docs/close_gap.md"))
     parser.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the baseline's seeds")
-    parser.add_argument("--test-predictions", help="a lever whose config is retrained reading dev inputs, for test files")
+    parser.add_argument("--no-unselected", action="store_true",
+                        help="skip scoring a self-trained run's last step (the prompt English selection turned down)")
+    parser.add_argument("--ensemble-levers", help="also the ensemble of these levers' runs of the first seed (comma-separated)")
+    parser.add_argument("--test-predictions", help="a lever whose seed-1 run writes test predictions (a lever that read "
+                        "the test inputs is retrained reading the dev inputs instead, so its test predictions stay zero-shot)")
+    parser.add_argument("--predictions-out", type=Path, default=Path("docs/predictions/close_gap"),
+                        help="where --test-predictions copies the files (<dir>/<task>/)")
     parser.add_argument("train_args", nargs="*", help="extra flags for every xprompt train (after --)")
     args = parser.parse_args()
     from xprompt.tasks import load_task
@@ -81,7 +94,7 @@ def main() -> None:
         for lever in args.levers.split(","):
             names = []
             for seed in seeds:
-                name = f"{task_name}-{lever}-s{seed}"
+                name = run_name(task_name, lever, seed)
                 if not trained(args.runs_dir, name):
                     run(["train", "--task", task_name, "--seed", str(seed), "--runs-dir", str(args.runs_dir),
                          "--run-name", name, *LEVERS[lever], *args.train_args])
@@ -89,30 +102,77 @@ def main() -> None:
                     run(["eval", "--run", str(args.runs_dir / name), "--langs", "all"])
                 names.append(name)
             report[task_name][lever] = [results(args.runs_dir / n, task_name) for n in names]
+            if "--unlabeled" in LEVERS[lever] and not args.no_unselected:
+                report[task_name][f"{lever}, last step of its last round (not chosen: a diagnostic)"] = [
+                    unselected(args.runs_dir, n, task_name, langs) for n in names[:1]]
             if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
-                ensemble = None
-                for folder in args.runs_dir.glob("ensemble-*"):
-                    members = json.loads((folder / "config.json").read_text())["train"].get("members")
-                    if members == sorted(names):
-                        ensemble = folder
-                if ensemble is None or not evaluated(ensemble, task_name, langs):
-                    run(["eval", "--run", ",".join(str(args.runs_dir / n) for n in names), "--langs", "all"])
-                    ensemble = next(f for f in args.runs_dir.glob("ensemble-*")
-                                    if json.loads((f / "config.json").read_text())["train"].get("members") == sorted(names))
-                report[task_name]["ensemble of the baseline's seeds"] = [results(ensemble, task_name)]
+                report[task_name]["ensemble of the baseline's seeds"] = [ensembled(args.runs_dir, names, task_name, langs)]
+        if args.ensemble_levers:  # the ensemble of several levers' runs of the first seed
+            levers = args.ensemble_levers.split(",")
+            names = [run_name(task_name, lever, seeds[0]) for lever in levers]
+            report[task_name][f"ensemble of {' + '.join(levers)} (seed {seeds[0]})"] = [
+                ensembled(args.runs_dir, names, task_name, langs)]
         if args.test_predictions:
             lever = args.test_predictions
-            for seed in seeds[:1]:
-                name = f"{task_name}-{lever}-devtext-s{seed}"
+            name = run_name(task_name, lever, seeds[0])
+            if "test" in LEVERS[lever]:  # it read the test inputs: retrain reading the dev inputs
+                name = run_name(task_name, lever, seeds[0], "-devtext")
                 flags = [x if x != "test" else "dev" for x in LEVERS[lever]]
                 if not trained(args.runs_dir, name):
-                    run(["train", "--task", task_name, "--seed", str(seed), "--runs-dir", str(args.runs_dir),
+                    run(["train", "--task", task_name, "--seed", str(seeds[0]), "--runs-dir", str(args.runs_dir),
                          "--run-name", name, *flags, *args.train_args])
-                run(["eval", "--run", str(args.runs_dir / name), "--langs", "all", "--split", "test"])
+            folder = args.runs_dir / name
+            test_langs = list(task.split_languages("test"))
+            if not all((folder / "predictions" / f"{task_name}.test.{lang}.tsv").is_file() for lang in test_langs):
+                run(["eval", "--run", str(folder), "--langs", "all", "--split", "test"])
+            out = args.predictions_out / task_name
+            out.mkdir(parents=True, exist_ok=True)
+            for lang in test_langs:
+                shutil.copyfile(folder / "predictions" / f"{task_name}.test.{lang}.tsv", out / f"{task_name}.test.{lang}.tsv")
+            print(f"test predictions of {name}: {out}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.write_text(render(report, seeds))
     print(render(report, seeds))
+
+
+def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> dict:
+    """A diagnostic, never a selection: the prompt at the last step of a self-trained run's last round
+    (its resume checkpoint), scored as its own run ``<name>-last``, so the table shows what the
+    pseudo-labelled rows did to the targets even where English held-out rows turned the round down."""
+    from safetensors.torch import load_file, save_file
+
+    source, folder = runs_dir / name, runs_dir / f"{name}-last"
+    last = sorted(source.glob("selftrain-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    if not trained(runs_dir, folder.name):
+        state = load_file(sorted((last / "checkpoint").glob("state-*.safetensors"))[-1])
+        (folder / "prompt").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "config.json", folder / "config.json")
+        shutil.copyfile(source / "prompt" / "xprompt.json", folder / "prompt" / "xprompt.json")
+        save_file({k[len("model."):]: v.contiguous() for k, v in state.items() if k.startswith("model.")},
+                  str(folder / "prompt" / "prompt.safetensors"))
+    if not evaluated(folder, task_name, langs):
+        run(["eval", "--run", str(folder), "--langs", "all"])
+    log = [json.loads(line) for line in (last / "log.jsonl").read_text().splitlines() if line.strip()]
+    held_out = [x["select_accuracy"] for x in log if "select_accuracy" in x]
+    train = results(source, task_name)["train"]
+    return {"dev": results(folder, task_name)["dev"],
+            "train": {**train, "select_accuracy": held_out[-1], "round": last.name}}
+
+
+def ensembled(runs_dir: Path, names: list[str], task_name: str, langs: list[str]) -> dict:
+    """The results of ``xprompt eval --run A,B,C`` over the named runs (made once, found again after)."""
+    def find():
+        for folder in runs_dir.glob("ensemble-*"):
+            if json.loads((folder / "config.json").read_text())["train"].get("members") == sorted(names):
+                return folder
+        return None
+
+    folder = find()
+    if folder is None or not evaluated(folder, task_name, langs):
+        run(["eval", "--run", ",".join(str(runs_dir / n) for n in names), "--langs", "all"])
+        folder = find()
+    return results(folder, task_name)
 
 
 def render(report: dict, seeds: list[int]) -> str:
@@ -128,8 +188,8 @@ def render(report: dict, seeds: list[int]) -> str:
     for task_name, levers in report.items():
         task = load_task(task_name)
         langs = [*task.official_languages, *task.extra_languages]
-        lines += [f"## {task_name}", "", "| lever | " + " | ".join(langs) + " | avg targets | gap | train min | eval pairs/s |",
-                  "|---|" + "---|" * (len(langs) + 4)]
+        lines += [f"## {task_name}", "", "| lever | held-out en | " + " | ".join(langs)
+                  + " | avg targets | gap | train min | eval pairs/s |", "|---|" + "---|" * (len(langs) + 5)]
         for lever, runs in levers.items():
             cells = []
             for lang in langs:
@@ -139,8 +199,9 @@ def render(report: dict, seeds: list[int]) -> str:
             avg = _cell([100 * s["avg_target"] for s in summaries if "avg_target" in s])
             gap = _cell([100 * s["gap"] for s in summaries if "gap" in s])
             minutes = [r["train"].get("train_seconds", 0) / 60 for r in runs if r["train"]]
+            held_out = _cell([100 * r["train"]["select_accuracy"] for r in runs if r["train"].get("select_accuracy")])
             rate = [sum(x["n"] for x in r["dev"].values()) / sum(x["seconds"] for x in r["dev"].values()) for r in runs]
-            lines.append(f"| {lever} | " + " | ".join(cells) + f" | **{avg}** | {gap} | "
+            lines.append(f"| {lever} | {held_out or '-'} | " + " | ".join(cells) + f" | **{avg}** | {gap} | "
                          f"{_cell(minutes) if minutes else '-'} | {mean(rate):.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
