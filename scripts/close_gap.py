@@ -35,6 +35,9 @@ LEVERS = {
 }
 
 
+NOTES = "## What the figures say"
+
+
 def run_name(task: str, lever: str, seed: int, tag: str = "") -> str:
     """The run folder of a lever's seed ('+' is not allowed in run names)."""
     return f"{task}-{lever.replace('+', '_')}{tag}-s{seed}"
@@ -63,7 +66,8 @@ def evaluated(run_dir: Path, task: str, langs: list[str]) -> bool:
 
 def results(run_dir: Path, task: str) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"dev": metrics["eval"][task]["dev"], "train": metrics.get("train", {})}
+    config = json.loads((run_dir / "config.json").read_text())
+    return {"dev": metrics["eval"][task]["dev"], "train": metrics.get("train", {}), "compute": config.get("compute", {})}
 
 
 def main() -> None:
@@ -132,7 +136,9 @@ def main() -> None:
             print(f"test predictions of {name}: {out}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.write_text(render(report, seeds))
+    notes = args.out.read_text() if args.out.is_file() else ""  # the hand-written reading below the tables stays
+    notes = notes[notes.find(NOTES):] if NOTES in notes else ""
+    args.out.write_text(render(report, seeds) + ("\n" + notes if notes else ""))
     print(render(report, seeds))
 
 
@@ -180,11 +186,13 @@ def render(report: dict, seeds: list[int]) -> str:
     from xprompt.tasks import load_task
 
     lines = ["# Closing the cross-lingual gap: what each lever gives", "",
-             f"Full dev sets, every language; mean ± std over seeds {', '.join(map(str, seeds))} (the ensemble: one "
-             "row over those seeds); averages over each task's official targets (XNLI 14, PAWS-X 6; Korean stands "
+             f"Full dev sets, every language; " + (f"mean ± std over seeds {', '.join(map(str, seeds))} (an ensemble: "
+             "one row)" if len(seeds) > 1 else f"one seed ({seeds[0]})") + "; averages over each task's official targets (XNLI 14, PAWS-X 6; Korean stands "
              "apart for XNLI); zero-shot: every choice on English held-out rows, self-training read the test inputs "
              "(never their labels), so the dev figures below read no dev row. Command: "
-             "`python scripts/close_gap.py` (see its docstring).", ""]
+             "`python scripts/close_gap.py` (see its docstring). *held-out en*: accuracy on the 500 English rows held "
+             "out from the training pool, which choose each run's checkpoint and would choose between levers. "
+             "Speed: " + _machine(report) + ".", ""]
     for task_name, levers in report.items():
         task = load_task(task_name)
         langs = [*task.official_languages, *task.extra_languages]
@@ -205,6 +213,12 @@ def render(report: dict, seeds: list[int]) -> str:
                          f"{_cell(minutes) if minutes else '-'} | {mean(rate):.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _machine(report: dict) -> str:
+    kinds = sorted({r["compute"].get("cpu_bf16_reason") or r["compute"].get("device", "?")
+                    for levers in report.values() for runs in levers.values() for r in runs if r.get("compute")})
+    return "; ".join(kinds) or "not recorded"
 
 
 def _cell(values: list[float]) -> str:
