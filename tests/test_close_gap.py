@@ -83,6 +83,25 @@ def test_self_training_on_dev_inputs_makes_dev_figures_transductive(tiny_bert_di
     assert dev["results"]["zh"]["protocol"] == "transductive" and dev["results"]["de"]["protocol"] == "zero-shot"
 
 
+def test_self_training_can_hand_on_the_last_step_instead_of_the_english_best(tiny_bert_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = tmp_path / "runs"
+    out = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--max-steps", 2,
+                 "--prompt-length", 2, "--dtype", "fp32", "--lr", 0.3, "--unlabeled", "zh", "--unlabeled-rows", 12,
+                 "--self-train-steps", 3, "--self-train-keep", "last", "--run-name", "st")
+    assert out.exit_code == 0, out.output
+    st = json.loads((runs / "st" / "prompt" / "xprompt.json").read_text())["selection"]["self_training"]
+    assert st["keep"] == "last" and st["rounds"][0]["best_step"] == 3
+    saved = load_file(str(runs / "st" / "prompt" / "prompt.safetensors"))
+    (state,) = (runs / "st" / "selftrain-1" / "checkpoint").glob("state-*.safetensors")
+    last = {k[len("model."):]: v for k, v in load_file(str(state)).items() if k.startswith("model.")}
+    assert set(saved) <= set(last) and all(torch.equal(saved[k], last[k]) for k in saved)
+    bad = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--unlabeled", "zh",
+                 "--self-train-keep", "first")
+    assert bad.exit_code != 0 and "self_train_keep must be best or last" in bad.output
+
+
 def test_self_training_refuses_the_labelled_language(tiny_bert_dir, tmp_path):
     out = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", tmp_path, "--max-steps", 2,
                  "--unlabeled", "en")

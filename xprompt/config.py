@@ -132,6 +132,10 @@ class TrainConfig:
     unlabeled_rows: int = _f(2000, "Self-training: unlabeled rows drawn per language (seeded).")
     self_train_rounds: int = _f(1, "Self-training: rounds of pseudo-labelling and training.")
     self_train_steps: int = _f(400, "Self-training: steps of each round (on English + pseudo-labelled rows).")
+    self_train_keep: str = _f("best", "Self-training: which prompt a round hands on: best (the step English held-out "
+                                      "rows score highest, the start included) or last (its last step, whatever "
+                                      "English held-out rows say: the target gains of pseudo-labels can cost English "
+                                      "accuracy, which best cannot see).")
     pseudo_rule: str = _f("top", "Self-training: which rows to keep: top (the most confident --pseudo-fraction of each "
                                  "language, balanced over the predicted classes) or threshold (probability >= "
                                  "--pseudo-threshold).")
@@ -163,6 +167,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+        if self.self_train_keep not in ("best", "last"):
+            raise ValueError(f"self_train_keep must be best or last; got {self.self_train_keep!r}")
         if self.unlabeled_split not in UNLABELED_SPLITS or self.pseudo_rule not in PSEUDO_RULES or self.augment not in AUGMENTS:
             raise ValueError(f"unlabeled_split must be test or dev, pseudo_rule top or threshold, augment none or "
                              f"neighbours; got {self.unlabeled_split!r}, {self.pseudo_rule!r}, {self.augment!r}")

@@ -1,7 +1,9 @@
 """Self-training on unlabeled target-language text, the standard zero-shot lever (``--unlabeled``):
 the trained prompt pseudo-labels target-language inputs (never their labels), the confident rows
 join the English training rows, and training continues for a round; selection stays on the English
-held-out rows, so a round that does not help English held-out accuracy keeps the previous prompt.
+held-out rows, so a round that does not help English held-out accuracy keeps the previous prompt
+(``--self-train-keep best``), or each round hands on its last step (``last``: pseudo-labels can buy
+target accuracy at a cost in English accuracy, which English selection cannot see).
 
 The unlabeled rows are the inputs of a split no figure of the run is scored on (by default the test
 inputs, whose labels are held back; a dev evaluation of such a run stays zero-shot), or a user's own
@@ -20,7 +22,7 @@ from .data import encode, load_split, read_jsonl
 from .errors import XPromptError
 from .hardware import eval_batch_size
 from .evaluation import probabilities
-from .start import restore
+from .start import restore, snapshot
 from .training import fit
 
 COLUMNS = ("input_ids", "mask_pos", "label", "length")
@@ -75,12 +77,13 @@ def self_train(model, cfg, task, train_rows, select_accuracy, run_dir: Path, dev
     """``cfg.self_train_rounds`` rounds: pseudo-label each language's pool with the current prompt,
     keep the rows ``cfg.pseudo_rule`` says, train ``cfg.self_train_steps`` steps on the English rows
     plus those (checkpoints in ``run_dir/selftrain-<round>``, so an interrupted run resumes there),
-    and keep the round's best prompt by English held-out accuracy. Returns (the last round's fit,
+    and keep the round's best prompt by English held-out accuracy (``cfg.self_train_keep == "last"``: its
+    last step, scored on English held-out rows for the record). Returns (the last round's fit,
     what each round kept)."""
     langs = unlabeled_languages(cfg, task)
     pools = {lang: unlabeled_pool(cfg, task, lang, tokenizer, data_dirs, cache_dir) for lang in langs}
     source = "your files" if cfg.unlabeled_file else f"{cfg.unlabeled_split} inputs"
-    info = {"languages": langs, "source": source, "rule": cfg.pseudo_rule, "rounds": []}
+    info = {"languages": langs, "source": source, "rule": cfg.pseudo_rule, "keep": cfg.self_train_keep, "rounds": []}
     english = train_rows.select_columns(list(COLUMNS))[:]
     done = None
     for round_ in range(1, cfg.self_train_rounds + 1):
@@ -100,6 +103,9 @@ def self_train(model, cfg, task, train_rows, select_accuracy, run_dir: Path, dev
         round_cfg = dataclasses.replace(cfg, max_steps=cfg.self_train_steps)
         done = fit(model, Dataset.from_dict(columns), select_accuracy, round_cfg, Path(run_dir) / f"selftrain-{round_}",
                    device, pad_id, on_step, transform)
+        if cfg.self_train_keep == "last":  # the model holds the round's last step
+            done = dataclasses.replace(done, best={"step": done.steps, "accuracy": select_accuracy(),
+                                                   "tensors": snapshot(model)})
         restore(model, done.best["tensors"])
         info["rounds"].append({"round": round_, "pseudo": kept, "rows": len(columns["label"]),
                                "select_accuracy": round(done.best["accuracy"], 4), "best_step": done.best["step"]})

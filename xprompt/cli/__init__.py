@@ -126,6 +126,7 @@ def train(
     unlabeled_rows: Annotated[int, opt("unlabeled_rows")] = TrainConfig.unlabeled_rows,
     self_train_rounds: Annotated[int, opt("self_train_rounds")] = TrainConfig.self_train_rounds,
     self_train_steps: Annotated[int, opt("self_train_steps")] = TrainConfig.self_train_steps,
+    self_train_keep: Annotated[str, opt("self_train_keep")] = TrainConfig.self_train_keep,
     pseudo_rule: Annotated[str, opt("pseudo_rule")] = TrainConfig.pseudo_rule,
     pseudo_fraction: Annotated[float, opt("pseudo_fraction")] = TrainConfig.pseudo_fraction,
     pseudo_threshold: Annotated[float, opt("pseudo_threshold")] = TrainConfig.pseudo_threshold,
@@ -168,7 +169,7 @@ def train(
                 library_adapted=library_adapted, probe_steps=probe_steps, mixture_steps=mixture_steps,
                 unlabeled=unlabeled, unlabeled_split=unlabeled_split, unlabeled_file=unlabeled_file,
                 unlabeled_rows=unlabeled_rows, self_train_rounds=self_train_rounds, self_train_steps=self_train_steps,
-                pseudo_rule=pseudo_rule, pseudo_fraction=pseudo_fraction, pseudo_threshold=pseudo_threshold,
+                self_train_keep=self_train_keep, pseudo_rule=pseudo_rule, pseudo_fraction=pseudo_fraction, pseudo_threshold=pseudo_threshold,
                 augment=augment, augment_rate=augment_rate, **options,
             ) for one in (_numbers(seeds, int, "--seeds") or [seed])]
         except (ValueError, XPromptError) as e:
