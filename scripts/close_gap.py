@@ -107,7 +107,7 @@ def main() -> None:
                 names.append(name)
             report[task_name][lever] = [results(args.runs_dir / n, task_name) for n in names]
             if "--unlabeled" in LEVERS[lever] and not args.no_unselected:
-                report[task_name][f"{lever}, last step of its last round (not chosen: a diagnostic)"] = [
+                report[task_name][f"{lever}, --self-train-keep last"] = [
                     unselected(args.runs_dir, n, task_name, langs) for n in names[:1]]
             if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
                 report[task_name]["ensemble of the baseline's seeds"] = [ensembled(args.runs_dir, names, task_name, langs)]
@@ -143,9 +143,10 @@ def main() -> None:
 
 
 def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> dict:
-    """A diagnostic, never a selection: the prompt at the last step of a self-trained run's last round
-    (its resume checkpoint), scored as its own run ``<name>-last``, so the table shows what the
-    pseudo-labelled rows did to the targets even where English held-out rows turned the round down."""
+    """The prompt at the last step of a self-trained run's last round (its resume checkpoint), scored as
+    its own run ``<name>-last``: what ``--self-train-keep last`` would hand on (the same seeded steps),
+    so the table shows what the pseudo-labelled rows did to the targets even where English held-out
+    rows turned the round down."""
     from safetensors.torch import load_file, save_file
 
     source, folder = runs_dir / name, runs_dir / f"{name}-last"
