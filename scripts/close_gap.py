@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/gap"))
     parser.add_argument("--out", type=Path, default=Path("docs/close_gap.md"))
     parser.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the baseline's seeds")
+    parser.add_argument("--render-only", action="store_true",
+                        help="train and score nothing: tabulate the levers whose runs are already scored, leave out the rest")
     parser.add_argument("--no-unselected", action="store_true",
                         help="skip scoring a self-trained run's last step (the prompt English selection turned down)")
     parser.add_argument("--ensemble-levers", help="also the ensemble of these levers' runs of the first seed (comma-separated)")
@@ -99,14 +101,19 @@ def main() -> None:
             names = []
             for seed in seeds:
                 name = run_name(task_name, lever, seed)
+                if args.render_only and not evaluated(args.runs_dir / name, task_name, langs):
+                    continue
                 if not trained(args.runs_dir, name):
                     run(["train", "--task", task_name, "--seed", str(seed), "--runs-dir", str(args.runs_dir),
                          "--run-name", name, *LEVERS[lever], *args.train_args])
                 if not evaluated(args.runs_dir / name, task_name, langs):
                     run(["eval", "--run", str(args.runs_dir / name), "--langs", "all"])
                 names.append(name)
+            if not names:
+                continue
             report[task_name][lever] = [results(args.runs_dir / n, task_name) for n in names]
-            if "--unlabeled" in LEVERS[lever] and not args.no_unselected:
+            if "--unlabeled" in LEVERS[lever] and not args.no_unselected and not (
+                    args.render_only and not evaluated(args.runs_dir / f"{names[0]}-last", task_name, langs)):
                 report[task_name][f"{lever}, --self-train-keep last"] = [
                     unselected(args.runs_dir, n, task_name, langs) for n in names[:1]]
             if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
