@@ -121,8 +121,11 @@ def main() -> None:
         if args.ensemble_levers:  # the ensemble of several levers' runs of the first seed
             levers = args.ensemble_levers.split(",")
             names = [run_name(task_name, lever, seeds[0]) for lever in levers]
-            report[task_name][f"ensemble of {' + '.join(levers)} (seed {seeds[0]})"] = [
-                ensembled(args.runs_dir, names, task_name, langs)]
+            if all(evaluated(args.runs_dir / n, task_name, langs) for n in names):
+                report[task_name][f"ensemble of {' + '.join(levers)} (seed {seeds[0]})"] = [
+                    ensembled(args.runs_dir, names, task_name, langs)]
+            else:
+                print(f"{task_name}: no ensemble of {', '.join(levers)} (not every member run is scored)", flush=True)
         if args.test_predictions:
             lever = args.test_predictions
             name = run_name(task_name, lever, seeds[0])
