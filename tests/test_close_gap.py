@@ -95,8 +95,14 @@ def test_self_training_can_hand_on_the_last_step_instead_of_the_english_best(tin
     assert st["keep"] == "last" and st["rounds"][0]["best_step"] == 3
     saved = load_file(str(runs / "st" / "prompt" / "prompt.safetensors"))
     (state,) = (runs / "st" / "selftrain-1" / "checkpoint").glob("state-*.safetensors")
-    last = {k[len("model."):]: v for k, v in load_file(str(state)).items() if k.startswith("model.")}
+    tensors = load_file(str(state))
+    last = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    english_best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     assert set(saved) <= set(last) and all(torch.equal(saved[k], last[k]) for k in saved)
+    assert any(not torch.equal(english_best[k], last[k]) for k in saved)  # best would have handed on another step
+    log = [json.loads(x) for x in (runs / "st" / "selftrain-1" / "log.jsonl").read_text().splitlines()]
+    scored = [x for x in log if "select_accuracy" in x]  # the round's last step, scored once, recorded as scored
+    assert scored[-1]["step"] == 3 and st["rounds"][0]["select_accuracy"] == round(scored[-1]["select_accuracy"], 4)
     bad = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", runs, "--unlabeled", "zh",
                  "--self-train-keep", "first")
     assert bad.exit_code != 0 and "self_train_keep must be best or last" in bad.output

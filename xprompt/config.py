@@ -35,6 +35,7 @@ SOURCE_SPLITS = ("train", "dev")
 UNLABELED_SPLITS = ("test", "dev")  # whose inputs self-training reads (labels never)
 PSEUDO_RULES = ("top", "threshold")
 AUGMENTS = ("none", "neighbours")
+SELF_TRAIN_KEEPS = ("best", "last")  # which step a self-training round hands on
 # zero-shot: choices on source-language rows only; few-shot-target: trained on K target-language rows
 # (which every score of the run leaves out); transductive: read the very rows it is scored on
 PROTOCOLS = ("zero-shot", "few-shot-target", "transductive")
@@ -163,12 +164,11 @@ class TrainConfig:
         for name, choices in (("source_split", SOURCE_SPLITS), ("transfer", TRANSFERS), ("rank_by", RANK_BY),
                               ("verbalizer", VERBALIZERS), ("label_reduce", LABEL_REDUCES),
                               ("prompt_position", tuple(POSITIONS)), ("reparam", REPARAMS), ("init", INITS),
-                              ("template", TEMPLATES), ("readout", ("auto", *READOUTS)), ("protocol", PROTOCOLS)):
+                              ("template", TEMPLATES), ("readout", ("auto", *READOUTS)), ("protocol", PROTOCOLS),
+                              ("self_train_keep", SELF_TRAIN_KEEPS)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
-        if self.self_train_keep not in ("best", "last"):
-            raise ValueError(f"self_train_keep must be best or last; got {self.self_train_keep!r}")
         if self.unlabeled_split not in UNLABELED_SPLITS or self.pseudo_rule not in PSEUDO_RULES or self.augment not in AUGMENTS:
             raise ValueError(f"unlabeled_split must be test or dev, pseudo_rule top or threshold, augment none or "
                              f"neighbours; got {self.unlabeled_split!r}, {self.pseudo_rule!r}, {self.augment!r}")

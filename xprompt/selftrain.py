@@ -104,8 +104,8 @@ def self_train(model, cfg, task, train_rows, select_accuracy, run_dir: Path, dev
         done = fit(model, Dataset.from_dict(columns), select_accuracy, round_cfg, Path(run_dir) / f"selftrain-{round_}",
                    device, pad_id, on_step, transform)
         if cfg.self_train_keep == "last":  # the model holds the round's last step
-            done = dataclasses.replace(done, best={"step": done.steps, "accuracy": select_accuracy(),
-                                                   "tensors": snapshot(model)})
+            accuracy = done.last_accuracy if done.last_accuracy is not None else select_accuracy()  # resumed at the end
+            done = dataclasses.replace(done, best={"step": done.steps, "accuracy": accuracy, "tensors": snapshot(model)})
         restore(model, done.best["tensors"])
         info["rounds"].append({"round": round_, "pseudo": kept, "rows": len(columns["label"]),
                                "select_accuracy": round(done.best["accuracy"], 4), "best_step": done.best["step"]})

@@ -32,6 +32,7 @@ class Fit:
     seconds: float
     seen: int
     trainable_parameters: int
+    last_accuracy: float | None = None  # the selection accuracy of the last step, where this loop scored it
 
 
 def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_dir: Path, device,
@@ -73,6 +74,7 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
     step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
     started = time.perf_counter() - progress["seconds"]
     window_loss, window_n = 0.0, 0
+    last_accuracy = None
     position = progress["batch"]
 
     def save_progress(batch_in_epoch: int) -> None:
@@ -112,7 +114,7 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
                              "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
                         window_loss, window_n = 0.0, 0
                     if step % cfg.eval_every == 0 or step == total:
-                        acc = select_accuracy()
+                        acc = last_accuracy = select_accuracy()
                         log({"step": step, "select_accuracy": acc})
                         if acc > best["accuracy"]:
                             best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
@@ -129,7 +131,8 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
         save_progress(position)
         raise
     return Fit(best=best, steps=total, seconds=time.perf_counter() - started, seen=seen,
-               trainable_parameters=sum(p.numel() for p in params))
+               trainable_parameters=sum(p.numel() for p in params),
+               last_accuracy=last_accuracy if step >= total else None)
 
 
 def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, device, rank: int = 0, world: int = 1) -> torch.Tensor:
