@@ -11,6 +11,12 @@ configuration reading the *dev* inputs instead and writes its test predictions (
 
     python scripts/close_gap.py --tasks xnli,pawsx --seeds 42,13,21 --runs-dir runs/gap --out docs/close_gap.md
     python scripts/close_gap.py --levers baseline,selftrain --seeds 42          # a part of it
+
+It resumes: a trained or scored run is not redone. The JSON beside ``--out`` records every run (its
+name, seed, per-language results and per-row correctness), so a run whose folder is gone (another
+machine, a cleaned runs dir) is tabulated from its record; seeds run elsewhere add to it by naming all
+seeds in a final ``--render-only``. Each lever row also carries the paired z against the baseline of
+the same seed, from the per-row correctness.
 """
 
 from __future__ import annotations
@@ -67,7 +73,18 @@ def evaluated(run_dir: Path, task: str, langs: list[str]) -> bool:
 def results(run_dir: Path, task: str) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
-    return {"dev": metrics["eval"][task]["dev"], "train": metrics.get("train", {}), "compute": config.get("compute", {})}
+    return {"run": run_dir.name, "seed": config.get("train", {}).get("seed"), "dev": metrics["eval"][task]["dev"],
+            "train": metrics.get("train", {}), "compute": config.get("compute", {})}
+
+
+def recorded_runs(path: Path) -> dict[str, dict]:
+    """The runs an earlier render recorded in its JSON, by run name: a run whose folder is gone (another
+    machine, a cleaned runs dir) is tabulated from its record instead of being trained again. Delete a
+    run's record to redo it."""
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    return {r["run"]: r for levers in report.values() for runs in levers.values() for r in runs if "run" in r}
 
 
 def main() -> None:
@@ -92,6 +109,7 @@ def main() -> None:
     from xprompt.tasks import load_task
 
     seeds = [int(x) for x in args.seeds.split(",")]
+    recorded = recorded_runs(args.out.with_suffix(".json"))
     report: dict = {}
     for task_name in args.tasks.split(","):
         task = load_task(task_name)
@@ -101,7 +119,12 @@ def main() -> None:
             names = []
             for seed in seeds:
                 name = run_name(task_name, lever, seed)
-                if args.render_only and not evaluated(args.runs_dir / name, task_name, langs):
+                on_disk = evaluated(args.runs_dir / name, task_name, langs)
+                if not on_disk and name in recorded and not trained(args.runs_dir, name):
+                    print(f"{name}: from {args.out.with_suffix('.json')} (its folder is not in {args.runs_dir})", flush=True)
+                    names.append(name)
+                    continue
+                if args.render_only and not on_disk:
                     continue
                 if not trained(args.runs_dir, name):
                     run(["train", "--task", task_name, "--seed", str(seed), "--runs-dir", str(args.runs_dir),
@@ -111,19 +134,28 @@ def main() -> None:
                 names.append(name)
             if not names:
                 continue
-            report[task_name][lever] = [results(args.runs_dir / n, task_name) for n in names]
-            if "--unlabeled" in LEVERS[lever] and not args.no_unselected and not (
-                    args.render_only and not evaluated(args.runs_dir / f"{names[0]}-last", task_name, langs)):
-                report[task_name][f"{lever}, --self-train-keep last"] = [
-                    unselected(args.runs_dir, n, task_name, langs) for n in names[:1]]
+            found = lambda n: (results(args.runs_dir / n, task_name)
+                               if evaluated(args.runs_dir / n, task_name, langs) else recorded[n])
+            report[task_name][lever] = [found(n) for n in names]
+            if "--unlabeled" in LEVERS[lever] and not args.no_unselected:
+                lasts = []
+                for n in names:
+                    if evaluated(args.runs_dir / f"{n}-last", task_name, langs) or (
+                            not args.render_only and (args.runs_dir / n).is_dir()):
+                        lasts.append(unselected(args.runs_dir, n, task_name, langs))
+                    elif f"{n}-last" in recorded:
+                        lasts.append(recorded[f"{n}-last"])
+                if lasts:
+                    report[task_name][f"{lever}, --self-train-keep last"] = lasts
             if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
-                report[task_name]["ensemble of the baseline's seeds"] = [ensembled(args.runs_dir, names, task_name, langs)]
+                report[task_name]["ensemble of the baseline's seeds"] = [
+                    ensembled(args.runs_dir, names, task_name, langs, recorded, args.render_only)]
         if args.ensemble_levers:  # the ensemble of several levers' runs of the first seed
             levers = args.ensemble_levers.split(",")
             names = [run_name(task_name, lever, seeds[0]) for lever in levers]
-            if all(evaluated(args.runs_dir / n, task_name, langs) for n in names):
+            if all(evaluated(args.runs_dir / n, task_name, langs) for n in names) or ensemble_key(names) in recorded:
                 report[task_name][f"ensemble of {' + '.join(levers)} (seed {seeds[0]})"] = [
-                    ensembled(args.runs_dir, names, task_name, langs)]
+                    ensembled(args.runs_dir, names, task_name, langs, recorded, args.render_only)]
             else:
                 print(f"{task_name}: no ensemble of {', '.join(levers)} (not every member run is scored)", flush=True)
         if args.test_predictions:
@@ -173,12 +205,18 @@ def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> d
     log = [json.loads(line) for line in (last / "log.jsonl").read_text().splitlines() if line.strip()]
     held_out = [x["select_accuracy"] for x in log if "select_accuracy" in x]
     train = results(source, task_name)["train"]
-    return {"dev": results(folder, task_name)["dev"],
+    return {"run": folder.name, "seed": results(source, task_name)["seed"], "dev": results(folder, task_name)["dev"],
             "train": {**train, "select_accuracy": held_out[-1], "round": last.name}}
 
 
-def ensembled(runs_dir: Path, names: list[str], task_name: str, langs: list[str]) -> dict:
-    """The results of ``xprompt eval --run A,B,C`` over the named runs (made once, found again after)."""
+def ensemble_key(names: list[str]) -> str:
+    return "ensemble:" + ",".join(sorted(names))
+
+
+def ensembled(runs_dir: Path, names: list[str], task_name: str, langs: list[str],
+              recorded: dict[str, dict], render_only: bool) -> dict:
+    """The results of ``xprompt eval --run A,B,C`` over the named runs (made once, found again after;
+    from the earlier render's record where its folder is gone)."""
     def find():
         for folder in runs_dir.glob("ensemble-*"):
             if json.loads((folder / "config.json").read_text())["train"].get("members") == sorted(names):
@@ -186,10 +224,13 @@ def ensembled(runs_dir: Path, names: list[str], task_name: str, langs: list[str]
         return None
 
     folder = find()
+    if (folder is None or not evaluated(folder, task_name, langs)) and ensemble_key(names) in recorded and (
+            render_only or not all((runs_dir / n).is_dir() for n in names)):
+        return recorded[ensemble_key(names)]
     if folder is None or not evaluated(folder, task_name, langs):
         run(["eval", "--run", ",".join(str(runs_dir / n) for n in names), "--langs", "all"])
         folder = find()
-    return results(folder, task_name)
+    return {**results(folder, task_name), "run": ensemble_key(names), "seed": None}
 
 
 def render(report: dict, seeds: list[int]) -> str:
@@ -203,12 +244,16 @@ def render(report: dict, seeds: list[int]) -> str:
              "(never their labels), so the dev figures below read no dev row. Command: "
              "`python scripts/close_gap.py` (see its docstring). *held-out en*: accuracy on the 500 English rows held "
              "out from the training pool, which choose each run's checkpoint and would choose between levers. "
+             "*paired z*: against the baseline of the same seed over the same target rows, (wins − losses) / "
+             "√(wins + losses), where a win is a row the lever gets right and the baseline wrong; one value per seed "
+             "(|z| < 2 is row noise). "
              "Speed: " + _machine(report) + ".", ""]
     for task_name, levers in report.items():
         task = load_task(task_name)
         langs = [*task.official_languages, *task.extra_languages]
         lines += [f"## {task_name}", "", "| lever | held-out en | " + " | ".join(langs)
-                  + " | avg targets | gap | train min | eval pairs/s |", "|---|" + "---|" * (len(langs) + 5)]
+                  + " | avg targets | gap | paired z | train min | eval pairs/s |", "|---|" + "---|" * (len(langs) + 6)]
+        baselines = {r.get("seed"): r for r in levers.get("baseline", [])}
         for lever, runs in levers.items():
             cells = []
             for lang in langs:
@@ -221,9 +266,32 @@ def render(report: dict, seeds: list[int]) -> str:
             held_out = _cell([100 * r["train"]["select_accuracy"] for r in runs if r["train"].get("select_accuracy")])
             rate = [sum(x["n"] for x in r["dev"].values()) / sum(x["seconds"] for x in r["dev"].values()) for r in runs]
             lines.append(f"| {lever} | {held_out or '-'} | " + " | ".join(cells) + f" | **{avg}** | {gap} | "
+                         f"{_paired(runs, baselines, seeds[0], task) if lever != 'baseline' else '-'} | "
                          f"{_cell(minutes) if minutes else '-'} | {mean(rate):.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _paired(runs: list[dict], baselines: dict, first_seed: int, task) -> str:
+    """Paired z of each run against the baseline of its seed (an ensemble: the first seed's), pooled over
+    the official targets' rows; '' where the baseline of that seed or the per-row record is missing."""
+    values = []
+    for r in runs:
+        base = baselines.get(r.get("seed") if r.get("seed") is not None else first_seed)
+        if base is None:
+            continue
+        wins = losses = 0
+        for lang in task.official_languages:
+            if lang == task.source_language:
+                continue
+            mine, theirs = r["dev"].get(lang, {}), base["dev"].get(lang, {})
+            if "correct" not in mine or "correct" not in theirs or mine.get("rows") != theirs.get("rows"):
+                break
+            wins += sum(a == "1" and b == "0" for a, b in zip(mine["correct"], theirs["correct"]))
+            losses += sum(a == "0" and b == "1" for a, b in zip(mine["correct"], theirs["correct"]))
+        else:
+            values.append(f"{(wins - losses) / (wins + losses) ** 0.5:+.1f}" if wins + losses else "0.0")
+    return " / ".join(values)
 
 
 def _machine(report: dict) -> str:

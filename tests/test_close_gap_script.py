@@ -1,0 +1,66 @@
+"""scripts/close_gap.py: the paired z against the baseline of the same seed, and tables rendered from
+an earlier render's record when the run folders are gone (another machine, a cleaned runs dir)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+LANGS = ("en", "de", "es", "fr", "ja", "ko", "zh")  # PAWS-X: English + its 6 official targets
+
+
+@pytest.fixture(scope="module")
+def close_gap():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "close_gap.py"
+    spec = importlib.util.spec_from_file_location("close_gap", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(run: str, seed, correct: dict[str, str]) -> dict:
+    dev = {lang: {"accuracy": bits.count("1") / len(bits), "correct": bits, "rows": f"h-{lang}", "n": len(bits),
+                  "seconds": 1.0, "limit": None, "labeled": True} for lang, bits in correct.items()}
+    return {"run": run, "seed": seed, "dev": dev, "train": {"select_accuracy": 0.5, "train_seconds": 60.0},
+            "compute": {"cpu_bf16_reason": "a test CPU"}}
+
+
+def test_paired_z_counts_wins_and_losses_against_the_same_seed(close_gap):
+    from xprompt.tasks import load_task
+
+    task = load_task("pawsx")
+    base = {lang: "1100" for lang in LANGS}
+    # de: 2 wins (rows 2, 3), 0 losses; es: 1 loss (row 0); English rows never count (9 wins there)
+    lever = {**base, "de": "1111", "es": "0100", "en": "1111"}
+    other_seed_base = {lang: "0000" for lang in LANGS}
+    baselines = {42: record("b42", 42, base), 13: record("b13", 13, other_seed_base)}
+    z = close_gap._paired([record("l42", 42, lever)], baselines, 42, task)
+    assert z == f"{(2 - 1) / 3 ** 0.5:+.1f}"  # +0.6: 2 wins, 1 loss over the targets
+    # an ensemble (no seed) is compared with the first seed's baseline; a seed with no baseline is left out
+    assert close_gap._paired([record("e", None, lever), record("l7", 7, lever)], baselines, 42, task) == "+0.6"
+    # a different row set (another dev file) is not paired
+    moved = record("l42", 42, lever)
+    moved["dev"]["de"]["rows"] = "other"
+    assert close_gap._paired([moved], baselines, 42, task) == ""
+
+
+def test_runs_whose_folders_are_gone_are_rendered_from_the_record(close_gap, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "gap.md"
+    base = record("pawsx-baseline-s42", 42, {lang: "1100" for lang in LANGS})
+    lever = record("pawsx-augment-s42", 42, {**{lang: "1100" for lang in LANGS}, "de": "1111"})
+    out.with_suffix(".json").write_text(json.dumps({"pawsx": {"baseline": [base], "augment": [lever]}}))
+    out.write_text("# old tables\n\n## What the figures say\n\nA reading by hand.\n")
+    monkeypatch.setattr(sys, "argv", ["close_gap.py", "--tasks", "pawsx", "--levers", "baseline,augment",
+                                      "--seeds", "42", "--runs-dir", str(tmp_path / "gone"), "--render-only",
+                                      "--out", str(out)])
+    close_gap.main()
+    assert "pawsx-baseline-s42: from" in capsys.readouterr().out
+    text = out.read_text()
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "**50.0**" in rows["| baseline"]  # 6 targets at 2 of 4
+    assert "**58.3**" in rows["| augment"] and "+1.4" in rows["| augment"]  # de 4 of 4; z = 2 / sqrt 2
+    assert text.endswith("## What the figures say\n\nA reading by hand.\n")  # the hand-written reading stays
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["pawsx"]["augment"][0]["run"] == "pawsx-augment-s42"  # the record survives the re-render
