@@ -148,14 +148,22 @@ def main() -> None:
                 if lasts:
                     report[task_name][f"{lever}, --self-train-keep last"] = lasts
             if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
-                report[task_name]["ensemble of the baseline's seeds"] = [
-                    ensembled(args.runs_dir, names, task_name, langs, recorded, args.render_only)]
+                # over the seeds whose prompts are here (a run known only from its record has no prompt to run)
+                members = [n for n in names if trained(args.runs_dir, n)]
+                if ensemble_key(names) in recorded or len(members) < 2:
+                    members = names
+                result = ensembled(args.runs_dir, members, task_name, langs, recorded, args.render_only)
+                if len(members) > 1 and result:
+                    seeds_in = ", ".join(n.rsplit("-s", 1)[1] for n in members)
+                    report[task_name][f"ensemble of the baseline's seeds ({seeds_in})"] = [result]
         if args.ensemble_levers:  # the ensemble of several levers' runs of the first seed
             levers = args.ensemble_levers.split(",")
             names = [run_name(task_name, lever, seeds[0]) for lever in levers]
+            result = None
             if all(evaluated(args.runs_dir / n, task_name, langs) for n in names) or ensemble_key(names) in recorded:
-                report[task_name][f"ensemble of {' + '.join(levers)} (seed {seeds[0]})"] = [
-                    ensembled(args.runs_dir, names, task_name, langs, recorded, args.render_only)]
+                result = ensembled(args.runs_dir, names, task_name, langs, recorded, args.render_only)
+            if result:
+                report[task_name][f"ensemble of {' + '.join(levers)} (seed {seeds[0]})"] = [result]
             else:
                 print(f"{task_name}: no ensemble of {', '.join(levers)} (not every member run is scored)", flush=True)
         if args.test_predictions:
@@ -214,9 +222,10 @@ def ensemble_key(names: list[str]) -> str:
 
 
 def ensembled(runs_dir: Path, names: list[str], task_name: str, langs: list[str],
-              recorded: dict[str, dict], render_only: bool) -> dict:
+              recorded: dict[str, dict], render_only: bool) -> dict | None:
     """The results of ``xprompt eval --run A,B,C`` over the named runs (made once, found again after;
-    from the earlier render's record where its folder is gone)."""
+    from the earlier render's record where its folder is gone); None where it is not scored and
+    ``render_only`` (or a member's prompt is gone)."""
     def find():
         for folder in runs_dir.glob("ensemble-*"):
             if json.loads((folder / "config.json").read_text())["train"].get("members") == sorted(names):
@@ -224,10 +233,11 @@ def ensembled(runs_dir: Path, names: list[str], task_name: str, langs: list[str]
         return None
 
     folder = find()
-    if (folder is None or not evaluated(folder, task_name, langs)) and ensemble_key(names) in recorded and (
-            render_only or not all((runs_dir / n).is_dir() for n in names)):
-        return recorded[ensemble_key(names)]
     if folder is None or not evaluated(folder, task_name, langs):
+        if ensemble_key(names) in recorded:
+            return recorded[ensemble_key(names)]
+        if render_only or not all(trained(runs_dir, n) for n in names):
+            return None
         run(["eval", "--run", ",".join(str(runs_dir / n) for n in names), "--langs", "all"])
         folder = find()
     return {**results(folder, task_name), "run": ensemble_key(names), "seed": None}
