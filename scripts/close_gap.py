@@ -213,8 +213,9 @@ def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> d
     log = [json.loads(line) for line in (last / "log.jsonl").read_text().splitlines() if line.strip()]
     held_out = [x["select_accuracy"] for x in log if "select_accuracy" in x]
     train = results(source, task_name)["train"]
-    return {"run": folder.name, "seed": results(source, task_name)["seed"], "dev": results(folder, task_name)["dev"],
-            "train": {**train, "select_accuracy": held_out[-1], "round": last.name}}
+    made = results(source, task_name)
+    return {"run": folder.name, "seed": made["seed"], "dev": results(folder, task_name)["dev"],
+            "train": {**train, "select_accuracy": held_out[-1], "round": last.name}, "compute": made["compute"]}
 
 
 def ensemble_key(names: list[str]) -> str:
@@ -257,7 +258,9 @@ def render(report: dict, seeds: list[int]) -> str:
              "*paired z*: against the baseline of the same seed over the same target rows, (wins − losses) / "
              "√(wins + losses), where a win is a row the lever gets right and the baseline wrong; one value per seed "
              "(|z| < 2 is row noise). "
-             "Speed: " + _machine(report) + ".", ""]
+             "Speed (train minutes, eval pairs/s: the mean over the runs made on each CPU kind, never mixed): "
+             + _machine(report) + ".", ""]
+    kinds = _kinds(report)
     for task_name, levers in report.items():
         task = load_task(task_name)
         langs = [*task.official_languages, *task.extra_languages]
@@ -272,12 +275,13 @@ def render(report: dict, seeds: list[int]) -> str:
             summaries = [summarize(r["dev"], task.source_language, "accuracy", task.official_languages) for r in runs]
             avg = _cell([100 * s["avg_target"] for s in summaries if "avg_target" in s])
             gap = _cell([100 * s["gap"] for s in summaries if "gap" in s])
-            minutes = [r["train"].get("train_seconds", 0) / 60 for r in runs if r["train"]]
+            minutes = _per_kind(kinds, [(r, r["train"].get("train_seconds", 0) / 60) for r in runs if r["train"]], ".1f")
             held_out = _cell([100 * r["train"]["select_accuracy"] for r in runs if r["train"].get("select_accuracy")])
-            rate = [sum(x["n"] for x in r["dev"].values()) / sum(x["seconds"] for x in r["dev"].values()) for r in runs]
+            rate = _per_kind(kinds, [(r, sum(x["n"] for x in r["dev"].values()) / sum(x["seconds"] for x in r["dev"].values()))
+                                     for r in runs], ".0f")
             lines.append(f"| {lever} | {held_out or '-'} | " + " | ".join(cells) + f" | **{avg}** | {gap} | "
                          f"{_paired(runs, baselines, seeds[0], task) if lever != 'baseline' else '-'} | "
-                         f"{_cell(minutes) if minutes else '-'} | {mean(rate):.0f} |")
+                         f"{minutes or '-'} | {rate} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -304,10 +308,36 @@ def _paired(runs: list[dict], baselines: dict, first_seed: int, task) -> str:
     return " / ".join(values)
 
 
+def _kind(run: dict) -> str:
+    compute = run.get("compute") or {}
+    return compute.get("cpu_bf16_reason") or compute.get("device") or "not recorded"
+
+
+def _kinds(report: dict) -> dict[str, str]:
+    """Each CPU kind the runs were made on, in order of first appearance, with its letter (A, B, ...)."""
+    kinds: dict[str, str] = {}
+    for levers in report.values():
+        for runs in levers.values():
+            for r in runs:
+                kinds.setdefault(_kind(r), "ABCDEFGH"[len(kinds)])
+    return kinds
+
+
 def _machine(report: dict) -> str:
-    kinds = sorted({r["compute"].get("cpu_bf16_reason") or r["compute"].get("device", "?")
-                    for levers in report.values() for runs in levers.values() for r in runs if r.get("compute")})
-    return "; ".join(kinds) or "not recorded"
+    kinds = _kinds(report)
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return "; ".join(f"{letter}: {kind}" for kind, letter in kinds.items())
+
+
+def _per_kind(kinds: dict[str, str], values: list[tuple[dict, float]], spec: str) -> str:
+    """The mean of the values of each CPU kind, lettered where the report holds more than one kind."""
+    cells = []
+    for kind, letter in kinds.items():
+        mine = [v for r, v in values if _kind(r) == kind]
+        if mine:
+            cells.append(format(mean(mine), spec) + (f" ({letter})" if len(kinds) > 1 else ""))
+    return " / ".join(cells)
 
 
 def _cell(values: list[float]) -> str:

@@ -50,6 +50,7 @@ def test_runs_whose_folders_are_gone_are_rendered_from_the_record(close_gap, tmp
     out = tmp_path / "gap.md"
     base = record("pawsx-baseline-s42", 42, {lang: "1100" for lang in LANGS})
     lever = record("pawsx-augment-s42", 42, {**{lang: "1100" for lang in LANGS}, "de": "1111"})
+    lever["compute"] = {"cpu_bf16_reason": "another CPU"}  # made on another machine: its speed stands apart
     out.with_suffix(".json").write_text(json.dumps({"pawsx": {"baseline": [base], "augment": [lever]}}))
     out.write_text("# old tables\n\n## What the figures say\n\nA reading by hand.\n")
     monkeypatch.setattr(sys, "argv", ["close_gap.py", "--tasks", "pawsx", "--levers", "baseline,augment",
@@ -61,6 +62,9 @@ def test_runs_whose_folders_are_gone_are_rendered_from_the_record(close_gap, tmp
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "**50.0**" in rows["| baseline"]  # 6 targets at 2 of 4
     assert "**58.3**" in rows["| augment"] and "+1.4" in rows["| augment"]  # de 4 of 4; z = 2 / sqrt 2
+    assert "A: a test CPU; B: another CPU" in text
+    assert rows["| baseline"].endswith("| 1.0 (A) | 4 (A) |")  # 28 rows in 7 seconds
+    assert rows["| augment"].endswith("| 1.0 (B) | 4 (B) |")
     assert text.endswith("## What the figures say\n\nA reading by hand.\n")  # the hand-written reading stays
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["pawsx"]["augment"][0]["run"] == "pawsx-augment-s42"  # the record survives the re-render
