@@ -287,11 +287,17 @@ def render(report: dict, seeds: list[int]) -> str:
 
 
 def _paired(runs: list[dict], baselines: dict, first_seed: int, task) -> str:
-    """Paired z of each run against the baseline of its seed (an ensemble: the first seed's), pooled over
-    the official targets' rows; '' where the baseline of that seed or the per-row record is missing."""
+    """Paired z of each run against the baseline of its seed (an ensemble: of its first member's seed, or
+    the first seed's), pooled over the official targets' rows; '' where the baseline of that seed or the
+    per-row record is missing."""
     values = []
     for r in runs:
-        base = baselines.get(r.get("seed") if r.get("seed") is not None else first_seed)
+        seed = r.get("seed")
+        if seed is None:  # an ensemble: "ensemble:<task>-<lever>-s<seed>,..."
+            members = r.get("run", "").removeprefix("ensemble:").split(",")
+            seeds = sorted({int(m.rsplit("-s", 1)[1]) for m in members if m.rsplit("-s", 1)[-1].isdigit()})
+            seed = first_seed if first_seed in seeds or not seeds else seeds[0]
+        base = baselines.get(seed)
         if base is None:
             continue
         wins = losses = 0

@@ -40,6 +40,9 @@ def test_paired_z_counts_wins_and_losses_against_the_same_seed(close_gap):
     assert z == f"{(2 - 1) / 3 ** 0.5:+.1f}"  # +0.6: 2 wins, 1 loss over the targets
     # an ensemble (no seed) is compared with the first seed's baseline; a seed with no baseline is left out
     assert close_gap._paired([record("e", None, lever), record("l7", 7, lever)], baselines, 42, task) == "+0.6"
+    # an ensemble of seeds 13 and 21 against seed 13's baseline (all wrong): 13 wins over the targets
+    ensemble = record("ensemble:pawsx-baseline-s13,pawsx-baseline-s21", None, lever)
+    assert close_gap._paired([ensemble], baselines, 42, task) == f"{13 / 13 ** 0.5:+.1f}"
     # a different row set (another dev file) is not paired
     moved = record("l42", 42, lever)
     moved["dev"]["de"]["rows"] = "other"
