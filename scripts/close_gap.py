@@ -148,12 +148,9 @@ def main() -> None:
                 if lasts:
                     report[task_name][f"{lever}, --self-train-keep last"] = lasts
             if lever == "baseline" and len(names) > 1 and not args.no_ensemble:  # the ensemble of the baseline's seeds
-                # over the seeds whose prompts are here (a run known only from its record has no prompt to run)
-                members = [n for n in names if trained(args.runs_dir, n)]
-                if ensemble_key(names) in recorded or len(members) < 2:
-                    members = names
-                result = ensembled(args.runs_dir, members, task_name, langs, recorded, args.render_only)
-                if len(members) > 1 and result:
+                members = seed_members(args.runs_dir, names, recorded)
+                result = ensembled(args.runs_dir, members, task_name, langs, recorded, args.render_only) if members else None
+                if result:
                     seeds_in = ", ".join(n.rsplit("-s", 1)[1] for n in members)
                     report[task_name][f"ensemble of the baseline's seeds ({seeds_in})"] = [result]
         if args.ensemble_levers:  # the ensemble of several levers' runs of the first seed
@@ -216,6 +213,17 @@ def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> d
     made = results(source, task_name)
     return {"run": folder.name, "seed": made["seed"], "dev": results(folder, task_name)["dev"],
             "train": {**train, "select_accuracy": held_out[-1], "round": last.name}, "compute": made["compute"]}
+
+
+def seed_members(runs_dir: Path, names: list[str], recorded: dict[str, dict]) -> list[str]:
+    """The members of the ensemble of a lever's seeds: the most seeds that either have their prompts here
+    (a run known only from its record has no prompt to run) or were ensembled in a recorded run; [] where
+    fewer than two."""
+    here = [n for n in names if trained(runs_dir, n)]
+    known = [key.removeprefix("ensemble:").split(",") for key in recorded if key.startswith("ensemble:")]
+    known = [[n for n in names if n in members] for members in known if set(members) <= set(names)]
+    best = max([here, *known], key=len)  # on a tie, the prompts here
+    return best if len(best) > 1 else []
 
 
 def ensemble_key(names: list[str]) -> str:

@@ -71,3 +71,32 @@ def test_runs_whose_folders_are_gone_are_rendered_from_the_record(close_gap, tmp
     assert text.endswith("## What the figures say\n\nA reading by hand.\n")  # the hand-written reading stays
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["pawsx"]["augment"][0]["run"] == "pawsx-augment-s42"  # the record survives the re-render
+
+
+def test_the_ensemble_of_seeds_is_rendered_from_its_record_or_made_over_the_prompts_here(close_gap, tmp_path,
+                                                                                         monkeypatch):
+    out = tmp_path / "gap.md"
+    names = [f"pawsx-baseline-s{seed}" for seed in (42, 13, 21)]
+    bases = [record(name, seed, {lang: "1100" for lang in LANGS}) for name, seed in zip(names, (42, 13, 21))]
+    ensemble = record("ensemble:pawsx-baseline-s13,pawsx-baseline-s21", None, {lang: "1110" for lang in LANGS})
+    out.with_suffix(".json").write_text(json.dumps({"pawsx": {"baseline": bases, "old label": [ensemble]}}))
+    recorded = close_gap.recorded_runs(out.with_suffix(".json"))
+    runs = tmp_path / "runs"
+    assert close_gap.seed_members(runs, names, recorded) == names[1:]  # no prompt here: the recorded ensemble
+    for name in names[:2]:  # prompts of seeds 42 and 13 here: as many seeds as the record, the prompts win
+        (runs / name / "prompt").mkdir(parents=True)
+        (runs / name / "prompt" / "prompt.safetensors").write_bytes(b"")
+    assert close_gap.seed_members(runs, names, recorded) == names[:2]
+    (runs / names[2] / "prompt").mkdir(parents=True)
+    (runs / names[2] / "prompt" / "prompt.safetensors").write_bytes(b"")
+    assert close_gap.seed_members(runs, names, recorded) == names  # all three: the most seeds
+    assert close_gap.seed_members(runs, names[:1], {}) == []  # one seed is no ensemble
+
+    monkeypatch.setattr(sys, "argv", ["close_gap.py", "--tasks", "pawsx", "--levers", "baseline", "--seeds", "42,13,21",
+                                      "--runs-dir", str(tmp_path / "gone"), "--render-only", "--out", str(out)])
+    close_gap.main()
+    rows = {line.split(" | ")[0]: line for line in out.read_text().splitlines() if line.startswith("| ")}
+    row = rows["| ensemble of the baseline's seeds (13, 21)"]
+    assert "**75.0**" in row and f"+{6 / 6 ** 0.5:.1f}" in row  # 3 of 4 per target; 6 wins over seed 13's baseline
+    again = json.loads(out.with_suffix(".json").read_text())["pawsx"]
+    assert again["ensemble of the baseline's seeds (13, 21)"][0]["run"] == ensemble["run"]
