@@ -382,6 +382,8 @@ class TrainData:
     select: object
     describe: str
     used_ids: list[str]  # ids of the rows training and selection saw (kept out of evaluation)
+    train_ids: list[str]
+    select_ids: list[str]
 
 
 def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
@@ -406,4 +408,6 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
         encode(select, template, tokenizer, cfg.max_length, cache_dir),
         describe,
         [*train["id"], *select["id"]],
+        list(train["id"]),
+        list(select["id"]),
     )

@@ -48,7 +48,7 @@ def library_prompts(library: Path, sha256: str, shapes: list[tuple] | None = Non
     for run in sorted(p.parent.parent for p in Path(library).glob("*/prompt/prompt.safetensors")):
         if exclude_run is not None and run.resolve() == Path(exclude_run).resolve():
             continue
-        if not include_adapted and run_protocol(run) != "zero-shot":
+        if not include_adapted and run_protocol(run) == "few-shot-target":
             continue
         tensors, card = load_prompt(run)
         if card.get("backbone_sha256") != sha256 or (shapes is not None and prompt_shapes(tensors) != shapes):

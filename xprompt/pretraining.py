@@ -33,6 +33,7 @@ from .errors import XPromptError
 PAIR_LABELS = ["next", "same-document", "other-document"]
 CHOICE_LABELS = ["A", "B", "C", "D"]
 FORMATS = ("pair", "choice")
+CORPUS_LANGUAGE = "mixed"  # a pre-training corpus mixes languages: its task's one "language" (labels made from text)
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])")
 
 
@@ -134,9 +135,9 @@ def task_card(fmt: str, languages: list[str]) -> dict:
     words = {label: label for label in labels}
     return {"name": f"ppt-{fmt}", "version": 1, "kind": "classification",
             "description": f"PPT pre-training, {fmt} format (self-supervised, from unlabeled documents)",
-            "fields": fields, "labels": labels, "template": template, "source_language": "mixed",
+            "fields": fields, "labels": labels, "template": template, "source_language": CORPUS_LANGUAGE,
             "splits": {"train": {"file": f"ppt/train.{fmt}.{{lang}}.jsonl"}},
-            "languages": {"mixed": {"label_words": words}}, "official_languages": ["mixed"]}
+            "languages": {CORPUS_LANGUAGE: {"label_words": words}}, "official_languages": [CORPUS_LANGUAGE]}
 
 
 def bundled_corpus(data_dir: Path) -> tuple[list[list[str]], dict]:

@@ -12,6 +12,7 @@ from contextlib import closing
 from pathlib import Path
 
 from .errors import XPromptError
+from .lineage import load_lineage, run_protocol
 
 INDEX_FILE = "index.sqlite"
 SCHEMA_VERSION = 4  # bump on any schema change: an index of another version is rebuilt from the folders
@@ -72,7 +73,7 @@ def index_run(runs_dir: Path, run_dir: Path) -> None:
     cfg, metrics = config["train"], _read(run_dir / "metrics.json")
     train = metrics.get("train", {})
     finished = (run_dir / "prompt" / "prompt.safetensors").is_file()
-    protocol = cfg.get("protocol") or ("few-shot-target" if cfg.get("source_split") == "dev" else "zero-shot")
+    protocol = run_protocol(load_lineage(run_dir))  # derived from what the run and its ancestors read
     dtype = (config.get("compute") or {}).get("dtype") or train.get("dtype") or cfg.get("dtype")
     with closing(_connect(runs_dir)) as db, db:
         db.execute("DELETE FROM results WHERE run_id = ?", (run_dir.name,))

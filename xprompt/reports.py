@@ -8,6 +8,8 @@ from statistics import mean, stdev
 
 import numpy as np
 
+from .lineage import ORDER as PROTOCOLS
+
 
 def summarize(results: dict[str, dict], source_lang: str | None, metric: str = "accuracy",
               official: list[str] | tuple[str, ...] | None = None) -> dict:
@@ -137,8 +139,8 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
         if not results:
             continue
         rows_seen = {r["lang"]: r.get("rows") or f"first {r['n']}" for r in results}
-        protocols = {r.get("protocol") or run.get("protocol") or "zero-shot" for r in results}
-        protocol = "transductive" if "transductive" in protocols else (run.get("protocol") or "zero-shot")
+        # the row's protocol: the strongest of its scores' (each derived from the lineage when scored)
+        protocol = max((r.get("protocol") or run.get("protocol") or "zero-shot" for r in results), key=PROTOCOLS.index)
         key = json.dumps([sweep_key(run), sorted(rows_seen.items()), protocol], sort_keys=True, default=str)
         groups.setdefault(key, []).append({**run, "scores": {r["lang"]: r[metric] for r in results},
                                            "correct": {r["lang"]: r.get("correct") for r in results},
@@ -321,3 +323,30 @@ def xtreme_files(run_dir, task: str, out_dir) -> list:
         target.write_text("".join(label + "\n" for label in labels), encoding="utf-8")
         written.append(target)
     return written
+
+
+def submission_run(runs: list[dict], task: str) -> tuple[dict | None, str]:
+    """The run whose test predictions an XTREME submission takes when none is named: among finished
+    runs with test predictions of ``task`` whose lineage read no target rows (zero-shot: no adaptation,
+    no pseudo-labelled benchmark inputs anywhere in it), the one with the best source-language held-out
+    accuracy (its selection rows; then its source-language dev accuracy). Never a target-language
+    figure. Returns (the run's index row or None, why)."""
+    with_test = [r for r in runs if r["finished"] and any(x["task"] == task and x["split"] == "test"
+                                                          for x in r["results"])]
+    eligible = [r for r in with_test if r.get("protocol") == "zero-shot" and r.get("task") == task]
+    passed = len(with_test) - len(eligible)
+    skipped = f"; {passed} other run(s) with test predictions passed over (their lineage read target rows, or " \
+              f"they trained on another task)" if passed else ""
+    if not eligible:
+        return None, f"no zero-shot run of {task} with test predictions{skipped}"
+
+    def source_dev(run):
+        return next((x["accuracy"] for x in run["results"] if x["task"] == task and x["split"] == "dev"
+                     and x["lang"] == run.get("lang") and x["accuracy"] is not None), -1.0)
+
+    best = max(eligible, key=lambda r: (r.get("select_accuracy") or -1.0, source_dev(r), r["run_id"]))
+    held = best.get("select_accuracy")
+    why = (f"the best {best.get('lang')} held-out accuracy ({100 * held:.1f}) of {len(eligible)} zero-shot run(s) "
+           f"with test predictions{skipped}") if held is not None else \
+        f"the only zero-shot run(s) with test predictions{skipped}"
+    return best, why

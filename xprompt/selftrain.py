@@ -13,6 +13,7 @@ never mixed with zero-shot rows."""
 from __future__ import annotations
 
 import dataclasses
+import string
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +59,30 @@ def unlabeled_languages(cfg, task) -> list[str]:
     return langs
 
 
+def check_unlabeled(cfg, task) -> list[str]:
+    """Self-training's options checked before anything is trained: the languages (and that their split
+    exists), and ``--unlabeled-file``'s one placeholder, {lang}, and a file for each language."""
+    langs = unlabeled_languages(cfg, task)
+    if cfg.unlabeled_file:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(cfg.unlabeled_file) if name is not None}
+        except ValueError as e:
+            raise XPromptError(f"--unlabeled-file {cfg.unlabeled_file!r}: {e}; write {{lang}} where the language goes") from None
+        if names - {"lang"}:
+            raise XPromptError(f"--unlabeled-file {cfg.unlabeled_file!r}: unknown placeholder(s) "
+                               f"{', '.join('{' + n + '}' for n in sorted(names - {'lang'}))}; the one placeholder is {{lang}}")
+        for lang in langs:
+            path = Path(cfg.unlabeled_file.format(lang=lang))
+            if not path.is_file():
+                raise XPromptError(f"--unlabeled-file {path} (for {lang}) is missing")
+    return langs
+
+
 def unlabeled_pool(cfg, task, lang: str, tokenizer, data_dirs, cache_dir=None):
     """Up to ``cfg.unlabeled_rows`` inputs of ``lang`` (seeded), encoded with the run's template; their
     labels, where the file has any, are dropped."""
     if cfg.unlabeled_file:
-        path = Path(cfg.unlabeled_file.format(lang=lang))
-        if not path.is_file():
-            raise XPromptError(f"--unlabeled-file {path} (for {lang}) is missing")
-        rows = read_jsonl(path, task)
+        rows = read_jsonl(Path(cfg.unlabeled_file.format(lang=lang)), task)
     else:
         rows = load_split(task, lang, cfg.unlabeled_split, data_dirs)
     rows = rows.shuffle(seed=cfg.seed).select(range(min(cfg.unlabeled_rows, len(rows))))
@@ -80,10 +97,11 @@ def self_train(model, cfg, task, train_rows, select_accuracy, run_dir: Path, dev
     and keep the round's best prompt by English held-out accuracy (``cfg.self_train_keep == "last"``: its
     last step, scored on English held-out rows for the record). Returns (the last round's fit,
     what each round kept)."""
-    langs = unlabeled_languages(cfg, task)
+    langs = check_unlabeled(cfg, task)
     pools = {lang: unlabeled_pool(cfg, task, lang, tokenizer, data_dirs, cache_dir) for lang in langs}
     source = "your files" if cfg.unlabeled_file else f"{cfg.unlabeled_split} inputs"
-    info = {"languages": langs, "source": source, "rule": cfg.pseudo_rule, "keep": cfg.self_train_keep, "rounds": []}
+    info = {"languages": langs, "source": source, "rule": cfg.pseudo_rule, "keep": cfg.self_train_keep, "rounds": [],
+            "pool_rows": {lang: len(pool) for lang, pool in pools.items()}}
     english = train_rows.select_columns(list(COLUMNS))[:]
     done = None
     for round_ in range(1, cfg.self_train_rounds + 1):

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import XPromptError
 from .fileio import atomic_write, read_json, write_json
+from .lineage import LINEAGE_FILE, load_lineage
+from .lineage import run_protocol as lineage_protocol
 
 PROMPT_DIR = "prompt"
 PROMPT_FILE = "prompt.safetensors"
@@ -72,24 +74,31 @@ def default_run_name(task: str, lang: str, method: str, seed: int) -> str:
 
 
 def run_protocol(run_dir: Path) -> str:
-    """A run's protocol (zero-shot, few-shot-target, transductive), from its config (older runs:
-    few-shot-target when they trained on dev rows)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        train = json.loads(path.read_text(encoding="utf-8")).get("train", {})
-    except (OSError, json.JSONDecodeError):
-        return "zero-shot"
-    return train.get("protocol") or ("few-shot-target" if train.get("source_split") == "dev" else "zero-shot")
+    """A run's protocol (zero-shot, few-shot-target, transductive), derived from its lineage: what it
+    and every run it came from read (``xprompt.lineage``)."""
+    return lineage_protocol(load_lineage(run_dir))
 
 
-def latest_run(runs_dir: Path) -> Path:
-    """The most recently finished zero-shot run (one holding a saved prompt): an adapted run, which
-    trained on target rows, is never the default run to evaluate."""
+def latest_run(runs_dir: Path, task: str | None = None) -> Path:
+    """The most recently finished run (one holding a saved prompt) of ``task`` (any task: None) whose
+    lineage trained on no target-language rows: an adapted run, or one started from one, is never
+    the default run to evaluate."""
     runs = [p.parent.parent for p in Path(runs_dir).glob(f"*/{PROMPT_DIR}/{PROMPT_FILE}")]
-    runs = [run for run in runs if run_protocol(run) == "zero-shot"]
+    if task is not None:
+        runs = [run for run in runs if _card_task(run) == task]
+    runs = [run for run in runs if run_protocol(run) != "few-shot-target"]
     if not runs:
-        raise XPromptError(f"no finished run under {runs_dir} (adapted runs aside); train one with 'xprompt train' or pass --run")
+        of = f" of task {task}" if task else ""
+        raise XPromptError(f"no finished run{of} under {runs_dir} (adapted runs aside); train one with "
+                           f"'xprompt train{f' --task {task}' if task else ''}' or pass --run")
     return max(runs, key=lambda p: (p / PROMPT_DIR / PROMPT_FILE).stat().st_mtime)
+
+
+def _card_task(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / PROMPT_DIR / CARD_FILE).read_text(encoding="utf-8")).get("task")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def save_prompt(run_dir: Path, tensors: dict[str, torch.Tensor], card: dict) -> None:
@@ -111,8 +120,9 @@ def load_prompt(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def copy_prompt_folder(source: Path, target: Path, config_extra: dict | None = None) -> None:
-    """Copy a run's ``prompt/``, ``config.json`` and ``metrics.json`` to a new folder ``target``,
-    all or nothing (staged beside it, then renamed); ``config_extra`` is merged into config.json."""
+    """Copy a run's ``prompt/``, ``config.json``, ``metrics.json`` and lineage (the same run, so the same
+    id and record; an older run's derived one is written) to a new folder ``target``, all or nothing
+    (staged beside it, then renamed); ``config_extra`` is merged into config.json."""
     import shutil
 
     if target.exists():
@@ -126,6 +136,7 @@ def copy_prompt_folder(source: Path, target: Path, config_extra: dict | None = N
         config = read_json(source / "config.json") if (source / "config.json").is_file() else {}
         if config or config_extra:
             write_json(staging / "config.json", {**config, **(config_extra or {})})
+        write_json(staging / LINEAGE_FILE, load_lineage(source))
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

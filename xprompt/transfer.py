@@ -191,8 +191,8 @@ def init_from_library(model, cfg, backbone, task, run_dir: Path, score, train, d
         if c.card.get("backbone_sha256") != backbone.sha256:
             raise XPromptError(f"{c.run}/prompt was trained on other backbone weights than '{backbone.name}'")
     if choice["transfer"] == "best":
-        best = max(range(len(loaded)), key=lambda i: choice["zero_shot"][i])
-        note, took = load_average(model, [(loaded[best].tensors, loaded[best].card)], None, task, [str(loaded[best].run)])
+        best = loaded[sources.index(library_starts(choice)[0])]
+        note, took = load_average(model, [(best.tensors, best.card)], None, task, [str(best.run)])
     elif choice["transfer"] == "average":
         note, took = load_average(model, [(c.tensors, c.card) for c in loaded], _weights(choice["scores"]), task,
                                  [str(c.run) for c in loaded])
@@ -207,6 +207,15 @@ def init_from_library(model, cfg, backbone, task, run_dir: Path, score, train, d
     ranking = ", ".join(f"{Path(r).name} {s:.3f}" for r, s in zip(choice["sources"], choice["scores"]))
     return (f"library ({choice['transfer']} of top {len(sources)} of {choice.get('candidates', '?')} "
             f"by {choice.get('rank_by', 'zero-shot')}: {ranking}): {note}")
+
+
+def library_starts(choice: dict) -> list[Path]:
+    """The library runs whose tensors a start took: the best of the top k, or all of them (average,
+    mixture)."""
+    sources = [Path(x) for x in choice["sources"]]
+    if choice["transfer"] == "best":
+        return [sources[max(range(len(sources)), key=lambda i: choice["zero_shot"][i])]]
+    return sources
 
 
 def _weights(scores: list[float]) -> list[float]:

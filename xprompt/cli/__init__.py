@@ -143,7 +143,7 @@ def train(
     """Train one prompt on the source language (one per seed with --seeds); select on held-out
     source-language rows only. Runs data-parallel under torchrun or accelerate launch."""
     from .. import distributed
-    from ..workflows.runs import plan_runs, resume_plan, train_runs
+    from ..workflows.runs import check_run, plan_runs, resume_plan, train_runs
 
     distributed.setup()
     if resume is not None:
@@ -177,7 +177,8 @@ def train(
         plan = plan_runs(configs, runs_dir, run_name)
     first = plan[0][0]
     spec = _load_task(first.task, tasks_dir)
-    spec.check_languages([first.lang], "train")
+    for cfg, _ in plan:
+        check_run(cfg, spec)  # every option that can be wrong, before the backbone loads
     dirs = _data_dirs(data_dir)
     bb, _, compute = _open_backbone(first.backbone, cache_dir, device, first.dtype, trust_remote_code, device_map,
                                     first.revision, first.allow_bin_weights)
@@ -272,10 +273,14 @@ def evaluate_cmd(
         raise typer.BadParameter("--limit must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise typer.BadParameter("--batch-size must be at least 1")
-    runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else [latest_run(runs_dir)]
+    asked = _load_task(task, tasks_dir) if task else None  # an unknown task is named before anything else
+    runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else [latest_run(runs_dir, task)]
     run_dir = runs[0]
     _, card = load_prompt(run_dir)
-    spec = _load_task(task or card["task"], tasks_dir)
+    if run is None:
+        err_console.print(f"run: {run_dir} (the latest finished run{f' of {task}' if task else ''} whose lineage "
+                          "trained on no target rows; --run picks another)", highlight=False)
+    spec = asked or _load_task(card["task"], tasks_dir)
     wanted = spec.split_languages(split) if langs == "all" else [x.strip() for x in langs.split(",") if x.strip()]
     spec.check_languages(wanted, split)
     dirs = _data_dirs(data_dir)
@@ -348,10 +353,26 @@ def runs_cmd(
     method: Annotated[Optional[str], typer.Option(help="Only runs of this method.")] = None,
     lang: Annotated[Optional[str], typer.Option(help="Only runs trained on this language.")] = None,
     rebuild: Annotated[bool, typer.Option(help="Recreate the index from the run folders first.")] = False,
+    lineage: Annotated[Optional[Path], typer.Option("--lineage", help="Show one run's lineage instead: the runs it came from (started from, adapted from, ensembled, copied), what each read (task/split/language, rows, labels or inputs only) and the protocol derived for each of its scores.")] = None,
     runs_dir: RunsDir = Path("runs"),
 ):
-    """List the runs in the registry (an SQLite index beside the run folders)."""
+    """List the runs in the registry (an SQLite index beside the run folders), or one run's lineage."""
     from ..registry import list_runs, rebuild as rebuild_index
+
+    if lineage is not None:
+        from ..workflows.catalogue import describe_lineage
+
+        view = describe_lineage(lineage)
+        console.print(f"[bold]{view['run']}[/bold]: {view['protocol']}", highlight=False)
+        for line in view["tree"]:
+            console.print(line, highlight=False, soft_wrap=True)
+        if view["scores"]:
+            _table("its scores, protocol derived from the lineage", ["task", "split", "lang", "n", "rows left out",
+                                                                    "protocol"],
+                   [[r["task"], r["split"], r["lang"], r["n"], r["excluded"], r["derived"]
+                     + ("" if r["stored"] in (None, r["derived"]) else f" (stored: {r['stored']}; re-evaluate)")]
+                    for r in view["scores"]], right=("n", "rows left out"))
+        return
 
     if rebuild:
         console.print(f"indexed {rebuild_index(runs_dir)} runs")
@@ -369,8 +390,8 @@ def report_cmd(
     split: Annotated[str, typer.Option(help="dev or test (test files carry no labels here).")] = "dev",
     fmt: Annotated[Format, typer.Option("--format", help="md, csv, json or html (one self-contained page with charts).")] = Format.MD,
     out: Annotated[Optional[Path], typer.Option(help="Write the report here instead of printing it.")] = None,
-    xtreme: Annotated[Optional[Path], typer.Option(help="Also write XTREME submission files (<dir>/<task>/test-<lang>.tsv) from the test predictions of --run or the best row.")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="The run whose test predictions --xtreme uses.")] = None,
+    xtreme: Annotated[Optional[Path], typer.Option(help="Also write XTREME submission files (<dir>/<task>/test-<lang>.tsv) from the test predictions of --run, else of the zero-shot run with the best source-language held-out accuracy (runs whose lineage read target rows are passed over).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="The run whose test predictions --xtreme uses (taken whatever its lineage read; its protocol is said).")] = None,
     runs_dir: RunsDir = Path("runs"),
     tasks_dir: TasksDir = None,
 ):
@@ -381,22 +402,30 @@ def report_cmd(
     results only; never runs a model."""
     from ..fileio import write_text
     from ..registry import list_runs
-    from ..reports import leaderboard, published_rows, render, xtreme_files
+    from ..reports import leaderboard, published_rows, render, submission_run, xtreme_files
+    from ..store import run_protocol
     from ..tasks import DEFAULT_TASKS_DIR
 
     spec = _load_task(task, tasks_dir)
-    rows = leaderboard(list_runs(runs_dir), spec, split)
+    runs = list_runs(runs_dir)
+    rows = leaderboard(runs, spec, split)
     published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published" / "reference.yaml"
     published = published_rows(published_file, task) if published_file.is_file() else []
     text = render(rows, published, fmt.value, title=f"xprompt leaderboard: {task} {split}")
     if xtreme is not None:
-        source = run or (Path(runs_dir) / rows[0]["runs"][0] if rows else None)
-        if source is None:
-            raise XPromptError(f"no evaluated run of {task} under {runs_dir}; pass --run for --xtreme")
+        if run is not None:  # named by the user: taken whatever it read, and said
+            source, why = run, f"named by --run; its protocol: {run_protocol(run)}"
+        else:
+            chosen, why = submission_run(runs, task)
+            if chosen is None:
+                raise XPromptError(f"{why} under {runs_dir}; run 'xprompt eval --split test' on one, or name a run "
+                                   "with --run")
+            source = Path(chosen["path"])
         written = xtreme_files(source, task, xtreme)
         if not written:
             raise XPromptError(f"{source} has no test predictions of {task}; run 'xprompt eval --split test' first")
-        err_console.print(f"wrote {len(written)} XTREME files under {xtreme / task} from {source.name}")
+        err_console.print(f"wrote {len(written)} XTREME files under {xtreme / task} from {source.name}: {why}",
+                          highlight=False)
     if out:
         write_text(out, text)
         console.print(f"wrote {out}")

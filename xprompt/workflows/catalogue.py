@@ -13,11 +13,12 @@ from ..backbones.embedded import embedded_folder
 from ..data import load_split
 from ..errors import XPromptError
 from ..fileio import read_json
+from ..lineage import load_lineage, score_protocol, tree_lines
 from ..library import library_prompts, transfer_scores
 from ..registry import forget_run, index_run
 from ..similarity import check_prompt_fits
 from ..start import init_sample
-from ..store import copy_prompt_folder, load_prompt, run_lock
+from ..store import copy_prompt_folder, load_prompt, run_lock, run_protocol
 from ..tasks import TaskSpec
 
 
@@ -29,11 +30,28 @@ def list_prompts(runs_dir: Path) -> list[dict]:
         tensors, card = load_prompt(run)
         rows.append({"run": run.name, "task": card.get("task", "?"), "lang": card.get("train_language"),
                      "backbone": card.get("backbone"), "weights": str(card.get("backbone_sha256"))[:12],
-                     "method": card.get("method"), "protocol": card.get("protocol", "zero-shot"),
+                     "method": card.get("method"), "protocol": run_protocol(run),
                      "shape": " + ".join("x".join(map(str, t.shape)) for k, t in tensors.items()
                                          if not k.startswith("verbalizer.")),
                      "select_accuracy": card.get("selection", {}).get("select_accuracy")})
     return rows
+
+
+def describe_lineage(run: Path) -> dict:
+    """A run's lineage as ``xprompt runs --lineage`` shows it: the tree of runs it came from with what
+    each read, and every stored score with the protocol derived for it now and the rows it left out."""
+    if not (Path(run) / "config.json").is_file():
+        raise XPromptError(f"{run} is not a run folder (no config.json)")
+    lineage = load_lineage(run)
+    metrics = read_json(Path(run) / "metrics.json") if (Path(run) / "metrics.json").is_file() else {}
+    scores = []
+    for task, splits in sorted(metrics.get("eval", {}).items()):
+        for split, langs in sorted(splits.items()):
+            for lang, result in sorted(langs.items()):
+                scores.append({"task": task, "split": split, "lang": lang, "n": result.get("n"),
+                               "excluded": result.get("excluded") or 0, "stored": result.get("protocol"),
+                               "derived": score_protocol(lineage, task, split, lang)})
+    return {"run": str(run), "protocol": run_protocol(run), "tree": tree_lines(lineage), "scores": scores}
 
 
 def show_prompt(run: Path) -> dict:

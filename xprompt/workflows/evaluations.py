@@ -5,6 +5,7 @@ rows per language, scored against the zero-shot prompt on the same remaining row
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..errors import XPromptError
 from ..evaluation import evaluate_languages
 from ..fileio import read_json, write_json, write_text
 from ..model import PromptModel, load_run_model
+from ..lineage import (excluded_ids, load_lineage, make_lineage, new_run_id, run_id, score_protocol,
+                       write_lineage)
 from ..registry import index_run
 from ..reports import summarize
 from ..tasks import TaskSpec
@@ -32,22 +35,6 @@ class Evaluation:
     summary: dict | None
 
 
-def excluded_rows(run_dir: Path, card: dict, task: TaskSpec, split: str) -> dict[str, set[str]] | None:
-    """The rows an adapted run trained on (its target language's dev rows): never scored."""
-    metrics = Path(run_dir) / "metrics.json"
-    used = read_json(metrics).get("train", {}).get("used_ids") if metrics.is_file() else None
-    if used and card["task"] == task.name and split == card.get("selection", {}).get("source_split", "dev"):
-        return {card["train_language"]: set(used)}
-    return None
-
-
-def transductive_languages(card: dict, split: str) -> set[str]:
-    """The languages whose ``split`` rows the run read while training (self-training's unlabeled
-    inputs): its results there are transductive."""
-    read = card.get("selection", {}).get("self_training") or {}
-    return set(read.get("languages", [])) if read.get("source") == f"{split} inputs" else set()
-
-
 def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbone, task: TaskSpec, langs: list[str],
                  split: str = "dev", data_dirs: list[Path] | None = None, limit: int | None = None,
                  batch_size: int = 64, dtype: DType = DType.FP32, cache_dir: Path | None = None,
@@ -58,10 +45,11 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     rank, world = distributed.rank_world()
     bridge = task.bridge_from(card["task"], card["labels"])
     source = card.get("train_language", task.source_language) if card["task"] == task.name else None
+    lineage = load_lineage(run_dir)
     mine = evaluate_languages(model, task, backbone.tokenizer, langs[rank::world], split, data_dirs, limit, batch_size,
                               dtype=dtype, on_language=on_language, bridge=bridge, cache_dir=cache_dir,
                               template=card.get("template_style", "agnostic"),
-                              exclude_ids=excluded_rows(run_dir, card, task, split), generation=generation)
+                              exclude_ids=excluded_ids(lineage, task.name, split) or None, generation=generation)
     merged = {lang: result for part in distributed.gather(mine) for lang, result in part.items()}
     if rank != 0:
         return Evaluation(run_dir, card, source, None, None)
@@ -72,13 +60,19 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     entry = metrics.setdefault("eval", {}).setdefault(task.name, {}).setdefault(split, {})
-    transductive = transductive_languages(card, split) if card["task"] == task.name else set()
     for lang, result in results.items():
-        result["protocol"] = "transductive" if lang in transductive else card.get("protocol", "zero-shot")
+        result["protocol"] = score_protocol(lineage, task.name, split, lang)
         entry[lang] = {**result, "limit": limit, "dtype": DType(dtype).value}
     write_json(metrics_path, metrics)
     index_run(Path(run_dir).parent, run_dir)
     return Evaluation(run_dir, card, source, results, summarize(results, source, task.metric, task.official_languages))
+
+
+def ensemble_folder(runs_dir: Path, run_dirs: list[Path]) -> Path:
+    """An ensemble's folder: named by its members' run ids (never their folder names), so the same
+    members always meet in the same folder and other members never do."""
+    ids = sorted(run_id(run) for run in run_dirs)
+    return Path(runs_dir) / f"ensemble-{hashlib.sha256(','.join(ids).encode()).hexdigest()[:10]}"
 
 
 def evaluate_ensemble(run_dirs: list[Path], backbone: Backbone, task: TaskSpec, langs: list[str], split: str = "dev",
@@ -86,37 +80,34 @@ def evaluate_ensemble(run_dirs: list[Path], backbone: Backbone, task: TaskSpec, 
                       dtype: DType = DType.FP32, cache_dir: Path | None = None, folder: Path | None = None,
                       on_language=None, device="cpu") -> Evaluation:
     """Several runs' prompts as one prediction per row: the mean of their label probabilities, one pass
-    over each language's rows. The members must share task, labels, template style and protocol
-    (zero-shot or transductive; adapted runs scored elsewhere are refused). The ensemble is a row of
-    its own: a folder (default ``ensemble-<hash of the members>`` beside the first) with config.json,
-    metrics.json and predictions, in the index like any run."""
-    import hashlib
-
+    over each language's rows. The members must share task, labels and template style. The ensemble
+    is a row of its own: a folder (default ``ensemble-<hash of the members' run ids>`` beside the first)
+    whose config.json and lineage.json are written from its members every time (their lineages are
+    its parents: its protocol and the rows it leaves out are derived from theirs), with metrics.json
+    and predictions, in the index like any run."""
     from ..model import EnsembleModel
 
     run_dirs = [Path(r) for r in run_dirs]
     loaded = [load_run_model(run, backbone) for run in run_dirs]
     cards = [card for _, card in loaded]
-    for what in ("task", "labels", "template_style", "protocol"):
+    for what in ("task", "labels", "template_style"):
         values = {json_key(card.get(what)) for card in cards}
         if len(values) > 1:
             raise XPromptError(f"an ensemble's runs must share their {what}: {', '.join(sorted(values))}")
-    if cards[0].get("protocol", "zero-shot") == "few-shot-target":
-        raise XPromptError("adapted (few-shot-target) runs cannot be ensembled: each left out other rows")
-    names = sorted(run.name for run in run_dirs)
-    folder = folder or run_dirs[0].parent / f"ensemble-{hashlib.sha256(','.join(names).encode()).hexdigest()[:10]}"
-    if not (folder / "config.json").is_file():
-        base = read_json(run_dirs[0] / "config.json")
-        members = [read_json(run / "config.json")["train"] for run in run_dirs]
-        write_json(folder / "config.json", {
-            **{k: base.get(k) for k in ("backbone", "compute", "task_version", "data_dir")},
-            "train": {**base["train"], "method": "ensemble", "seed": None, "members": names,
-                      "member_configs": members},
-            "ensemble": [str(run) for run in run_dirs]})
-    read = {lang for card in cards for lang in (card.get("selection", {}).get("self_training") or {}).get("languages", [])}
-    sources = {(card.get("selection", {}).get("self_training") or {}).get("source") for card in cards} - {None}
-    card = {**cards[0], "method": "ensemble",
-            "selection": {"self_training": {"languages": sorted(read), "source": sources.pop()}} if sources else {}}
+    folder = folder or ensemble_folder(run_dirs[0].parent, run_dirs)
+    members = [load_lineage(run) for run in run_dirs]
+    base = read_json(run_dirs[0] / "config.json")
+    identity = run_id(folder) if (folder / "config.json").is_file() else new_run_id()
+    lineage = make_lineage(identity, folder.name, "ensemble", cards[0]["task"], cards[0].get("train_language"),
+                           "ensemble", [], [("ensembled", m) for m in members], task.language_codes)
+    write_json(folder / "config.json", {
+        **{k: base.get(k) for k in ("backbone", "compute", "task_version", "data_dir")}, "run_id": identity,
+        "train": {**base["train"], "method": "ensemble", "seed": None, "members": sorted(run.name for run in run_dirs),
+                  "member_ids": sorted(m["run_id"] for m in members),
+                  "member_configs": [read_json(run / "config.json")["train"] for run in run_dirs]},
+        "ensemble": [str(run) for run in run_dirs]})
+    write_lineage(folder, lineage)
+    card = {**cards[0], "method": "ensemble", "protocol": lineage["protocol"], "run_id": identity}
     model = EnsembleModel([m.place(device) for m, _ in loaded])
     return evaluate_run(folder, model, card, backbone, task, langs, split, data_dirs, limit, batch_size, dtype,
                         cache_dir, on_language)
@@ -126,6 +117,13 @@ def json_key(value) -> str:
     import json
 
     return json.dumps(value, sort_keys=True)
+
+
+# what an adaptation takes from its base run: the fields that shape the prompt and how it is read out, and
+# the base's rate and batch; self-training, augmentation, library and other starts are the base's own history
+ADAPT_INHERITS = ("task", "backbone", "revision", "allow_bin_weights", "method", "prompt_length", "verbalizer",
+                  "label_reduce", "prompt_position", "tower_layers", "reparam", "prefix_projection", "template",
+                  "readout", "max_length", "lr", "batch_size", "grad_accum", "init_examples")
 
 
 def adapted_name(run_dir: Path, lang: str, shots: int, steps: int, seed: int) -> str:
@@ -146,12 +144,13 @@ def adapt(run_dir: Path, model: PromptModel, card: dict, backbone: Backbone, tas
     if card["task"] != task.name:
         raise XPromptError(f"--shots adapts on the run's own task ({card['task']}); drop --task {task.name}")
     base = read_json(Path(run_dir) / "config.json")["train"]
+    shape = {k: base[k] for k in ADAPT_INHERITS if k in base}  # the prompt's shape; nothing of how it was trained
     style = card.get("template_style", "agnostic")
     rows = []
     for lang in langs:
         source_split = "train" if lang in task.split_languages("train") else "dev"
         try:
-            cfg = TrainConfig.from_dict({**base, "lang": lang, "shots": shots, "seed": seed, "max_steps": steps,
+            cfg = TrainConfig.from_dict({**shape, "lang": lang, "shots": shots, "seed": seed, "max_steps": steps,
                                          "dtype": DType(dtype).value, "protocol": "few-shot-target",
                                          "eval_every": max(1, steps // 2), "source_split": source_split,
                                          "init_from": str(run_dir), "init_weights": None})

@@ -14,12 +14,12 @@ from ..backbones import Backbone
 from ..config import TrainConfig
 from ..data import BUNDLED_DATA_DIR
 from ..fileio import write_json, write_text
-from ..pretraining import bundled_corpus, choice_rows, pair_rows, read_corpus, task_card
+from ..pretraining import CORPUS_LANGUAGE, bundled_corpus, choice_rows, pair_rows, read_corpus, task_card
 from ..store import default_run_name, new_run_dir
 from ..tasks import load_task
 from .runs import RunEvents, train_run
 
-LANGUAGE = "mixed"  # a pre-training corpus mixes languages: the run's "language"
+LANGUAGE = CORPUS_LANGUAGE  # a pre-training corpus mixes languages: the run's "language"
 
 
 def pretrain(cfg: TrainConfig, fmt: str, backbone: Backbone, runs_dir: Path, corpus: Path | None = None,

@@ -27,15 +27,17 @@ from ..errors import XPromptError
 from ..evaluation import generate_texts, predict, text_scores
 from ..fileio import read_json, write_json
 from ..hardware import eval_batch_size, resolve_dtype
+from ..lineage import external, load_lineage, make_lineage, new_run_id, read_record, run_id, write_lineage
 from ..model import build_model
-from ..peft_io import write_adapter
+from ..peft_io import is_adapter, write_adapter
+from ..pretraining import CORPUS_LANGUAGE
 from ..registry import index_run
-from ..selftrain import self_train
+from ..selftrain import check_unlabeled, self_train
 from ..start import init_prompt_and_verbalizer, init_sample, prompt_card, restore, set_class_means
 from ..store import default_run_name, new_run_dir, run_lock, save_prompt
 from ..tasks import TaskSpec
 from ..training import fit
-from ..transfer import LIBRARY, init_from_library, start_from_runs
+from ..transfer import CHOICE_FILE, LIBRARY, init_from_library, library_starts, start_from_runs
 from ..generation import generation_head
 from ..verbalizers import make_verbalizer, resolve_choices, resolve_template, task_label_words
 
@@ -135,9 +137,10 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         "init_from": cfg.init_from,
         "init": init_note or f"{cfg.init} prompt start, class-mean label vectors",
         "source_split": cfg.source_split,
-        "protocol": cfg.protocol,
         "used_ids": data.used_ids if cfg.source_split != "train" else None,
     }
+    lineage = run_lineage(cfg, task, Path(run_dir), data, self_training)
+    summary["protocol"] = lineage["protocol"]
     if augmented:
         summary["augment"] = augmented
     if self_training:
@@ -148,12 +151,54 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         summary["labels_without_train_rows"] = [task.labels[i] for i in missing]
     if main:
         card = prompt_card(cfg, task, backbone, {"selection": summary}, model.verbalizer.kind, model.prompt)
+        card.update(protocol=lineage["protocol"], run_id=lineage["run_id"])
         write_json(Path(run_dir) / "metrics.json", {"train": summary})
+        write_lineage(run_dir, lineage)
         config = backbone.model.config
         write_adapter(Path(run_dir) / "prompt", done.best["tensors"], card, str(backbone.path or backbone.name),
                       config.num_attention_heads, config.num_hidden_layers)  # PEFT's twin, where the method has one
         save_prompt(run_dir, done.best["tensors"], card)  # last: a saved prompt marks a finished run
     return summary
+
+
+def run_lineage(cfg: TrainConfig, task: TaskSpec, run_dir: Path, data, self_training: dict | None) -> dict:
+    """What this run read (its training and selection rows; self-training's unlabeled inputs) and the
+    lineage of every run it started from; its protocol derived from them (``xprompt.lineage``)."""
+    supervised = cfg.lang != CORPUS_LANGUAGE  # a pre-training corpus: labels made from the text itself
+    role = "target" if cfg.protocol == "few-shot-target" else "source"
+    use = "train" if supervised else "pretrain"
+    reads = [read_record(task.name, cfg.source_split, cfg.lang, use, data.train_ids, supervised, role),
+             read_record(task.name, cfg.source_split, cfg.lang, "select", data.select_ids, supervised, role)]
+    for lang in (self_training or {}).get("languages", []):
+        split = "file" if cfg.unlabeled_file else cfg.unlabeled_split
+        reads.append(read_record(task.name, split, lang, "pseudo-label", labels=False, role="target",
+                                 rows=self_training.get("pool_rows", {}).get(lang)))
+    parents = []
+    if cfg.init_from == LIBRARY:
+        parents = [("library", load_lineage(path)) for path in library_starts(read_json(run_dir / CHOICE_FILE))]
+    elif cfg.init_from:
+        relation = "adapted-from" if role == "target" else "init-from"
+        parents = [(relation, external(path) if is_adapter(Path(path)) else load_lineage(Path(path)))
+                   for path in cfg.init_from.split(",")]
+    kind = "adapt" if role == "target" else ("train" if supervised else "pretrain")
+    return make_lineage(run_id(run_dir), Path(run_dir).name, kind, task.name, cfg.lang, cfg.method, reads, parents,
+                        task.language_codes)
+
+
+def check_run(cfg: TrainConfig, task: TaskSpec) -> None:
+    """Everything about a run's options that can be checked before any model is loaded or folder made:
+    the language and split it trains on, its start runs, its self-training options."""
+    task.check_languages([cfg.lang], cfg.source_split)
+    if cfg.init_from and cfg.init_from != LIBRARY:
+        for path in cfg.init_from.split(","):
+            folder = Path(path)
+            if not ((folder / "prompt" / "prompt.safetensors").is_file() or is_adapter(folder)):
+                raise XPromptError(f"--init-from {path}: not a finished run folder (no prompt/prompt.safetensors) "
+                                   "nor a PEFT adapter folder")
+    if cfg.init_from == LIBRARY and cfg.library and not Path(cfg.library).is_dir():
+        raise XPromptError(f"--library {cfg.library} is not a folder")
+    if cfg.unlabeled:
+        check_unlabeled(cfg, task)
 
 
 # ---------------------------------------------------------------- runs folders: sweeps, resuming, provenance
@@ -238,6 +283,7 @@ def train_run(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, target, runs
     main = rank == 0
     runs_dir = Path(runs_dir)
     runs_dir_is_new = not runs_dir.exists()
+    check_run(cfg, task)  # before any folder is made
     resume = target if isinstance(target, Path) and (target / "config.json").is_file() else None
     if resume is not None:
         run_dir = resume
@@ -257,7 +303,7 @@ def train_run(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, target, runs
             if run_dir is None:
                 run_dir = new_run_dir(runs_dir, target or default_run_name(cfg.task, cfg.lang, cfg.method, cfg.seed))
             write_json(run_dir / "config.json", {
-                "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": git_commit(),
+                "run_id": new_run_id(), "train": cfg.to_dict(), "xprompt_version": __version__, "git_commit": git_commit(),
                 "versions": versions(), "compute": compute or {},
                 "backbone": {"name": backbone.name, "kind": backbone.kind, "sha256": backbone.sha256,
                              "revision": backbone.revision},
