@@ -201,7 +201,7 @@ def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> d
     if not trained(runs_dir, folder.name):
         state = load_file(sorted((last / "checkpoint").glob("state-*.safetensors"))[-1])
         (folder / "prompt").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / "config.json", folder / "config.json")
+        last_step_config(source, folder)
         shutil.copyfile(source / "prompt" / "xprompt.json", folder / "prompt" / "xprompt.json")
         save_file({k[len("model."):]: v.contiguous() for k, v in state.items() if k.startswith("model.")},
                   str(folder / "prompt" / "prompt.safetensors"))
@@ -213,6 +213,21 @@ def unselected(runs_dir: Path, name: str, task_name: str, langs: list[str]) -> d
     made = results(source, task_name)
     return {"run": folder.name, "seed": made["seed"], "dev": results(folder, task_name)["dev"],
             "train": {**train, "select_accuracy": held_out[-1], "round": last.name}, "compute": made["compute"]}
+
+
+def last_step_config(source: Path, folder: Path) -> None:
+    """``<run>-last``'s config and lineage: a run of its own (a new id; its parent the self-trained run)
+    whose config says --self-train-keep last, so the leaderboard never averages it with the keep-best
+    run of the same seed as if it were another seed."""
+    from xprompt.fileio import write_json
+    from xprompt.lineage import load_lineage, make_lineage, new_run_id, write_lineage
+
+    config = json.loads((source / "config.json").read_text())
+    config = {**config, "run_id": new_run_id(), "train": {**config["train"], "self_train_keep": "last"}}
+    write_json(folder / "config.json", config)
+    parent = load_lineage(source)
+    write_lineage(folder, make_lineage(config["run_id"], folder.name, "copy", parent["task"], parent["lang"],
+                                       parent["method"], [], [("last-step-of", parent)]))
 
 
 def seed_members(runs_dir: Path, names: list[str], recorded: dict[str, dict]) -> list[str]:

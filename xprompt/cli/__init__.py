@@ -365,7 +365,7 @@ def runs_cmd(
         view = describe_lineage(lineage)
         console.print(f"[bold]{view['run']}[/bold]: {view['protocol']}", highlight=False)
         for line in view["tree"]:
-            console.print(line, highlight=False, soft_wrap=True)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         if view["scores"]:
             _table("its scores, protocol derived from the lineage", ["task", "split", "lang", "n", "rows left out",
                                                                     "protocol"],

@@ -75,13 +75,18 @@ def ensemble_folder(runs_dir: Path, run_dirs: list[Path]) -> Path:
     return Path(runs_dir) / f"ensemble-{hashlib.sha256(','.join(ids).encode()).hexdigest()[:10]}"
 
 
+def ensemble_home(run_dirs: list[Path]) -> Path:
+    """Where an ensemble's folder goes: beside its member of the smallest run id (whatever their order)."""
+    return min(run_dirs, key=run_id).parent
+
+
 def evaluate_ensemble(run_dirs: list[Path], backbone: Backbone, task: TaskSpec, langs: list[str], split: str = "dev",
                       data_dirs: list[Path] | None = None, limit: int | None = None, batch_size: int = 64,
                       dtype: DType = DType.FP32, cache_dir: Path | None = None, folder: Path | None = None,
                       on_language=None, device="cpu") -> Evaluation:
     """Several runs' prompts as one prediction per row: the mean of their label probabilities, one pass
     over each language's rows. The members must share task, labels and template style. The ensemble
-    is a row of its own: a folder (default ``ensemble-<hash of the members' run ids>`` beside the first)
+    is a row of its own: a folder (default ``ensemble-<hash of the members' run ids>`` beside one of them)
     whose config.json and lineage.json are written from its members every time (their lineages are
     its parents: its protocol and the rows it leaves out are derived from theirs), with metrics.json
     and predictions, in the index like any run."""
@@ -94,11 +99,13 @@ def evaluate_ensemble(run_dirs: list[Path], backbone: Backbone, task: TaskSpec, 
         values = {json_key(card.get(what)) for card in cards}
         if len(values) > 1:
             raise XPromptError(f"an ensemble's runs must share their {what}: {', '.join(sorted(values))}")
-    folder = folder or ensemble_folder(run_dirs[0].parent, run_dirs)
+    folder = folder or ensemble_folder(ensemble_home(run_dirs), run_dirs)
     members = [load_lineage(run) for run in run_dirs]
     base = read_json(run_dirs[0] / "config.json")
     identity = run_id(folder) if (folder / "config.json").is_file() else new_run_id()
-    lineage = make_lineage(identity, folder.name, "ensemble", cards[0]["task"], cards[0].get("train_language"),
+    sources = {m["lang"] for m in members if m.get("kind") != "adapt"}  # an adaptation's language is a target
+    source = sources.pop() if len(sources) == 1 else task.source_language
+    lineage = make_lineage(identity, folder.name, "ensemble", cards[0]["task"], source,
                            "ensemble", [], [("ensembled", m) for m in members], task.language_codes)
     write_json(folder / "config.json", {
         **{k: base.get(k) for k in ("backbone", "compute", "task_version", "data_dir")}, "run_id": identity,
