@@ -146,7 +146,7 @@ def test_train_init_from_flags(tiny_bert_dir, tmp_path):
     other = invoke("train", *common, "--run-name", "w", "--init-from", "library")
     assert other.exit_code == 1 and "no prompt of another task" in other.output
     missing = invoke("train", *common, "--run-name", "y", "--init-from", runs / "nope")
-    assert missing.exit_code == 1 and "holds no trained prompt" in missing.output
+    assert missing.exit_code == 1 and "not a finished run folder" in missing.output  # checked before the backbone loads
 
 
 def test_similarity_compares_what_each_method_trains():

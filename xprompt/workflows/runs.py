@@ -185,6 +185,12 @@ def run_lineage(cfg: TrainConfig, task: TaskSpec, run_dir: Path, data, self_trai
                         task.language_codes)
 
 
+def check_runs(plan: list, task: TaskSpec) -> None:
+    """``check_run`` for every planned run (a sweep fails before its first run, not at its third)."""
+    for cfg, _ in plan:
+        check_run(cfg, task)
+
+
 def check_run(cfg: TrainConfig, task: TaskSpec) -> None:
     """Everything about a run's options that can be checked before any model is loaded or folder made:
     the language and split it trains on, its start runs, its self-training options."""
