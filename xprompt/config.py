@@ -20,7 +20,18 @@ class Device(str, Enum):
     AUTO = "auto"
 
 
-# The choices, one place each (methods are the prompt registry's: xprompt.prompts.method_names)
+# The choices, one place each.
+# The prompt methods by name, with the one-line help --method shows: read here by the command line without
+# importing torch; each method's class registers under its name in xprompt/prompts/__init__.py (a test holds
+# the two equal).
+METHODS = {
+    "soft": "input prompt (Lester et al.)",
+    "ptuning": "input prompt through a trained MLP/LSTM encoder (P-tuning)",
+    "deep": "a prompt in every layer, as hidden states",
+    "prefix": "trainable keys and values in every layer (P-tuning v2, PEFT PrefixTuning)",
+    "unified": "UniPrompt's two towers (the prompt through trained copies of the lower layers, joining the frozen "
+               "upper layers)",
+}
 VERBALIZERS = ("auto", "soft", "centered", "hard", "soft-words")
 WORD_VERBALIZERS = ("hard", "soft-words")  # they score label words (read <mask>, native templates)
 LABEL_REDUCES = ("mean", "first", "max")

@@ -23,11 +23,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checks import ADAPTER_CONFIG, is_adapter  # noqa: F401  (is_adapter: read here by transfer)
 from .errors import XPromptError
 from .fileio import atomic_write, write_json
 from .prompts import method_class, method_for_peft
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -59,10 +59,6 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], card: dict, ba
                  lambda tmp: save_file({"prompt_embeddings": vectors.contiguous()}, str(tmp), metadata={"format": "pt"}))
     write_json(folder / ADAPTER_CONFIG, config)
     return True
-
-
-def is_adapter(folder: Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / "prompt" / "prompt.safetensors").is_file()
 
 
 def read_adapter(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -13,12 +13,12 @@ never mixed with zero-shot rows."""
 from __future__ import annotations
 
 import dataclasses
-import string
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 
+from .checks import check_unlabeled
 from .data import encode, load_split, read_jsonl
 from .errors import XPromptError
 from .hardware import eval_batch_size
@@ -48,34 +48,6 @@ def pseudo_rows(probs: np.ndarray, rule: str, fraction: float = 0.3, threshold: 
     else:
         raise XPromptError(f"unknown --pseudo-rule '{rule}'; use top or threshold")
     return rows, preds[rows]
-
-
-def unlabeled_languages(cfg, task) -> list[str]:
-    """``cfg.unlabeled``: comma-separated languages, or ``official`` (the task's official targets)."""
-    langs = task.official_targets if cfg.unlabeled == "official" else [x.strip() for x in cfg.unlabeled.split(",") if x.strip()]
-    if cfg.lang in langs:
-        raise XPromptError(f"--unlabeled {cfg.lang}: the training language has labels; name target languages")
-    task.check_languages(langs, None if cfg.unlabeled_file else cfg.unlabeled_split)
-    return langs
-
-
-def check_unlabeled(cfg, task) -> list[str]:
-    """Self-training's options checked before anything is trained: the languages (and that their split
-    exists), and ``--unlabeled-file``'s one placeholder, {lang}, and a file for each language."""
-    langs = unlabeled_languages(cfg, task)
-    if cfg.unlabeled_file:
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(cfg.unlabeled_file) if name is not None}
-        except ValueError as e:
-            raise XPromptError(f"--unlabeled-file {cfg.unlabeled_file!r}: {e}; write {{lang}} where the language goes") from None
-        if names - {"lang"}:
-            raise XPromptError(f"--unlabeled-file {cfg.unlabeled_file!r}: unknown placeholder(s) "
-                               f"{', '.join('{' + n + '}' for n in sorted(names - {'lang'}))}; the one placeholder is {{lang}}")
-        for lang in langs:
-            path = Path(cfg.unlabeled_file.format(lang=lang))
-            if not path.is_file():
-                raise XPromptError(f"--unlabeled-file {path} (for {lang}) is missing")
-    return langs
 
 
 def unlabeled_pool(cfg, task, lang: str, tokenizer, data_dirs, cache_dir=None):

@@ -11,15 +11,17 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .errors import XPromptError
 from .fileio import atomic_write, read_json, write_json
 from .lineage import LINEAGE_FILE, load_lineage
 from .lineage import run_protocol as lineage_protocol
+
+if TYPE_CHECKING:
+    import torch
 
 PROMPT_DIR = "prompt"
 PROMPT_FILE = "prompt.safetensors"
@@ -102,12 +104,16 @@ def _card_task(run_dir: Path) -> str | None:
 
 
 def save_prompt(run_dir: Path, tensors: dict[str, torch.Tensor], card: dict) -> None:
+    from safetensors.torch import save_file  # torch: imported where tensors are, not by every command
+
     folder = Path(run_dir) / PROMPT_DIR
     write_json(folder / CARD_FILE, card)  # the tensors file comes last: its presence means "complete"
     atomic_write(folder / PROMPT_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def load_prompt(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
     folder = Path(run_dir) / PROMPT_DIR
     path = folder / PROMPT_FILE
     if not path.is_file():
@@ -117,6 +123,14 @@ def load_prompt(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise XPromptError(f"{path}: corrupt or truncated safetensors file ({e}); retrain or restore it") from None
     return tensors, read_json(folder / CARD_FILE)
+
+
+def load_card(run_dir: Path) -> dict:
+    """A finished run's prompt card alone (no tensors read, no torch imported)."""
+    if not (Path(run_dir) / PROMPT_DIR / PROMPT_FILE).is_file():
+        raise XPromptError(f"{run_dir} holds no trained prompt ({Path(run_dir) / PROMPT_DIR / PROMPT_FILE} missing); "
+                           "is it a run directory?")
+    return read_json(Path(run_dir) / PROMPT_DIR / CARD_FILE)
 
 
 def copy_prompt_folder(source: Path, target: Path, config_extra: dict | None = None) -> None:

@@ -16,22 +16,29 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..config import Device, DType, TrainConfig
+from ..config import METHODS, Device, DType, TrainConfig
 from ..errors import XPromptError
-from ..prompts import check_options, method_help
 from .common import (ENCODED, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
                      Revision, RunsDir, TasksDir, TrustRemote, _data_dirs, _default_cache, _load_task, _numbers,
                      _open_backbone, _pct, _state, _table, app, command, console, err_console, opt)
 from .library import library_app  # the library commands, registered on it
 
 app.add_typer(library_app, name="library")
+METHOD_HELP = "; ".join(f"{name}: {text}" for name, text in METHODS.items())
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"xprompt {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False):
-    import datasets
-
-    datasets.disable_progress_bars()
+def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+                 version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                       help="Print the version and exit.")] = False):
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA call: repeatable cuBLAS
     _state["debug"] = debug
 
@@ -83,7 +90,7 @@ def train(
     task: Annotated[str, opt("task")] = "xnli",
     lang: Annotated[str, opt("lang")] = "en",
     backbone: Annotated[str, opt("backbone")] = "e5-small",
-    method: Annotated[Method, typer.Option(help=method_help())] = Method("deep"),
+    method: Annotated[Method, typer.Option(help=METHOD_HELP)] = Method("deep"),
     tower_layers: Annotated[Optional[int], opt("tower_layers")] = None,
     prompt_length: Annotated[int, opt("prompt_length")] = TrainConfig.prompt_length,
     verbalizer: Annotated[str, opt("verbalizer")] = TrainConfig.verbalizer,
@@ -141,14 +148,14 @@ def train(
 ):
     """Train one prompt on the source language (one per seed with --seeds); select on held-out
     source-language rows only. Runs data-parallel under torchrun or accelerate launch."""
-    from .. import distributed
-    from ..workflows.runs import check_runs, plan_runs, resume_plan, train_runs
+    from ..checks import check_runs
 
-    distributed.setup()
     if resume is not None:
+        from ..workflows.runs import resume_plan
+
         cfg, data_dir, saved_tasks = resume_plan(resume)
         tasks_dir = tasks_dir or saved_tasks
-        plan = [(cfg, resume)]
+        configs = [cfg]
     else:
         weights = _numbers(init_weights, float, "--init-weights")
         if weights is not None and not init_from:
@@ -157,7 +164,6 @@ def train(
         method = Method(method).value
         options = dict(reparam=reparam, prefix_projection=prefix_projection, tower_layers=tower_layers)
         try:
-            check_options(method, options)
             configs = [TrainConfig(
                 task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length, init=init,
                 init_text=init_text, prompt_position=prompt_position, verbalizer=verbalizer, label_reduce=label_reduce,
@@ -171,12 +177,22 @@ def train(
                 self_train_keep=self_train_keep, pseudo_rule=pseudo_rule, pseudo_fraction=pseudo_fraction, pseudo_threshold=pseudo_threshold,
                 augment=augment, augment_rate=augment_rate, **options,
             ) for one in (_numbers(seeds, int, "--seeds") or [seed])]
-        except (ValueError, XPromptError) as e:
+        except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        plan = plan_runs(configs, runs_dir, run_name)
-    first = plan[0][0]
+    first = configs[0]
     spec = _load_task(first.task, tasks_dir)
-    check_runs(plan, spec)  # every option that can be wrong, before the backbone loads
+    check_runs(configs, spec)  # names, languages, paths: answered before torch is imported
+    from .. import distributed
+    from ..prompts import check_options
+    from ..workflows.runs import plan_runs, train_runs
+
+    distributed.setup()
+    if resume is None:
+        try:
+            check_options(first.method, options)
+        except XPromptError as e:
+            raise typer.BadParameter(str(e)) from None
+    plan = [(first, resume)] if resume is not None else plan_runs(configs, runs_dir, run_name)
     dirs = _data_dirs(data_dir)
     bb, _, compute = _open_backbone(first.backbone, cache_dir, device, first.dtype, trust_remote_code, device_map,
                                     first.revision, first.allow_bin_weights)
@@ -189,7 +205,7 @@ def pretrain_cmd(
     fmt: Annotated[str, typer.Option("--format", help="PPT's format: pair (sentence-pair classification: next sentence, same document, other document; for NLI and paraphrase tasks) or choice (next-sentence selection among four).")] = "pair",
     corpus: Annotated[Optional[Path], typer.Option(help="Documents: blank-line-separated paragraphs of one sentence a line, or JSON lines with a 'text' field (default: the bundled training texts, English and Chinese).")] = None,
     backbone: Annotated[str, opt("backbone")] = "e5-small",
-    method: Annotated[Method, typer.Option(help=method_help())] = Method("deep"),
+    method: Annotated[Method, typer.Option(help=METHOD_HELP)] = Method("deep"),
     prompt_length: Annotated[int, opt("prompt_length")] = TrainConfig.prompt_length,
     max_steps: Annotated[int, opt("max_steps")] = 2000,
     lr: Annotated[float, opt("lr")] = TrainConfig.lr,
@@ -258,12 +274,7 @@ def evaluate_cmd(
     """Apply a run's prompt unchanged to each language; print and store the results.
     With --shots K, also adapt a copy per language on K target examples per class.
     Under torchrun / accelerate launch the languages are shared out over the processes and merged."""
-    from .. import distributed
-    from ..hardware import eval_batch_size
-    from ..model import load_run_model
-    from ..reports import language_rows
-    from ..store import latest_run, load_prompt
-    from ..workflows.evaluations import adapt, evaluate_ensemble, evaluate_run
+    from ..store import latest_run, load_card
 
     if split not in ("dev", "test", "train"):
         raise typer.BadParameter(f"unknown split '{split}'; known: dev, test, train")
@@ -274,7 +285,7 @@ def evaluate_cmd(
     asked = _load_task(task, tasks_dir) if task else None  # an unknown task is named before anything else
     runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else [latest_run(runs_dir, task)]
     run_dir = runs[0]
-    _, card = load_prompt(run_dir)
+    card = load_card(run_dir)
     if run is None:
         err_console.print(f"run: {run_dir} (the latest finished run{f' of {task}' if task else ''} whose lineage "
                           "trained on no target rows; --run picks another)", highlight=False)
@@ -282,6 +293,12 @@ def evaluate_cmd(
     wanted = spec.split_languages(split) if langs == "all" else [x.strip() for x in langs.split(",") if x.strip()]
     spec.check_languages(wanted, split)
     dirs = _data_dirs(data_dir)
+    from .. import distributed  # every name is checked: now the heavy imports
+    from ..hardware import eval_batch_size
+    from ..model import load_run_model
+    from ..reports import language_rows
+    from ..workflows.evaluations import adapt, evaluate_ensemble, evaluate_run
+
     rank, world = distributed.setup()
     bb, dtype, _ = _open_backbone(backbone or card["backbone"], cache_dir, device, dtype, trust_remote_code, device_map,
                                   revision or card.get("backbone_revision"),

@@ -12,17 +12,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import Device, DType, TrainConfig
+from ..config import METHODS, Device, DType, TrainConfig
 from ..errors import XPromptError
-from ..prompts import method_names
 
 ENCODED = "encoded"  # subfolder of --cache-dir holding tokenised splits (Arrow)
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot cross-lingual prompt tuning.")
-library_app = typer.Typer(no_args_is_help=True, help="The library of trained prompts (the run folders): compare them.")
+HELP_FLAGS = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Zero-shot cross-lingual prompt tuning.",
+                  context_settings=HELP_FLAGS)
+library_app = typer.Typer(no_args_is_help=True, help="The library of trained prompts (the run folders): compare them.",
+                          context_settings=HELP_FLAGS)
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": False}
-Method = Enum("Method", {name: name for name in method_names()}, type=str)  # --method's choices: the registry's
+Method = Enum("Method", {name: name for name in METHODS}, type=str)  # --method's choices (no torch import)
 
 
 def _default_cache() -> Path:
@@ -52,7 +54,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a ta
 
 def command(name: str | None = None, group: typer.Typer | None = None):
     """Register a command (on ``group``, default the top level) whose domain errors print one red
-    line and exit 1 (tracebacks with --debug)."""
+    line and exit 1, and whose Ctrl-C prints one line and exits 130 (tracebacks with --debug)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -64,6 +66,11 @@ def command(name: str | None = None, group: typer.Typer | None = None):
                     raise
                 err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
+            except KeyboardInterrupt:  # Ctrl-C outside a training step (loading, tokenising, scoring)
+                if _state["debug"]:
+                    raise
+                err_console.print("interrupted; nothing was left half-written", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
 
         return (group or app).command(name)(wrapper)
 
@@ -95,8 +102,12 @@ def _open_backbone(name: str, cache_dir: Path, device: Device | str = Device.CPU
                    trust_remote_code: bool = False, device_map: Optional[str] = None, revision: Optional[str] = None,
                    allow_bin_weights: bool = False, quiet: bool = False):
     """``backbones.open_backbone`` for a command; prints the dtype ``auto`` settled on, and why, once."""
+    import datasets
+
     from .. import distributed
     from ..backbones import DEVICE_MAPS, open_backbone
+
+    datasets.disable_progress_bars()  # every command that runs a model passes here
 
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise typer.BadParameter(f"--device-map must be {', '.join(DEVICE_MAPS)}, got {device_map!r}")

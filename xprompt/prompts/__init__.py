@@ -12,13 +12,11 @@ from .registry import build_prompt, check_options, method_class, method_for_peft
 from .soft import SoftPrompt
 from .unified import UnifiedConfig, UnifiedPrompt
 
-register_method("soft", PromptConfig, SoftPrompt, "input prompt (Lester et al.)")
-register_method("ptuning", PTuningConfig, PTuningPrompt, "input prompt through a trained MLP/LSTM encoder (P-tuning)")
-register_method("deep", ProjectedConfig, DeepPrompt, "a prompt in every layer, as hidden states")
-register_method("prefix", ProjectedConfig, PrefixPrompt,
-                "trainable keys and values in every layer (P-tuning v2, PEFT PrefixTuning)")
-register_method("unified", UnifiedConfig, UnifiedPrompt, "UniPrompt's two towers (the prompt through trained copies "
-                "of the lower layers, joining the frozen upper layers)")
+register_method("soft", PromptConfig, SoftPrompt)
+register_method("ptuning", PTuningConfig, PTuningPrompt)
+register_method("deep", ProjectedConfig, DeepPrompt)
+register_method("prefix", ProjectedConfig, PrefixPrompt)
+register_method("unified", UnifiedConfig, UnifiedPrompt)
 
 __all__ = ["PromptConfig", "PromptMethod", "SoftPrompt", "PTuningPrompt", "DeepPrompt",
            "PrefixPrompt", "UnifiedPrompt", "LayerProjection", "build_prompt", "check_options", "input_vectors",

@@ -8,14 +8,19 @@ from dataclasses import MISSING, fields
 
 from ..errors import XPromptError
 from .base import PromptConfig, PromptMethod
+from ..config import METHODS
 
 _METHODS: dict[str, tuple[type[PromptConfig], type[PromptMethod], str]] = {}
 
 
-def register_method(name: str, config: type[PromptConfig], cls: type[PromptMethod], help: str) -> None:
-    """Make ``cls`` (configured by ``config``) available as ``--method name``."""
+def register_method(name: str, config: type[PromptConfig], cls: type[PromptMethod], help: str | None = None) -> None:
+    """Make ``cls`` (configured by ``config``) available as ``--method name`` (its help: ``help``, else
+    its line in ``config.METHODS``, where the command line reads it without importing torch)."""
     if name in _METHODS:
         raise ValueError(f"prompt method {name!r} is registered twice")
+    help = help or METHODS.get(name)
+    if help is None:
+        raise ValueError(f"prompt method {name!r} has no help: add it to METHODS in xprompt/config.py or pass help")
     if not issubclass(config, PromptConfig) or not issubclass(cls, PromptMethod):
         raise TypeError(f"{name}: a method is a PromptConfig and a PromptMethod subclass")
     cls.name, cls.config_class = name, config

@@ -29,10 +29,11 @@ from ..fileio import read_json, write_json
 from ..hardware import eval_batch_size, resolve_dtype
 from ..lineage import external, load_lineage, make_lineage, new_run_id, read_record, run_id, write_lineage
 from ..model import build_model
-from ..peft_io import is_adapter, write_adapter
+from ..checks import check_run, is_adapter
+from ..peft_io import write_adapter
 from ..pretraining import CORPUS_LANGUAGE
 from ..registry import index_run
-from ..selftrain import check_unlabeled, self_train
+from ..selftrain import self_train
 from ..start import init_prompt_and_verbalizer, init_sample, prompt_card, restore, set_class_means
 from ..store import default_run_name, new_run_dir, run_lock, save_prompt
 from ..tasks import TaskSpec
@@ -183,28 +184,6 @@ def run_lineage(cfg: TrainConfig, task: TaskSpec, run_dir: Path, data, self_trai
     kind = "adapt" if role == "target" else ("train" if supervised else "pretrain")
     return make_lineage(run_id(run_dir), Path(run_dir).name, kind, task.name, cfg.lang, cfg.method, reads, parents,
                         task.language_codes)
-
-
-def check_runs(plan: list, task: TaskSpec) -> None:
-    """``check_run`` for every planned run (a sweep fails before its first run, not at its third)."""
-    for cfg, _ in plan:
-        check_run(cfg, task)
-
-
-def check_run(cfg: TrainConfig, task: TaskSpec) -> None:
-    """Everything about a run's options that can be checked before any model is loaded or folder made:
-    the language and split it trains on, its start runs, its self-training options."""
-    task.check_languages([cfg.lang], cfg.source_split)
-    if cfg.init_from and cfg.init_from != LIBRARY:
-        for path in cfg.init_from.split(","):
-            folder = Path(path)
-            if not ((folder / "prompt" / "prompt.safetensors").is_file() or is_adapter(folder)):
-                raise XPromptError(f"--init-from {path}: not a finished run folder (no prompt/prompt.safetensors) "
-                                   "nor a PEFT adapter folder")
-    if cfg.init_from == LIBRARY and cfg.library and not Path(cfg.library).is_dir():
-        raise XPromptError(f"--library {cfg.library} is not a folder")
-    if cfg.unlabeled:
-        check_unlabeled(cfg, task)
 
 
 # ---------------------------------------------------------------- runs folders: sweeps, resuming, provenance

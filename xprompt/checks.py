@@ -1,0 +1,68 @@
+"""Checks of a run's options that need no model and no torch: made before anything is loaded or
+created, so a wrong name or path answers in a moment (the command line calls them before its heavy
+imports; ``train_run`` calls them again for every other caller)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from .config import LIBRARY
+from .errors import XPromptError
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
+
+
+def is_adapter(folder: Path) -> bool:
+    """A PEFT adapter folder (not one of xprompt's run folders, which carry one beside their prompt)."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / "prompt" / "prompt.safetensors").is_file()
+
+
+def unlabeled_languages(cfg, task) -> list[str]:
+    """``cfg.unlabeled``: comma-separated languages, or ``official`` (the task's official targets)."""
+    langs = task.official_targets if cfg.unlabeled == "official" else [x.strip() for x in cfg.unlabeled.split(",") if x.strip()]
+    if cfg.lang in langs:
+        raise XPromptError(f"--unlabeled {cfg.lang}: the training language has labels; name target languages")
+    task.check_languages(langs, None if cfg.unlabeled_file else cfg.unlabeled_split)
+    return langs
+
+
+def check_unlabeled(cfg, task) -> list[str]:
+    """Self-training's options checked before anything is trained: the languages (and that their split
+    exists), and ``--unlabeled-file``'s one placeholder, {lang}, and a file for each language."""
+    langs = unlabeled_languages(cfg, task)
+    if cfg.unlabeled_file:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(cfg.unlabeled_file) if name is not None}
+        except ValueError as e:
+            raise XPromptError(f"--unlabeled-file {cfg.unlabeled_file!r}: {e}; write {{lang}} where the language goes") from None
+        if names - {"lang"}:
+            raise XPromptError(f"--unlabeled-file {cfg.unlabeled_file!r}: unknown placeholder(s) "
+                               f"{', '.join('{' + n + '}' for n in sorted(names - {'lang'}))}; the one placeholder is {{lang}}")
+        for lang in langs:
+            path = Path(cfg.unlabeled_file.format(lang=lang))
+            if not path.is_file():
+                raise XPromptError(f"--unlabeled-file {path} (for {lang}) is missing")
+    return langs
+
+
+def check_run(cfg, task) -> None:
+    """Everything about a run's options that can be checked before any model is loaded or folder made:
+    the language and split it trains on, its start runs, its self-training options."""
+    task.check_languages([cfg.lang], cfg.source_split)
+    if cfg.init_from and cfg.init_from != LIBRARY:
+        for path in cfg.init_from.split(","):
+            folder = Path(path)
+            if not ((folder / "prompt" / "prompt.safetensors").is_file() or is_adapter(folder)):
+                raise XPromptError(f"--init-from {path}: not a finished run folder (no prompt/prompt.safetensors) "
+                                   "nor a PEFT adapter folder")
+    if cfg.init_from == LIBRARY and cfg.library and not Path(cfg.library).is_dir():
+        raise XPromptError(f"--library {cfg.library} is not a folder")
+    if cfg.unlabeled:
+        check_unlabeled(cfg, task)
+
+
+def check_runs(configs: list, task) -> None:
+    """``check_run`` for every config of a sweep (it fails before its first run, not at its third)."""
+    for cfg in configs:
+        check_run(cfg, task)
