@@ -355,6 +355,45 @@ def evaluate_cmd(
     console.print(f"predictions: {run_dir / 'predictions'}/{spec.name}.{split}.<lang>.tsv")
 
 
+@command("predict")
+def predict_cmd(
+    run: Annotated[str, typer.Option("--run", help="Run folder; several comma-separated: each run's labels and their ensemble (the mean of their probabilities).")],
+    input: Annotated[Path, typer.Option("--input", help="Your rows: JSON lines (.jsonl), CSV (.csv) or TSV (.tsv), with the fields the run's task card names (see --fields); each row may carry its own 'lang'.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write JSON lines: id, line, lang, the input, label, per-label probabilities, run(s), template. Written whole when every row is done.")],
+    fields: Annotated[Optional[str], typer.Option(help="Map the task's fields to your columns: field=column, comma-separated (e.g. text=review).")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="The rows' language where they carry no 'lang' (needed only where the run scores native templates or label words).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per forward pass (default: 16 on a CPU, 64 on a GPU).")] = None,
+    dtype: DTypeOption = DType.AUTO,
+    device: DeviceOption = Device.CPU,
+    tasks_dir: TasksDir = None,
+    cache_dir: CacheDir = _default_cache(),
+):
+    """Label your own text with trained prompts: any language the backbone reads, streamed through in
+    chunks (any file size), every malformed row named by its line."""
+    from ..store import load_card
+
+    runs = [Path(x) for x in run.split(",") if x.strip()]
+    card = load_card(runs[0])
+    if out.exists() and not overwrite:
+        raise XPromptError(f"{out} exists; choose another --out or pass --overwrite")
+    if not input.is_file():
+        raise XPromptError(f"--input {input}: no such file")
+    from ..workflows.predict import Predictor, count_rows, parse_fields, predict_file
+
+    mapping = parse_fields(fields)
+    bb, dtype, _ = _open_backbone(card["backbone"], cache_dir, device, dtype, revision=card.get("backbone_revision"),
+                                  allow_bin_weights=bool(card.get("backbone_bin_weights")))
+    predictor = Predictor.load(runs, bb, tasks_dir, dtype, device.value, batch_size)
+    with Progress(TextColumn("labelling"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        bar = progress.add_task("predict", total=count_rows(input))
+        n = predict_file(predictor, input, out, mapping, lang, overwrite=overwrite,
+                         on_rows=lambda k: progress.advance(bar, k))
+    console.print(f"labelled {n} rows with {', '.join(r.name for r in runs)} ({predictor.task.name}: "
+                  f"{', '.join(predictor.labels)}); wrote {out}")
+
+
 from . import records  # noqa: E402,F401  (the runs and report commands, registered on app after eval)
 
 
