@@ -105,7 +105,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.06, "Linear warm-up share of the steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_length: int = _f(128, "Max tokens per example (before the prompt).")
-    select_size: int = _f(500, "Source-language rows held out for model selection.")
+    select_size: int = _f(500, "Source-language rows held out for model selection (the default: at most a fifth of the "
+                                 "pool; another value is taken as is, the rest of the pool trains).")
     eval_every: int = _f(200, "Steps between model-selection evaluations.")
     init_examples: int = _f(256, "Training rows (stratified) whose class-mean states start the label vectors.")
     dtype: DType = _f(DType.AUTO, "Backbone compute dtype: auto (bf16 where the hardware runs it natively: GPUs with "

@@ -376,6 +376,12 @@ def slice_batch(batch: dict, rows: torch.Tensor) -> dict:
     return out
 
 
+def select_count(select_size: int, pool: int) -> int:
+    """Rows held out for selection: the default size at most a fifth of the pool; a chosen one as is
+    (the rest of the pool trains)."""
+    return min(select_size, pool // 5 if select_size == TrainConfig.select_size else pool - 1)
+
+
 @dataclass
 class TrainData:
     train: object  # encoded datasets.Dataset
@@ -399,8 +405,7 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
         describe = (f"{cfg.shots} shots per class from {cfg.lang} {cfg.source_split}; "
                     f"selection on {len(select)} other {cfg.lang} rows")
     else:
-        size = min(cfg.select_size, len(pool) // 5)
-        train, select = holdout_split(pool, size, cfg.seed)
+        train, select = holdout_split(pool, select_count(cfg.select_size, len(pool)), cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
     template = task.template_for(cfg.lang, cfg.template)
     return TrainData(

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from .config import DType
+from .errors import XPromptError
 from .data import NO_LABEL, batches, encode, load_split
 from .hardware import compute
 from .model import PromptModel
@@ -132,6 +133,9 @@ def evaluate_languages(
             left_out = exclude_ids[lang]
             ds = ds.filter(lambda row: row["id"] not in left_out)
         excluded = before - len(ds)
+        if not len(ds):
+            raise XPromptError(f"every {task.name} {split} row of {lang} ({before}) was trained or selected on by the "
+                               "run or a run it came from: nothing is left to score; evaluate another split")
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         encoded = encode(ds, task.template_for(lang, template), tokenizer, max_length, cache_dir)

@@ -133,6 +133,15 @@ def load_card(run_dir: Path) -> dict:
     return read_json(Path(run_dir) / PROMPT_DIR / CARD_FILE)
 
 
+def recorded_tasks_dir(run_dir: Path) -> Path | None:
+    """The task cards' folder a run was trained with (None: the bundled cards)."""
+    try:
+        folder = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8")).get("tasks_dir")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return Path(folder) if folder else None
+
+
 def copy_prompt_folder(source: Path, target: Path, config_extra: dict | None = None) -> None:
     """Copy a run's ``prompt/``, ``config.json``, ``metrics.json`` and lineage (the same run, so the same
     id and record; an older run's derived one is written) to a new folder ``target``, all or nothing

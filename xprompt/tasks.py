@@ -204,7 +204,7 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         lw = {str(k): str(v) for k, v in (spec.get("label_words") or {}).items()}
         here = f"{where}: languages.{lang}"
         missing = [label for label in labels if label not in lw]
-        if missing:
+        if missing and lw:  # label words are optional (label-vector verbalizers read none); all or none
             raise XPromptError(f"{here}: label_words lacks label(s) {', '.join(missing)}")
         extra = [k for k in lw if k not in labels]
         if extra:

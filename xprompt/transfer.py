@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data import batches, encode, holdout_split, load_split, sequence_ends
+from .config import TrainConfig
+from .data import batches, encode, holdout_split, load_split, select_count, sequence_ends
 from .errors import XPromptError
 from .fileio import atomic_write, read_json, write_json
 from .library import Candidate, library_prompts, similarity_scores, zero_shot_scores
@@ -106,8 +107,9 @@ def train_mixture(model, backbone, cfg, task, sources: list[Candidate], weights:
         pool = load_split(source, lang, "train", data_dirs)
         # the source's own selection rows stay out, as in its training
         config = c.run / "config.json"
-        seed = int(read_json(config)["train"].get("seed", cfg.seed)) if config.is_file() else cfg.seed
-        train, _ = holdout_split(pool, min(cfg.select_size, len(pool) // 5), seed)
+        made = read_json(config)["train"] if config.is_file() else {}
+        seed, size = int(made.get("seed", cfg.seed)), int(made.get("select_size", TrainConfig.select_size))
+        train, _ = holdout_split(pool, select_count(size, len(pool)), seed)
         train = train.shuffle(seed=cfg.seed).select(range(min(rows, len(train))))
         template = source.template_for(lang, c.card.get("template_style", "agnostic"))
         data.append(encode(train, template, backbone.tokenizer, cfg.max_length, cache_dir))

@@ -327,6 +327,9 @@ def make_verbalizer(backbone, kind: str, labels: list[str], words: dict[str, dic
         return CenteredVerbalizer(len(labels), backbone.hidden_size)
     if kind not in WORD_VERBALIZERS:
         raise XPromptError(f"unknown --verbalizer '{kind}'; known: {', '.join(VERBALIZERS)}")
+    if not words:
+        raise XPromptError(f"--verbalizer {kind} scores label words, and the task card gives none: add "
+                           "languages.<lang>.label_words to it, or use --verbalizer centered or soft")
     if kind == "soft-words":
         if backbone.lm_head is None or readout != "mask":
             raise XPromptError(f"--verbalizer soft-words needs a masked-LM backbone and --readout mask; '{backbone.name}' "

@@ -22,8 +22,10 @@ from .common import (ENCODED, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, De
                      Revision, RunsDir, TasksDir, TrustRemote, _data_dirs, _default_cache, _load_task, _numbers,
                      _open_backbone, _pct, _state, _table, app, command, console, err_console, opt)
 from .library import library_app  # the library commands, registered on it
+from .taskcards import task_app  # task new
 
 app.add_typer(library_app, name="library")
+app.add_typer(task_app, name="task")
 METHOD_HELP = "; ".join(f"{name}: {text}" for name, text in METHODS.items())
 
 
@@ -116,6 +118,7 @@ def train(
     revision: Revision = None,
     allow_bin_weights: AllowBin = False,
     eval_every: Annotated[int, opt("eval_every")] = TrainConfig.eval_every,
+    select_size: Annotated[int, opt("select_size")] = TrainConfig.select_size,
     init_from: Annotated[Optional[str], opt("init_from")] = None,
     init_weights: Annotated[Optional[str], opt("init_weights")] = None,
     library: Annotated[Optional[Path], opt("library")] = None,
@@ -169,7 +172,7 @@ def train(
                 init_text=init_text, prompt_position=prompt_position, verbalizer=verbalizer, label_reduce=label_reduce,
                 readout=readout, template=template, revision=revision, allow_bin_weights=allow_bin_weights, shots=shots,
                 max_steps=max_steps or None, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                seed=one, dtype=dtype, eval_every=eval_every, init_from=init_from, init_weights=weights, top_k=top_k,
+                seed=one, dtype=dtype, eval_every=eval_every, select_size=select_size, init_from=init_from, init_weights=weights, top_k=top_k,
                 transfer=transfer, library=str(library) if library else None, rank_by=rank_by, same_task=same_task,
                 library_adapted=library_adapted, probe_steps=probe_steps, mixture_steps=mixture_steps,
                 unlabeled=unlabeled, unlabeled_split=unlabeled_split, unlabeled_file=unlabeled_file,
@@ -274,7 +277,7 @@ def evaluate_cmd(
     """Apply a run's prompt unchanged to each language; print and store the results.
     With --shots K, also adapt a copy per language on K target examples per class.
     Under torchrun / accelerate launch the languages are shared out over the processes and merged."""
-    from ..store import latest_run, load_card
+    from ..store import latest_run, load_card, recorded_tasks_dir
 
     if split not in ("dev", "test", "train"):
         raise typer.BadParameter(f"unknown split '{split}'; known: dev, test, train")
@@ -282,10 +285,13 @@ def evaluate_cmd(
         raise typer.BadParameter("--limit must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise typer.BadParameter("--batch-size must be at least 1")
-    asked = _load_task(task, tasks_dir) if task else None  # an unknown task is named before anything else
-    runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else [latest_run(runs_dir, task)]
-    run_dir = runs[0]
+    runs = [Path(x) for x in str(run).split(",") if x.strip()] if run else []
+    tasks_dir = tasks_dir or (recorded_tasks_dir(runs[0]) if runs else None)  # a run remembers its cards' folder
+    asked = _load_task(task, tasks_dir) if task else None  # an unknown task is named before runs are looked up
+    run_dir = runs[0] if runs else latest_run(runs_dir, task)
+    runs = runs or [run_dir]
     card = load_card(run_dir)
+    tasks_dir = tasks_dir or recorded_tasks_dir(run_dir)
     if run is None:
         err_console.print(f"run: {run_dir} (the latest finished run{f' of {task}' if task else ''} whose lineage "
                           "trained on no target rows; --run picks another)", highlight=False)

@@ -43,9 +43,10 @@ def parse_fields(text: str | None) -> dict[str, str]:
 
 
 def read_rows(path: Path, fields: list[str], mapping: dict[str, str] | None = None, lang: str | None = None,
-              fmt: str | None = None) -> Iterator[dict]:
+              fmt: str | None = None, label_field: str | None = None) -> Iterator[dict]:
     """The rows of a JSON-lines, CSV or TSV file, one at a time (any size): ``{"id", "lang", "line",
-    <field>: text}``; a row's own ``lang`` wins over ``lang``; ``id`` is the row's, else its line."""
+    <field>: text}`` (and ``label``, from ``label_field``, where given); a row's own ``lang`` wins over
+    ``lang``; ``id`` is the row's, else its line."""
     path = Path(path)
     fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -66,18 +67,19 @@ def read_rows(path: Path, fields: list[str], mapping: dict[str, str] | None = No
                         raise XPromptError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from None
                     if not isinstance(obj, dict):
                         raise XPromptError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-                    yield _row(obj, n, path, fields, mapping, lang)
+                    yield _row(obj, n, path, fields, mapping, lang, label_field)
             else:
                 reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
                 for obj in reader:
-                    yield _row(obj, reader.line_num, path, fields, mapping, lang)
+                    yield _row(obj, reader.line_num, path, fields, mapping, lang, label_field)
     except FileNotFoundError:
         raise XPromptError(f"{path}: no such file") from None
     except (UnicodeDecodeError, csv.Error) as e:
         raise XPromptError(f"{path}: cannot read ({e}); check it is UTF-8 {fmt.upper()}") from None
 
 
-def _row(obj: dict, line: int, path: Path, fields: list[str], mapping: dict[str, str], lang: str | None) -> dict:
+def _row(obj: dict, line: int, path: Path, fields: list[str], mapping: dict[str, str], lang: str | None,
+         label_field: str | None = None) -> dict:
     row = {"line": line, "id": str(obj.get("id") if obj.get("id") not in (None, "") else line),
            "lang": str(obj.get("lang") or lang or "")}
     for name in fields:
@@ -88,6 +90,11 @@ def _row(obj: dict, line: int, path: Path, fields: list[str], mapping: dict[str,
             hint = f" (map it with --fields {name}=COLUMN)" if column == name else ""
             raise XPromptError(f"{path}:{line}: field '{column}' is {problem}{hint}")
         row[name] = value
+    if label_field:
+        label = obj.get(label_field)
+        if label is None or str(label).strip() == "":
+            raise XPromptError(f"{path}:{line}: label field '{label_field}' is missing (--label-field names the column)")
+        row["label"] = str(label).strip()
     return row
 
 
