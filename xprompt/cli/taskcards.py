@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import XPromptError
 from .common import HELP_FLAGS, command, console
 
 task_app = typer.Typer(no_args_is_help=True, help="Task cards from your own data.", context_settings=HELP_FLAGS)
@@ -27,19 +26,10 @@ def new_cmd(
 ):
     """Write a validated task card from your labelled file: the labels read from the data, the rows
     as its train split. Then: xprompt train --task NAME --tasks-dir DIR."""
-    from ..workflows.predict import parse_fields
-    from ..workflows.taskcards import new_task
+    from ..workflows.taskcards import new_task, parse_field_list, parse_label_words
 
-    names, mapping = [], {}
-    for part in fields.split(","):
-        field, _, column = part.strip().partition("=")
-        if field:
-            names.append(field)
-            if column:
-                mapping.update(parse_fields(f"{field}={column}"))
-    words = dict(pair.split("=", 1) for pair in label_words.split(",")) if label_words else None
-    if words is not None and any(not k or not v for k, v in words.items()):
-        raise XPromptError(f"--label-words takes label=word pairs, got {label_words!r}")
+    names, mapping = parse_field_list(fields)
+    words = parse_label_words(label_words)
     path, card = new_task(name, train, names, tasks_dir, label_field, lang, mapping, template, words, overwrite)
     counts = ", ".join(f"{label} {n}" for label, n in card["per_label"].items())
     console.print(f"wrote {path}: {card['rows']} {lang} rows ({counts}), template {card['template']!r}; train with "

@@ -12,9 +12,29 @@ import yaml
 from ..errors import XPromptError
 from ..fileio import write_text
 from ..tasks import MASK, parse_task
-from .predict import read_rows
+from .predict import parse_fields, read_rows
 
 DATA_FOLDER = "data"  # beside the cards: <tasks-dir>/data/<name>/train.<lang>.jsonl
+
+
+def parse_field_list(text: str) -> tuple[list[str], dict[str, str]]:
+    """``--fields text`` or ``--fields premise=col1,hypothesis=col2``: the fields in order, and the
+    columns of those read from another one."""
+    names = [part.strip().partition("=")[0].strip() for part in text.split(",") if part.strip()]
+    mapping = parse_fields(",".join(part for part in text.split(",") if "=" in part))
+    if not names or any(not name.isidentifier() for name in names):
+        raise XPromptError(f"--fields takes field names (letters, digits, '_'), optionally as field=column: {text!r}")
+    return names, mapping
+
+
+def parse_label_words(text: str | None) -> dict[str, str] | None:
+    """``--label-words good=great,bad=awful``."""
+    if not text:
+        return None
+    pairs = [part.partition("=") for part in text.split(",")]
+    if any(not label.strip() or not sep or not word.strip() for label, sep, word in pairs):
+        raise XPromptError(f"--label-words takes label=word pairs, got {text!r}")
+    return {label.strip(): word.strip() for label, _, word in pairs}
 
 
 def default_template(fields: list[str]) -> str:
