@@ -57,8 +57,30 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], card: dict, ba
     folder = Path(folder)
     atomic_write(folder / ADAPTER_WEIGHTS,
                  lambda tmp: save_file({"prompt_embeddings": vectors.contiguous()}, str(tmp), metadata={"format": "pt"}))
+    write_head(folder, tensors, card, int(vectors.shape[0]) if cls.peft_type == "PROMPT_TUNING" else 0)
     write_json(folder / ADAPTER_CONFIG, config)
     return True
+
+
+HEAD_WEIGHTS, HEAD_CARD = "xprompt_head.safetensors", "xprompt_head.json"
+
+
+def write_head(folder: Path, tensors: dict[str, torch.Tensor], card: dict, virtual_tokens: int) -> None:
+    """Beside a PEFT twin, what turns its hidden states into labels: the label vectors
+    (``xprompt_head.safetensors``: ``weight``, and ``center`` for a centered verbalizer) and how to
+    read and score them (``xprompt_head.json``), for the README's recipe. Label-word verbalizers ship
+    their label words instead (scored under the backbone's own LM head)."""
+    head = {k.split(".", 1)[1]: v.contiguous() for k, v in tensors.items() if k.startswith("verbalizer.")}
+    rule = {"soft": "scores = h @ weight.T - 0.5 * (weight * weight).sum(-1)",
+            "centered": "scores = (h - center) @ (weight - center).T"}.get(card.get("verbalizer"))
+    info = {"labels": card.get("labels"), "verbalizer": card.get("verbalizer"), "readout": card.get("readout"),
+            "template": card.get("template"), "virtual_tokens": virtual_tokens,
+            "skip": int(card.get("backbone_kind") != "seq2seq"),  # <s>: the mean readout starts after it
+            "scoring": rule or "label words under the backbone's LM head (see label_words)",
+            "label_words": card.get("label_words"), "prompt_position": card.get("position")}
+    if rule and head:
+        atomic_write(Path(folder) / HEAD_WEIGHTS, lambda tmp: save_file(head, str(tmp), metadata={"format": "pt"}))
+    write_json(Path(folder) / HEAD_CARD, info)
 
 
 def read_adapter(folder: Path, hidden: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -137,7 +137,8 @@ def library_export(
     """Copy a run's prompt (safetensors + card), config and metrics into a portable folder."""
     from ..workflows.catalogue import export_prompt
 
-    console.print(f"exported {run} to {export_prompt(run, out)}")
+    target, peft = export_prompt(run, out)
+    console.print(f"exported {run} to {target}; {peft}", highlight=False)
 
 
 @command("import", library_app)

@@ -82,12 +82,17 @@ def remove_run(run: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def export_prompt(run: Path, out: Path) -> Path:
-    """Copy a run's prompt (safetensors + card), config and metrics into ``out/<run-name>``."""
-    load_prompt(run)  # refuses a folder without a readable prompt
+def export_prompt(run: Path, out: Path) -> tuple[Path, str]:
+    """Copy a run's prompt (safetensors + card, and its PEFT twin where the method has one), config,
+    metrics and lineage into ``out/<run-name>``. Returns the folder and what PEFT can do with it."""
+    _, card = load_prompt(run)  # refuses a folder without a readable prompt
     target = out / run.name
     copy_prompt_folder(run, target)
-    return target
+    if (target / "prompt" / "adapter_config.json").is_file():
+        return target, (f"PEFT twin: AutoPeftModelForFeatureExtraction.from_pretrained('{target / 'prompt'}') loads it on "
+                        f"its backbone; xprompt_head.json and xprompt_head.safetensors score its states (README: PEFT)")
+    return target, (f"method '{card.get('method')}' has no PEFT twin on a {card.get('backbone_kind', 'encoder')} "
+                    "backbone: only xprompt reads this prompt (PEFT twins: soft, ptuning, prefix on encoders)")
 
 
 def backbone_identity(name: str, cache_dir: Path) -> tuple[str, dict]:

@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         write_json(Path(run_dir) / "metrics.json", {"train": summary})
         write_lineage(run_dir, lineage)
         config = backbone.model.config
-        write_adapter(Path(run_dir) / "prompt", done.best["tensors"], card, str(backbone.path or backbone.name),
+        write_adapter(Path(run_dir) / "prompt", done.best["tensors"], card, backbone.name,  # its name, never a cache path
                       config.num_attention_heads, config.num_hidden_layers)  # PEFT's twin, where the method has one
         save_prompt(run_dir, done.best["tensors"], card)  # last: a saved prompt marks a finished run
     return summary
