@@ -84,33 +84,104 @@ def test_everything_else_goes_to_sdpa(case):
     assert torch.equal(ours, ref)  # bit for bit: it is sdpa
 
 
-def test_backbones_switch_and_evaluate_the_same(tiny_bert_dir, tiny_mt5_dir, tmp_path, xnli):
+def _random_model(bb, method: str, length: int = 4, scale: float = 1.0, readout: str = "mean"):
+    torch.manual_seed(0)
+    model = build_model(bb, 3, method, length, readout)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+        for p in model.prompt.parameters():
+            p.mul_(scale)
+    return model
+
+
+def _logits(bb, model, batch, impl: str, dtype: str, skip_prompt_rows: bool = True) -> torch.Tensor:
+    """The model's logits with the backbone switched to ``impl``; ``skip_prompt_rows=False``: the
+    prompt's positions computed as rows of the full sequence (no key/value prefix anywhere)."""
+    bb.model.set_attn_implementation(impl)
+    model.skip_prompt_rows = skip_prompt_rows
+    try:
+        with torch.inference_mode(), autocast(dtype):
+            return model(batch).float()
+    finally:
+        bb.model.set_attn_implementation(NAME)
+        model.skip_prompt_rows = True
+
+
+def _prompt_effect(bb, model, batch, dtype: str) -> float:
+    """How far the logits move when the prompt's vectors are zeroed (the verbalizer kept)."""
+    with_prompt = _logits(bb, model, batch, "sdpa", dtype, skip_prompt_rows=False)
+    saved = [p.detach().clone() for p in model.prompt.parameters()]
+    with torch.no_grad():
+        for p in model.prompt.parameters():
+            p.zero_()
+    without = _logits(bb, model, batch, "sdpa", dtype, skip_prompt_rows=False)
+    with torch.no_grad():
+        for p, keep in zip(model.prompt.parameters(), saved):
+            p.copy_(keep)
+    return (with_prompt - without).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def switched(tiny_bert_dir, tmp_path_factory):
+    from xprompt.tasks import load_task
+
+    bb = load_backbone(str(tiny_bert_dir), tmp_path_factory.mktemp("switched"))
+    xnli = load_task("xnli")
+    encoded = encode(load_split(xnli, "en", "dev").select(range(40)), xnli.template, bb.tokenizer)
+    return bb, encoded, next(batches(encoded, 16, bb.tokenizer.pad_token_id))
+
+
+def test_backbones_switch(tiny_bert_dir, tiny_mt5_dir, tmp_path):
     bb = load_backbone(str(tiny_bert_dir), tmp_path)
     assert bb.model.config._attn_implementation == NAME
     t5 = load_backbone(str(tiny_mt5_dir), tmp_path)  # an encoder-decoder keeps sdpa (T5's position bias)
     assert t5.model.config._attn_implementation != NAME and not use_cpu_attention(t5.model)
 
-    ds = load_split(xnli, "en", "dev").select(range(40))
-    encoded = encode(ds, xnli.template, bb.tokenizer)
+
+@pytest.mark.parametrize("method", ["soft", "deep", "prefix", "unified"])  # prefix: keys longer than queries
+def test_switched_to_sdpa_the_prompt_stays_in_place(switched, method):
+    """float32, where both attentions are exact: ours, sdpa on the same model (a deep prompt's
+    key/value prefix in place) and sdpa over the full sequence (the prompt's rows computed) agree to
+    a tolerance far under the prompt's whole effect on the logits, so a prompt lost on the way (a
+    prefix the sdpa path ignored) fails."""
+    bb, _, batch = switched
+    model = _random_model(bb, method)
+    tolerance = 1e-4
+    effect = _prompt_effect(bb, model, batch, "fp32")
+    assert effect > 20 * tolerance, effect  # 0.007 (soft) to 0.2 (prefix)
+    full = _logits(bb, model, batch, "sdpa", "fp32", skip_prompt_rows=False)
+    ours = _logits(bb, model, batch, NAME, "fp32")
+    sdpa = _logits(bb, model, batch, "sdpa", "fp32")
+    assert (ours - full).abs().max() < tolerance, method
+    assert (sdpa - full).abs().max() < tolerance, method
+
+
+def test_bf16_deep_prefix_matches_sdpa(switched):
+    """bf16: our kernel with a deep prompt's prefix against sdpa's (prefix in place, and the full
+    sequence). The prompt is scaled up (x30, 16 positions) so that its effect on the logits stands
+    well above bf16's rounding of them (at x1 it is under it: 0.01 on logits of about 30)."""
+    bb, _, batch = switched
+    model = _random_model(bb, "deep", length=16, scale=30.0, readout="mask")
+    assert model._attentions is not None  # the prefix path: the prompt's rows are never computed
+    tolerance = 0.04
+    effect = _prompt_effect(bb, model, batch, "bf16")
+    assert effect > 4 * tolerance, effect  # about 0.2
+    ours = _logits(bb, model, batch, NAME, "bf16")
+    for reference in (_logits(bb, model, batch, "sdpa", "bf16"),
+                      _logits(bb, model, batch, "sdpa", "bf16", skip_prompt_rows=False)):
+        assert (ours - reference).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("method", ["soft", "deep", "prefix", "unified"])
+def test_bf16_predictions_match_fp32(switched, method):
+    bb, encoded, _ = switched
+    model = _random_model(bb, method)
     pad = bb.tokenizer.pad_token_id
-    batch = next(batches(encoded, 16, pad))
-    for method in ("soft", "deep", "prefix", "unified"):  # prefix: keys longer than queries
-        torch.manual_seed(0)
-        model = build_model(bb, 3, method, 4, "mean")
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_()
-        logits = {}
-        for impl in (NAME, "sdpa"):
-            bb.model.set_attn_implementation(impl)
-            with torch.inference_mode(), autocast("bf16"):
-                logits[impl] = model(batch).float()
-        assert torch.allclose(logits[NAME], logits["sdpa"], atol=0.1, rtol=0.05), method
-        bb.model.set_attn_implementation(NAME)
-        ours = predict(model, encoded, 16, pad, "bf16")
-        fp32 = predict(model, encoded, 16, pad, "fp32")
-        assert np.mean(ours == fp32) >= 0.95, method
+    ours = predict(model, encoded, 16, pad, "bf16")
+    fp32 = predict(model, encoded, 16, pad, "fp32")
+    assert np.mean(ours == fp32) >= 0.95, method
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", None])

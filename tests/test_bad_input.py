@@ -103,6 +103,8 @@ CASES = [
     ("eval-shape-mismatch", lambda t, c: _edit_card(run_copy(t, c["finished"]), prompt_length=5) or ["eval", "--run", str(t / "runs" / "copy")], 1, "has shape (2, 32), this model needs (5, 32)"),
     ("eval-card-not-json", lambda t, c: (run_copy(t, c["finished"]) / "prompt" / "xprompt.json").write_text("{oops") and ["eval", "--run", str(t / "runs" / "copy")], 1, "xprompt.json: not valid JSON"),
     ("eval-no-label-map", lambda t, c: ["eval", "--run", str(c["finished"]), "--task", "pawsx"], 1, "task pawsx declares no label map from xnli"),
+    ("library-transfer-unlabelled-test", lambda t, c: ["library", "transfer", "--task", "xnli", "--lang", "de", "--split", "test", "--backbone", str(c["tiny"]), "--runs-dir", str(c["finished"].parent)], 1, "the test rows of xnli/de carry no labels here (300 of the first 300 unlabelled), so no transfer accuracy can be scored on them; score on labelled rows with --split dev"),
+    ("library-transfer-unlabelled-test-data-dir", lambda t, c: ["library", "transfer", "--task", "xnli", "--lang", "zh", "--split", "test", "--limit", "5", "--backbone", str(c["tiny"]), "--runs-dir", str(c["finished"].parent), "--data-dir", str(TEST_DATA)], 1, "the test rows of xnli/zh carry no labels here (5 of the first 5 unlabelled)"),
     ("eval-malformed-dev", lambda t, c: ["eval", "--run", str(c["finished"]), "--langs", "de", "--data-dir", str(data_with(t, "xnli/dev.de.jsonl", [GOOD, "{"]))], 1, "dev.de.jsonl:2: malformed JSON"),
 ]
 

@@ -143,3 +143,67 @@ def test_xtreme_submission_files(tmp_path):
     written = xtreme_files(run, "xnli", tmp_path / "out")
     assert [p.name for p in written] == ["test-de.tsv"]
     assert (tmp_path / "out" / "xnli" / "test-de.tsv").read_text() == "neutral\nentailment\n"
+
+
+def _damage(runs, how: str) -> None:
+    """Garbage bytes over the whole index, or over every page after the first (the header still
+    reads: SQLite finds the damage only when a query reaches those pages)."""
+    import sqlite3
+
+    path = runs / INDEX_FILE
+    if how == "garbage":
+        path.write_bytes(b"\x13garbage, not a database\x00" * 400)
+        return
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = path.read_bytes()
+    path.write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))
+
+
+@pytest.mark.parametrize("how", ["garbage", "malformed"])
+@pytest.mark.parametrize("entry", ["runs-command", "list_runs", "index_run", "forget_run", "_current"])
+def test_an_unreadable_index_is_rebuilt_from_the_folders(tmp_path, capsys, entry, how):
+    """The index is a cache: a corrupt one is rebuilt from the run folders with a one-line notice,
+    at every way into it, and the call goes on."""
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from xprompt.cli import app
+    from xprompt.registry import _current, forget_run
+
+    for i in range(12):  # enough rows for pages beyond the first
+        _fake_run(tmp_path, f"run{i:02d}", i, {"en": 0.8, "de": 0.6, "zh": 0.5})
+    _damage(tmp_path, how)
+    names = [f"run{i:02d}" for i in range(12)]
+    if entry == "runs-command":
+        result = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output and result.exception is None
+        assert all(name in result.stdout for name in names)
+        notice = [line for line in result.stderr.splitlines() if line.strip()]
+    else:
+        if entry == "list_runs":
+            assert [r["run_id"] for r in list_runs(tmp_path)] == names
+        elif entry == "index_run":
+            index_run(tmp_path, tmp_path / "run03")
+        elif entry == "forget_run":
+            import shutil
+
+            shutil.rmtree(tmp_path / "run05")  # the folder goes, then its rows
+            forget_run(tmp_path, "run05")
+            names.remove("run05")
+        else:
+            # garbage: no version to read, so not current (its callers rebuild it); damaged pages
+            # past the header: current, and the caller's own query meets the damage and rebuilds
+            assert _current(tmp_path) is (how == "malformed")
+            said = capsys.readouterr().err
+            assert ("was unreadable" in said) is (how == "garbage") and "Traceback" not in said
+            index_run(tmp_path, tmp_path / "run00")  # _current's caller: says so (again) and rebuilds
+        notice = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(notice) == 1 and "was unreadable" in notice[0] and "rebuilding it from the run folders" in notice[0]
+    with sqlite3.connect(tmp_path / INDEX_FILE) as db:  # a sound index again, holding every folder's run
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    runs = list_runs(tmp_path)
+    assert [r["run_id"] for r in runs] == names and all(len(r["results"]) == 3 for r in runs)
+    assert capsys.readouterr().err == ""  # the rebuilt index reads without a notice

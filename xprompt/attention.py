@@ -10,7 +10,11 @@ causal or cross attention.
 It also takes a per-layer key/value prefix (``with_prefix``): the deep prompt's positions as keys
 and values only. Their own outputs are overwritten by the next layer's prompt vectors (and never
 read after the last layer), so computing their queries, attention outputs and feed-forward blocks
-is wasted work; with the prefix the encoder runs on the input's own tokens.
+is wasted work; with the prefix the encoder runs on the input's own tokens. A model built on this
+attention keeps taking the prefix after a switch to ``sdpa`` (``bench.py`` and the tests compare the
+two on one model): ``sdpa`` is registered as ``sdpa_with_prefix``, which inserts a module's prefix
+and is transformers' sdpa otherwise. (Other attentions, eager or flash, know no prefix: a model
+switched to one of them after it was built would run without its deep prompt; nothing switches so.)
 """
 
 from __future__ import annotations
@@ -39,15 +43,40 @@ def with_prefix(key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Te
     return insert(key, prefix_key), insert(value, prefix_value), attention_mask
 
 
+def sdpa_with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, *args, **kwargs):
+    """transformers' ``sdpa`` with a module's key/value prefix (``PREFIX``) inserted first: what a
+    model built on ``cpu_attention`` runs after ``set_attn_implementation("sdpa")``. Without a
+    prefix it is ``sdpa_attention_forward`` itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    prefix = getattr(module, PREFIX, None)
+    if prefix is not None:
+        key, value, attention_mask = with_prefix(key, value, attention_mask, *prefix)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _register() -> None:
+    """This module's attention under its name, and ``sdpa`` as ``sdpa_with_prefix`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, cpu_attention)  # the same function under the same name
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets
+    AttentionInterface.register("sdpa", sdpa_with_prefix)
+
+
 def prefix_attention_modules(model: nn.Module, layers) -> list[nn.Module] | None:
     """The self-attention modules whose ``cpu_attention`` can take a key/value prefix (BERT and
-    XLM-R layers running this module's attention), or None for any other encoder."""
+    XLM-R layers running this module's attention), or None for any other encoder. The prefix
+    stays honoured after a switch to ``sdpa`` (no hook on the modules: ``fused`` would step aside)."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != NAME or getattr(model, "embeddings", None) is None:
         return None
     modules = [getattr(getattr(layer, "attention", None), "self", None) for layer in layers]
     if not all(hasattr(m, "key") and hasattr(m, "value") and hasattr(m, "attention_head_size") for m in modules):
         return None
+    _register()
     return modules
 
 
@@ -91,14 +120,10 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 def use_cpu_attention(model: nn.Module) -> bool:
     """Switch an encoder that runs transformers' ``sdpa`` to ``cpu_attention`` (which hands every
     case it does not cover back to ``sdpa``). Returns whether it switched."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or config.is_encoder_decoder:
         return False
-    AttentionInterface.register(NAME, cpu_attention)  # idempotent: the same function under the same name
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets
+    _register()
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, ImportError):  # a model that only knows its built-in backends

@@ -122,12 +122,33 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean(values), (stdev(values) if len(values) > 1 else 0.0)
 
 
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "chrf": "chrF", "chrf++": "chrF++", "bleu": "BLEU"}
+
+
+def metric_label(row: dict) -> str:
+    """A leaderboard row's metric as its cells were measured: the name, and for sacrebleu's figures
+    (chrF, BLEU) each signature with the languages it scored (BLEU tokenises per language)."""
+    name = METRIC_NAMES.get(row["metric"], row["metric"])
+    signatures = row.get("signatures") or {}
+    if not signatures:
+        return name
+    by_signature: dict[str, list[str]] = {}
+    for lang, signature in sorted(signatures.items()):
+        by_signature.setdefault(signature, []).append(lang)
+    if len(by_signature) == 1:
+        return f"{name} ({next(iter(by_signature))})"
+    return f"{name} (" + "; ".join(f"{sig}: {', '.join(langs)}" for sig, langs in by_signature.items()) + ")"
+
+
 def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None = None) -> list[dict]:
     """``task``: a TaskSpec (or a bundled task's name). One row per sweep (runs whose every result-changing config field is the same; see
     ``sweep_key``) *and* evaluation row set (the same rows of the same languages) on ``task``
     (a TaskSpec) / ``split``: per-language mean and std over seeds, and the per-seed averages over
     the task's official targets, with the source, and the gap. Rows are ranked only against rows
-    averaged over the same language set: complete official sets first, then each partial set."""
+    averaged over the same language set: complete official sets first, then each partial set.
+    ``metric`` (default: the task's) is the one figure of every row: a generation task's chrF or
+    BLEU carries its sacrebleu signature per language (``signatures``); rows measured under other
+    signatures are other rows, ranked apart, never averaged together."""
     if isinstance(task, str):  # a task name: its card from the bundled tasks
         from .tasks import load_task
 
@@ -141,8 +162,13 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
         rows_seen = {r["lang"]: r.get("rows") or f"first {r['n']}" for r in results}
         # the row's protocol: the strongest of its scores' (each derived from the lineage when scored)
         protocol = max((r.get("protocol") or run.get("protocol") or "zero-shot" for r in results), key=PROTOCOLS.index)
-        key = json.dumps([sweep_key(run), sorted(rows_seen.items()), protocol], sort_keys=True, default=str)
+        # how each figure was measured (sacrebleu's signature; none for accuracy and macro-F1)
+        signatures = {r["lang"]: (r.get("signature") or {}).get(metric) for r in results}
+        signatures = {lang: sig for lang, sig in signatures.items() if sig}
+        key = json.dumps([sweep_key(run), sorted(rows_seen.items()), protocol, sorted(signatures.items())],
+                         sort_keys=True, default=str)
         groups.setdefault(key, []).append({**run, "scores": {r["lang"]: r[metric] for r in results},
+                                           "signatures": signatures,
                                            "correct": {r["lang"]: r.get("correct") for r in results},
                                            "n": {r["lang"]: r["n"] for r in results}, "rows_seen": rows_seen,
                                            "row_protocol": protocol})
@@ -165,7 +191,8 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
                "lang": sweep.get("lang"), "backbone": sweep.get("backbone"), "method": sweep.get("method"),
                "prompt_length": sweep.get("prompt_length"), "shots": sweep.get("shots"),
                "protocol": members[0]["row_protocol"], "init_from": sweep.get("init_from"),
-               "split": split, "metric": metric, "seeds": sorted(m.get("seed") for m in members),
+               "split": split, "metric": metric, "signatures": members[0]["signatures"],
+               "seeds": sorted(m.get("seed") for m in members),
                "runs": [m["run_id"] for m in members], "languages": per_lang, "ci95": ci,
                "n": members[0]["n"], "rows": members[0]["rows_seen"], "target_set": first["target_set"],
                "complete": first["complete"], "average_over": set_name(first) if first["target_set"] else "",
@@ -174,9 +201,11 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
             values = [s[name] for s in summaries if name in s]
             if values:
                 row[name] = _mean_std(values)
+        row["metric_label"] = metric_label(row)
         rows.append(row)
-    # rank within a language set only: complete official sets first, then each partial set by name
-    rows.sort(key=lambda r: (not r["complete"], "" if r["complete"] else r["average_over"],
+    # rank within a language set (and a way of measuring) only: complete official sets first, then
+    # each partial set by name
+    rows.sort(key=lambda r: (not r["complete"], "" if r["complete"] else r["average_over"], r["metric_label"],
                              -(r.get("avg_target") or r.get("avg_all") or (0.0, 0.0))[0]))
     return rows
 
@@ -190,7 +219,7 @@ def published_rows(path, task: str) -> list[dict]:
 def _table(rows: list[dict], published: list[dict]) -> tuple[list[str], list[list[str]]]:
     langs = sorted({lang for r in rows for lang in r["languages"]})
     extra = {lang for r in rows for lang in r["extra"]}
-    header = ["run", "config", "protocol", "backbone", "method", "shots", "seeds", "rows",
+    header = ["run", "config", "protocol", "backbone", "method", "shots", "seeds", "rows", "metric",
               *(f"{lang} (extra)" if lang in extra else lang for lang in langs),
               "average over", "avg targets", "avg with source", "gap"]
 
@@ -209,12 +238,14 @@ def _table(rows: list[dict], published: list[dict]) -> tuple[list[str], list[lis
     for r in rows:
         table.append([row_name(r), r["label"], str(r["protocol"]), str(r["backbone"]), str(r["method"]),
                       str(r["shots"] or "all"), ",".join(str(s) for s in r["seeds"]), rows_cell(r),
+                      r.get("metric_label") or metric_label(r),
                       *(cell(r["languages"].get(lang), r["ci95"].get(lang)) for lang in langs),
                       r["average_over"], cell(r.get("avg_target")), cell(r.get("avg_all")), cell(r.get("gap"))])
     for p in published:
         over = f"published: {p['languages']} languages incl. the source" if p.get("languages") else "published"
         table.append([f"published: {p['model']}", str(p.get("source", "")), "zero-shot (full fine-tuning)",
-                      str(p["backbone"]), str(p["method"]), "all", "", "test", *([""] * len(langs)), over, "",
+                      str(p["backbone"]), str(p["method"]), "all", "", "test", str(p.get("metric", "accuracy")),
+                      *([""] * len(langs)), over, "",
                       f"{p['avg_all']:.1f}", ""])
     return header, table
 
@@ -225,8 +256,9 @@ def row_name(row: dict) -> str:
 
 
 def render(rows: list[dict], published: list[dict], fmt: str, title: str = "xprompt leaderboard") -> str:
-    """The leaderboard as Markdown, CSV, JSON or one self-contained HTML page. Cells are percentages:
-    mean ± std over seeds, then the bootstrap 95% interval of the accuracy."""
+    """The leaderboard as Markdown, CSV, JSON or one self-contained HTML page. Cells are the row's
+    metric (its ``metric`` column: accuracy, or chrF/BLEU with the sacrebleu signature) times 100:
+    mean ± std over seeds, then the bootstrap 95% interval of an accuracy."""
     import csv
     import io
     import json
@@ -276,7 +308,7 @@ def charts(rows: list[dict]) -> list[str]:
     values = [100 * best["languages"][lang][0] if lang in best["languages"] else 0 for lang in langs]
     errors = [100 * best["languages"][lang][1] if lang in best["languages"] else 0 for lang in langs]
     ax.bar(langs, values, yerr=errors, color="#4c72b0")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{METRIC_NAMES.get(best['metric'], best['metric'])} (x100)")
     ax.set_title(f"best: {row_name(best)} ({best['method']})")
     ax.set_ylim(0, 100)
     bar = _svg(fig)
@@ -286,7 +318,7 @@ def charts(rows: list[dict]) -> list[str]:
     image = ax.imshow(matrix, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(langs)), langs)
     ax.set_yticks(range(len(rows)), [f"{row_name(r)} {r['method']}" for r in rows])
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.colorbar(image, ax=ax, label=f"{METRIC_NAMES.get(best['metric'], best['metric'])} (x100)")
     return [bar, _svg(fig)]
 
 
@@ -303,7 +335,8 @@ def render_html(rows: list[dict], header: list[str], table: list[list[str]], tit
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}"
         "figure{margin:1.5em 0}</style></head><body>"
-        f"<h1>{escape(title)}</h1><p>Cells: accuracy in %, mean ± std over seeds, [bootstrap 95% interval]. "
+        f"<h1>{escape(title)}</h1><p>Cells: the row's metric (accuracy in %, or chrF/BLEU as sacrebleu scores "
+        "with their signatures), mean ± std over seeds, [bootstrap 95% interval of an accuracy]. "
         "Rows marked published are quoted from papers (full fine-tuning), not measured here.</p>"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{figures}</body></html>\n"
     )

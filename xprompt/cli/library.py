@@ -111,11 +111,19 @@ def library_transfer(
     to a target task's rows. Label vectors are the prompt's own for a prompt of this task or of a task
     the card maps labels from (its 'transfer'), else the class means of --init-examples of the task's
     training rows read through the prompt; label words are the task's own; no training step."""
+    from ..data import NO_LABEL, load_split
     from ..workflows.catalogue import transfer_listing
 
     spec = _load_task(task, tasks_dir)
     lang = lang or spec.source_language
     spec.check_languages([lang], split)
+    # an accuracy needs labelled rows: refuse an unlabelled split (the test files here) before any model loads
+    rows = load_split(spec, lang, split, _data_dirs(data_dir))
+    unlabeled = sum(label == NO_LABEL for label in rows.select(range(min(limit, len(rows))))["label"])
+    if unlabeled:
+        raise XPromptError(f"the {split} rows of {task}/{lang} carry no labels here ({unlabeled} of the first "
+                           f"{min(limit, len(rows))} unlabelled), so no transfer accuracy can be scored on them; "
+                           f"score on labelled rows with --split dev")
     bb, dtype, _ = _open_backbone(backbone, cache_dir, dtype=dtype, revision=revision, allow_bin_weights=allow_bin_weights)
     with console.status(f"scoring the library's prompts on {task}/{lang} {split} rows"):
         out = transfer_listing(bb, spec, lang, split, limit, runs_dir, _data_dirs(data_dir), seed, init_examples,
