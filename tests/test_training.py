@@ -107,10 +107,11 @@ class _Interrupter:
         return out
 
 
-def _interrupted_then_resumed(backbone, xnli, run, method, monkeypatch, where, at, how, checkpoint_step, owed=False):
+def _interrupted_then_resumed(backbone, xnli, run, method, monkeypatch, where, at, how, checkpoint_step, owed=False,
+                              cfg=None, fit_dir=None):
     """One interrupted ``train`` (``where``: "loss", "optimizer" (between its step and the
     scheduler's) or "selection"), with SIGTERM handled as ``xprompt train`` handles it; then checks
-    the checkpoint it left."""
+    the checkpoint it left (in ``fit_dir``: the run's, or a self-training round's)."""
     import xprompt.training as training_module
     import xprompt.workflows.runs as runs_module
 
@@ -127,10 +128,10 @@ def _interrupted_then_resumed(backbone, xnli, run, method, monkeypatch, where, a
         previous = signal.signal(signal.SIGTERM, runs_module._interrupt)  # as train_run does
         try:
             with pytest.raises(KeyboardInterrupt):
-                train(_cfg(method=method), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+                train(cfg or _cfg(method=method), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
         finally:
             signal.signal(signal.SIGTERM, previous)
-    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    state = json.loads(((fit_dir or run) / "checkpoint" / "state.json").read_text())
     assert (state["step"], state.get("selection_owed", False)) == (checkpoint_step, owed), (where, at, how)
     assert not (run / "prompt").exists()
 
@@ -161,6 +162,48 @@ def test_interrupted_during_selection_resumes_exactly(backbone, xnli, tmp_path, 
     _interrupted_then_resumed(*args, "selection", 1, "raise", checkpoint_step=6, owed=True)  # the one of step 6
     train(_cfg(method=method), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
     _assert_same_run(uninterrupted(method), _final_state(run))
+
+
+def test_self_training_rounds_resume_exactly(backbone, xnli, tmp_path, monkeypatch):
+    """Self-training rounds run ``fit`` too: a signal inside a round's step and a KeyboardInterrupt
+    inside a round's selection pass resume to the uninterrupted run's prompt, round checkpoints and record."""
+    cfg = _cfg(max_steps=3, unlabeled="zh", unlabeled_rows=12, self_train_rounds=2, self_train_steps=4,
+               self_train_keep="last")
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    whole.mkdir()
+    run.mkdir()
+    train(cfg, copy.deepcopy(backbone), xnli, whole, [TEST_DATA])
+    args = (backbone, xnli, run, "deep", monkeypatch)
+    # main loop: steps 1-3 (calls 1-3); round 1: the 5th call is its step 2, which finishes
+    _interrupted_then_resumed(*args, "loss", 5, "SIGINT", checkpoint_step=2, cfg=cfg, fit_dir=run / "selftrain-1")
+    # round 1 selects at its steps 3 and 4, round 2 at 0 and 3: inside that one
+    _interrupted_then_resumed(*args, "selection", 4, "raise", checkpoint_step=3, owed=True, cfg=cfg,
+                              fit_dir=run / "selftrain-2")
+    summary = train(cfg, copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    assert summary["self_training"] == json.loads((whole / "metrics.json").read_text())["train"]["self_training"]
+    _assert_same_run(_final_state(whole), _final_state(run))
+    for round_ in ("selftrain-1", "selftrain-2"):
+        a, b = (json.loads((r / round_ / "checkpoint" / "state.json").read_text()) for r in (whole, run))
+        assert (a["step"], a["best_step"], a["best_accuracy"]) == (b["step"], b["best_step"], b["best_accuracy"])
+        ta, tb = (load_file(str(r / round_ / "checkpoint" / m["tensors"])) for r, m in ((whole, a), (run, b)))
+        for name in ta:
+            assert name.startswith("rng.") or torch.equal(ta[name], tb[name]), (round_, name)
+
+
+def test_checkpoint_keeps_the_random_generators():
+    import random
+
+    import numpy as np
+
+    from xprompt.checkpoints import rng_state, set_rng_state
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    tensors, meta = rng_state()
+    meta = json.loads(json.dumps(meta))  # as state.json holds it
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state({k[len("rng."):]: v for k, v in tensors.items()}, meta)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
 
 
 def test_same_seed_same_prompt_other_seed_differs(backbone, xnli, tmp_path):
