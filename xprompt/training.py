@@ -4,6 +4,7 @@ target languages; the caller hands the loop a built, initialised model and a sel
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -19,7 +20,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import batches, slice_batch
 from .errors import XPromptError
-from .fileio import append_jsonl, truncate_log
+from .fileio import append_jsonl, truncate_log, write_text
 from .hardware import autocast, frozen_weights_in_bf16
 from .model import PromptModel
 from .start import snapshot
@@ -38,6 +39,10 @@ class Fit:
     last_accuracy: float | None = None  # the selection accuracy of the last step, where this loop scored it
 
 
+class Abort(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: stop at once, save nothing (the last checkpoint stands)."""
+
+
 class Stop:
     """The SIGINT / SIGTERM a loop heard. The first only asks: the loop finishes the step under way
     (and the selection pass it is due), saves its checkpoint and raises ``KeyboardInterrupt`` there.
@@ -49,7 +54,7 @@ class Stop:
 
     def handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise Abort
         self.requested = True
 
     def asked(self, world: int = 1) -> bool:
@@ -163,6 +168,8 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     try:
         with frozen_weights_in_bf16(model, cfg.dtype, device.type):  # once for the loop, not per step
             if phase == "owed":  # interrupted during the selection of this step: it comes first
+                if main:
+                    _drop_selection_line(log_path, step)
                 select()
             boundary()
             while step < total:
@@ -206,6 +213,8 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                     epoch += 1
                     continue
                 break
+    except Abort:
+        raise
     except KeyboardInterrupt:
         if phase in ("clean", "owed"):  # a completed step (its selection maybe owed); a step under way is dropped
             save_progress()
@@ -213,6 +222,16 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     return Fit(best=best, steps=total, seconds=time.perf_counter() - started, seen=seen,
                trainable_parameters=sum(p.numel() for p in params),
                last_accuracy=last_accuracy if step >= total else None)
+
+
+def _drop_selection_line(log_path: Path, step: int) -> None:
+    """The log without a ``select_accuracy`` record of ``step`` (an owed selection writes it again)."""
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if not ('"select_accuracy"' in line and json.loads(line).get("step") == step)]
+    if len(kept) != len(lines):
+        write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def accumulate_gradients(model: PromptModel, batch: dict, cfg: TrainConfig, device, rank: int = 0, world: int = 1) -> torch.Tensor:
