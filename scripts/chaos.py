@@ -154,7 +154,7 @@ def killed_then_resumed(backbone: Path, runs: Path, name: str, place: str, at: f
                                 env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=600)
     finished = (runs / name / "prompt" / "prompt.safetensors").exists()
-    if proc.returncode not in (0, 1, -signal.SIGKILL) or (proc.returncode == 1 and "interrupted" not in out):
+    if not finished and (proc.returncode not in (1, -signal.SIGKILL) or (proc.returncode == 1 and "interrupted" not in out)):
         raise SystemExit(f"{name}: unexpected exit {proc.returncode}:\n{out}")
     state = runs / name / "checkpoint" / "state.json"
     meta = json.loads(state.read_text()) if state.is_file() else {}
