@@ -149,33 +149,53 @@ def test_resume_a_finished_run_is_refused(trained):
 
 
 def test_sigterm_then_resume_finishes_the_run(tiny_bert_dir, tmp_path):
-    import os
     import signal
     import subprocess
     import sys
     import time
 
+    import torch
+    from safetensors.torch import load_file
+
     runs = tmp_path / "runs"
-    args = [sys.executable, "-m", "xprompt", "train", "--backbone", str(tiny_bert_dir), "--data-dir", str(TEST_DATA),
-            "--runs-dir", str(runs), "--run-name", "killed", "--max-steps", "300", "--eval-every", "5",
-            "--prompt-length", "2", "--batch-size", "4", "--dtype", "fp32"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flags = ["--backbone", str(tiny_bert_dir), "--data-dir", str(TEST_DATA), "--runs-dir", str(runs),
+             "--max-steps", "120", "--eval-every", "5", "--prompt-length", "2", "--batch-size", "4", "--dtype", "fp32"]
+    proc = subprocess.Popen([sys.executable, "-m", "xprompt", "train", *flags, "--run-name", "killed"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = runs / "killed" / "checkpoint" / "state.json"
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    time.sleep(0.13)  # between checkpoints, most likely inside a step
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert "Traceback" not in out and "xprompt train --resume" in " ".join(out.split())
     stopped_at = json.loads(state.read_text())["step"]
-    assert 0 < stopped_at < 300
+    assert 0 < stopped_at < 120
     result = invoke("train", "--resume", runs / "killed")
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (runs / "killed" / "log.jsonl").read_text().splitlines()]
     assert {"step": stopped_at, "resumed": True} in log
-    assert json.loads((runs / "killed" / "metrics.json").read_text())["train"]["steps"] == 300
-    assert os.path.isfile(runs / "killed" / "prompt" / "prompt.safetensors")
+    assert json.loads((runs / "killed" / "metrics.json").read_text())["train"]["steps"] == 120
+
+    # the same as an uninterrupted run: the prompt, the last checkpoint's tensors and moments, the selections
+    result = invoke("train", *flags, "--run-name", "whole")
+    assert result.exit_code == 0, result.output
+
+    def final(name):
+        meta = json.loads((runs / name / "checkpoint" / "state.json").read_text())
+        tensors = load_file(str(runs / name / "checkpoint" / meta["tensors"]))
+        tensors.update({f"prompt.{k}": v for k, v in load_file(str(runs / name / "prompt" / "prompt.safetensors")).items()})
+        lines = (runs / name / "log.jsonl").read_text().splitlines()
+        return tensors, [json.loads(line) for line in lines if "select_accuracy" in line], meta["best_step"]
+
+    (killed, killed_selections, killed_best), (whole, whole_selections, whole_best) = final("killed"), final("whole")
+    assert killed.keys() == whole.keys()
+    for name in whole:
+        if not name.startswith("rng."):
+            assert torch.equal(killed[name], whole[name]), name
+    assert (killed_selections, killed_best) == (whole_selections, whole_best)
 
 
 def test_debug_shows_the_traceback():

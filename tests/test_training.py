@@ -1,4 +1,7 @@
+import copy
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,12 +23,48 @@ def _prompt(run_dir):
     return load_file(str(run_dir / "prompt" / "prompt.safetensors"))
 
 
-@pytest.mark.parametrize("stop_at", [2, 3, 7])
-def test_interrupted_run_resumes_exactly(backbone, xnli, tmp_path, stop_at):
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    train(_cfg(), backbone, xnli, whole, [TEST_DATA])
+def _final_state(run_dir):
+    """What an uninterrupted and a resumed run must share bit for bit: the saved prompt, the last
+    checkpoint's trainable tensors, best tensors and AdamW moments, and the selection record."""
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    tensors = load_file(str(run_dir / "checkpoint" / state["tensors"]))
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    train = json.loads((run_dir / "metrics.json").read_text())["train"]
+    return {
+        "prompt": _prompt(run_dir),
+        "checkpoint": {k: v for k, v in tensors.items() if not k.startswith("rng.")},
+        "record": {"selections": [(r["step"], r["select_accuracy"]) for r in log if "select_accuracy" in r],
+                   "losses": [(r["step"], r["loss"], r["lr"]) for r in log if "loss" in r],
+                   "best": (state["best_step"], state["best_accuracy"], train["best_step"], train["select_accuracy"]),
+                   "step": state["step"]},
+    }
 
+
+def _assert_same_run(a, b):
+    for part in ("prompt", "checkpoint"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name, (a[part][name] - b[part][name]).abs().max())
+    assert a["record"] == b["record"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(_backbone, xnli, tmp_path_factory):
+    """The uninterrupted run of each method, once per module."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            run = tmp_path_factory.mktemp(f"whole-{method}")
+            train(_cfg(method=method), copy.deepcopy(_backbone), xnli, run, [TEST_DATA])
+            runs[method] = _final_state(run)
+        return runs[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method,stop_at", [("deep", 2), ("deep", 3), ("deep", 7), ("unified", 4)])
+def test_interrupted_run_resumes_exactly(backbone, xnli, tmp_path, uninterrupted, method, stop_at):
     parts = tmp_path / "parts"
     parts.mkdir()
 
@@ -34,17 +73,137 @@ def test_interrupted_run_resumes_exactly(backbone, xnli, tmp_path, stop_at):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(), backbone, xnli, parts, [TEST_DATA], on_step=interrupt)
+        train(_cfg(method=method), backbone, xnli, parts, [TEST_DATA], on_step=interrupt)
     state = json.loads((parts / "checkpoint" / "state.json").read_text())
     assert state["step"] == stop_at and not (parts / "prompt").exists()
-    summary = train(_cfg(), backbone, xnli, parts, [TEST_DATA])
+    summary = train(_cfg(method=method), copy.deepcopy(backbone), xnli, parts, [TEST_DATA])
     assert summary["steps"] == 8
-    a, b = _prompt(whole), _prompt(parts)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    _assert_same_run(uninterrupted(method), _final_state(parts))
     log = [json.loads(line) for line in (parts / "log.jsonl").read_text().splitlines()]
     assert {"step": stop_at, "resumed": True} in log
+
+
+class _Interrupter:
+    """Interrupts the ``at``-th call of what it wraps (counted in this process): ``how`` is a signal
+    sent to this process (``SIGINT``, ``SIGTERM``, ``SIGINT x2``) or ``raise`` (a KeyboardInterrupt
+    raised there); ``after`` interrupts when the wrapped call has returned instead of before it."""
+
+    def __init__(self, real, at, how, after=False):
+        self.real, self.at, self.how, self.after, self.calls = real, at, how, after, 0
+
+    def fire(self):
+        if self.how == "raise":
+            raise KeyboardInterrupt
+        for _ in range(2 if self.how.endswith("x2") else 1):
+            os.kill(os.getpid(), getattr(signal, self.how.split()[0]))
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at and not self.after:
+            self.fire()
+        out = self.real(*args, **kwargs)
+        if self.calls == self.at and self.after:
+            self.fire()
+        return out
+
+
+def _interrupted_then_resumed(backbone, xnli, run, method, monkeypatch, where, at, how, checkpoint_step, owed=False,
+                              cfg=None, fit_dir=None):
+    """One interrupted ``train`` (``where``: "loss", "optimizer" (between its step and the
+    scheduler's) or "selection"), with SIGTERM handled as ``xprompt train`` handles it; then checks
+    the checkpoint it left (in ``fit_dir``: the run's, or a self-training round's)."""
+    import xprompt.training as training_module
+    import xprompt.workflows.runs as runs_module
+
+    with monkeypatch.context() as patch:
+        if where == "loss":
+            patch.setattr(training_module, "accumulate_gradients",
+                          _Interrupter(training_module.accumulate_gradients, at, how))
+        elif where == "optimizer":
+            real = torch.optim.AdamW.step
+            interrupter = _Interrupter(real, at, how, after=True)
+            patch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: interrupter(self, *a, **k))
+        else:
+            patch.setattr(runs_module, "predict", _Interrupter(runs_module.predict, at, how))
+        previous = signal.signal(signal.SIGTERM, runs_module._interrupt)  # as train_run does
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg or _cfg(method=method), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    state = json.loads(((fit_dir or run) / "checkpoint" / "state.json").read_text())
+    assert (state["step"], state.get("selection_owed", False)) == (checkpoint_step, owed), (where, at, how)
+    assert not (run / "prompt").exists()
+
+
+@pytest.mark.parametrize("method", ["deep", "unified"])
+def test_interrupted_during_steps_resumes_exactly(backbone, xnli, tmp_path, uninterrupted, monkeypatch, method):
+    """Signals inside a step let it finish (its checkpoint is saved); a KeyboardInterrupt raised inside
+    one, or a second signal, drops it (the checkpoint before it stands); every resume is exact."""
+    run = tmp_path / "run"
+    run.mkdir()
+    args = (backbone, xnli, run, method, monkeypatch)
+    _interrupted_then_resumed(*args, "loss", 2, "SIGINT", checkpoint_step=2)  # inside step 2: it finishes
+    _interrupted_then_resumed(*args, "optimizer", 2, "SIGTERM", checkpoint_step=4)  # step 4, between optimizer and schedule
+    _interrupted_then_resumed(*args, "loss", 1, "raise", checkpoint_step=4)  # step 5 dropped
+    _interrupted_then_resumed(*args, "loss", 3, "SIGINT x2", checkpoint_step=6)  # step 7 dropped (6 selected, saved)
+    train(_cfg(method=method), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    _assert_same_run(uninterrupted(method), _final_state(run))
+
+
+@pytest.mark.parametrize("method", ["deep", "unified"])
+def test_interrupted_during_selection_resumes_exactly(backbone, xnli, tmp_path, uninterrupted, monkeypatch, method):
+    """A signal during a selection pass lets it finish; a KeyboardInterrupt raised inside one saves
+    the step with its selection owed, and the resumed run selects it first: the same record."""
+    run = tmp_path / "run"
+    run.mkdir()
+    args = (backbone, xnli, run, method, monkeypatch)
+    _interrupted_then_resumed(*args, "selection", 2, "SIGTERM", checkpoint_step=3)  # the selection of step 3
+    _interrupted_then_resumed(*args, "selection", 1, "raise", checkpoint_step=6, owed=True)  # the one of step 6
+    train(_cfg(method=method), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    _assert_same_run(uninterrupted(method), _final_state(run))
+
+
+def test_self_training_rounds_resume_exactly(backbone, xnli, tmp_path, monkeypatch):
+    """Self-training rounds run ``fit`` too: a signal inside a round's step and a KeyboardInterrupt
+    inside a round's selection pass resume to the uninterrupted run's prompt, round checkpoints and record."""
+    cfg = _cfg(max_steps=3, unlabeled="zh", unlabeled_rows=12, self_train_rounds=2, self_train_steps=4,
+               self_train_keep="last")
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    whole.mkdir()
+    run.mkdir()
+    train(cfg, copy.deepcopy(backbone), xnli, whole, [TEST_DATA])
+    args = (backbone, xnli, run, "deep", monkeypatch)
+    # main loop: steps 1-3 (calls 1-3); round 1: the 5th call is its step 2, which finishes
+    _interrupted_then_resumed(*args, "loss", 5, "SIGINT", checkpoint_step=2, cfg=cfg, fit_dir=run / "selftrain-1")
+    # round 1 selects at its steps 3 and 4, round 2 at 0 and 3: inside that one
+    _interrupted_then_resumed(*args, "selection", 4, "raise", checkpoint_step=3, owed=True, cfg=cfg,
+                              fit_dir=run / "selftrain-2")
+    summary = train(cfg, copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    assert summary["self_training"] == json.loads((whole / "metrics.json").read_text())["train"]["self_training"]
+    _assert_same_run(_final_state(whole), _final_state(run))
+    for round_ in ("selftrain-1", "selftrain-2"):
+        a, b = (json.loads((r / round_ / "checkpoint" / "state.json").read_text()) for r in (whole, run))
+        assert (a["step"], a["best_step"], a["best_accuracy"]) == (b["step"], b["best_step"], b["best_accuracy"])
+        ta, tb = (load_file(str(r / round_ / "checkpoint" / m["tensors"])) for r, m in ((whole, a), (run, b)))
+        for name in ta:
+            assert name.startswith("rng.") or torch.equal(ta[name], tb[name]), (round_, name)
+
+
+def test_checkpoint_keeps_the_random_generators():
+    import random
+
+    import numpy as np
+
+    from xprompt.checkpoints import rng_state, set_rng_state
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    tensors, meta = rng_state()
+    meta = json.loads(json.dumps(meta))  # as state.json holds it
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state({k[len("rng."):]: v for k, v in tensors.items()}, meta)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
 
 
 def test_same_seed_same_prompt_other_seed_differs(backbone, xnli, tmp_path):

@@ -1,10 +1,14 @@
 """Checkpoints: everything a resumed run needs to continue bit for bit (trainable tensors, the best
-tensors so far, AdamW moments, the schedule and the data position), written atomically."""
+tensors so far, AdamW moments, the schedule, the data position and the random number generators'
+states), written atomically."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -18,13 +22,16 @@ CHECKPOINT_DIR = "checkpoint"
 
 def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict) -> None:
     """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far,
-    AdamW moments (safetensors), and step, data position, scheduler and best score (JSON)."""
+    AdamW moments and torch's generators (safetensors), and step, data position, scheduler, best
+    score and Python's and numpy's generators (JSON)."""
     tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
     tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = value.detach().clone().reshape(value.shape)
+    rng_tensors, rng_meta = rng_state()
+    tensors.update(rng_tensors)
     folder = Path(run_dir) / CHECKPOINT_DIR
     # The tensors go to a file named by the step and state.json, written last, points at it:
     # a crash at any moment leaves a consistent pair (the previous one or the new one).
@@ -37,6 +44,7 @@ def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, pro
         "best_accuracy": best["accuracy"],
         "scheduler": scheduler.state_dict(),
         "param_groups": opt["param_groups"],
+        "rng": rng_meta,
     })
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
@@ -65,4 +73,33 @@ def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     best = {"step": meta["best_step"], "accuracy": meta["best_accuracy"], "tensors": pick("best.")}
+    if "rng" in meta:  # (a checkpoint written before the generators were kept: they stay as they are)
+        set_rng_state(pick("rng."), meta["rng"])
     return meta, best
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """The global random number generators: torch's (CPU, and every CUDA device once CUDA is up) as
+    tensors ``rng.*``; Python's and numpy's as JSON. Training draws none of them today (no dropout
+    anywhere, seeded generators of its own): kept so that anything that does resumes exactly."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": {"version": version, "state": list(words), "gauss": gauss},
+                     "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                               "cached_gaussian": float(cached)}}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put back what ``rng_state`` kept (CUDA's where this process has as many devices)."""
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    python = meta["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = meta["numpy"]
+    np.random.set_state((numpy["kind"], np.array(numpy["keys"], dtype=np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))

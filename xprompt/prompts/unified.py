@@ -1,7 +1,7 @@
 """``unified``: UniPrompt's two towers (Huang et al. 2022), with the backbone frozen. The prompt
 vectors run through a *prompt tower*: copies of the backbone's lower ``tower_layers`` layers,
-trained. The input runs through the frozen backbone's own lower layers (the *context tower*)
-without any prompt. Before the first upper layer the prompt tower's states are inserted at the
+trained (without dropout). The input runs through the frozen backbone's own lower layers (the
+*context tower*) without any prompt. Before the first upper layer the prompt tower's states are inserted at the
 prompt's place, and the frozen upper layers read both. The prompt tower never sees the input, so
 its states are computed once per forward pass in training and, at inference, once per run and
 reused (the cache is keyed by the parameters' versions, so a changed prompt is never read stale).
@@ -123,6 +123,13 @@ class UnifiedPrompt(PromptMethod):
 
         return [layers[i].register_forward_pre_hook(hook(i == self.split), with_kwargs=True)
                 for i in range(self.split, len(layers))]
+
+    def train(self, mode: bool = True) -> "UnifiedPrompt":
+        """The tower's layers run without dropout, as the frozen backbone does: training sees the
+        function evaluation will, and a step draws no random numbers (a resumed run is bit-identical)."""
+        super().train(mode)
+        self.tower.eval()
+        return self
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [self.embeddings], "lr": lr},

@@ -253,6 +253,8 @@ def _discard(run_dir: Path, resume: Path | None, runs_dir_is_new: bool) -> None:
 
 
 def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C, outside the training loop (loading, pseudo-labelling, writing the prompt:
+    nothing there is half done in a checkpoint); inside it ``fit`` defers both to the step's end."""
     raise KeyboardInterrupt
 
 
