@@ -200,12 +200,6 @@ def excluded_ids(lineage: dict, task: str, split: str) -> dict[str, set[str]]:
     return out
 
 
-def unscorable(lineage: dict, task: str, split: str) -> set[str]:
-    """Languages of ``task``'s ``split`` that the lineage read with labels but whose ids it did not keep."""
-    return {r["lang"] for r in all_reads(lineage)
-            if r["labels"] and r["task"] == task and r["split"] == split and not r.get("ids")}
-
-
 def describe_read(read: dict) -> str:
     rows = f"{read['rows']} rows" if read.get("rows") is not None else "rows"
     what = "labelled" if read["labels"] else "inputs only"

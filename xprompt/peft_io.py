@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checks import ADAPTER_CONFIG, is_adapter  # noqa: F401  (is_adapter: read here by transfer)
+from .checks import ADAPTER_CONFIG
 from .errors import XPromptError
 from .fileio import atomic_write, write_json
 from .prompts import method_class, method_for_peft

@@ -32,7 +32,8 @@ from .errors import XPromptError
 from .fileio import atomic_write, read_json, write_json
 from .library import Candidate, library_prompts, similarity_scores, zero_shot_scores
 from .model import check_backbone
-from .peft_io import is_adapter, read_adapter
+from .checks import is_adapter
+from .peft_io import read_adapter
 from .similarity import prompt_shapes
 from .start import init_sample, load_average, restore, set_class_means, snapshot
 from .store import load_prompt

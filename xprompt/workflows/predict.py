@@ -23,7 +23,7 @@ from ..evaluation import probabilities
 from ..fileio import atomic_write, read_json
 from ..hardware import eval_batch_size
 from ..model import load_run_model
-from ..store import load_card
+from ..store import load_card, recorded_tasks_dir
 from ..tasks import DEFAULT_TASKS_DIR, TaskSpec, load_task
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -122,12 +122,11 @@ class Predictor:
             if len({json.dumps(card.get(what)) for card in cards}) > 1:
                 raise XPromptError(f"runs predicted together must share their {what}: "
                                    + ", ".join(f"{run.name}: {card.get(what)}" for run, card in zip(run_dirs, cards)))
-        config = run_dirs[0] / "config.json"
-        recorded = read_json(config).get("tasks_dir") if config.is_file() else None
-        task = load_task(cards[0]["task"], Path(tasks_dir or recorded or DEFAULT_TASKS_DIR))
+        task = load_task(cards[0]["task"], Path(tasks_dir or recorded_tasks_dir(run_dirs[0]) or DEFAULT_TASKS_DIR))
         if task.kind == "generation":
             raise XPromptError(f"{run_dirs[0]} writes text (a generation task); predict labels classes")
         models = [load_run_model(run, backbone)[0].place(device) for run in run_dirs]
+        config = run_dirs[0] / "config.json"
         max_length = int(read_json(config).get("train", {}).get("max_length", 128)) if config.is_file() else 128
         return cls(run_dirs, backbone, task, cards[0], models, DType(dtype), batch_size or eval_batch_size(device),
                    max_length)
