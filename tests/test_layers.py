@@ -16,7 +16,7 @@ FLOORS = [
                   "registry"]),
     ("model parts", ["backbones", "data", "prompts", "verbalizers", "generation", "peft_io", "pretraining"]),
     ("model", ["model", "similarity", "augment"]),
-    ("loops", ["start", "evaluation", "checkpoints", "reports", "training"]),
+    ("loops", ["start", "evaluation", "checkpoints", "reports", "report_page", "training"]),
     ("library", ["library"]),
     ("transfer", ["transfer", "selftrain"]),
     ("workflows", ["workflows"]),

@@ -9,13 +9,17 @@ from xprompt.registry import INDEX_FILE, index_run, list_runs, rebuild
 from xprompt.reports import leaderboard, render
 
 
-def _fake_run(runs, name, seed, scores, task="xnli", method="deep", init_from=None):
+def _fake_run(runs, name, seed, scores, task="xnli", method="deep", init_from=None, correct=None):
+    """``correct``: per-row results by language ('1' right, '0' wrong); they set that language's n and accuracy."""
     run = runs / name
     run.mkdir(parents=True)
     cfg = {"task": task, "lang": "en", "backbone": "e5-small", "method": method, "prompt_length": 8,
            "shots": 16, "seed": seed, "lr": 0.03, "max_steps": 100, "init_from": init_from}
     (run / "config.json").write_text(json.dumps({"train": cfg}))
     dev = {lang: {"n": 10, "accuracy": acc, "macro_f1": acc - 0.1, "labeled": True} for lang, acc in scores.items()}
+    for lang, rows in (correct or {}).items():
+        dev[lang] = {"n": len(rows), "accuracy": rows.count("1") / len(rows), "macro_f1": 0.0, "labeled": True,
+                     "correct": rows}
     (run / "metrics.json").write_text(json.dumps({"train": {"select_accuracy": 0.5}, "eval": {task: {"dev": dev}}}))
     index_run(runs, run)
     return run
@@ -67,7 +71,10 @@ def test_render_formats_parse(tmp_path):
     rows = leaderboard(list_runs(tmp_path), "xnli")
     published = [{"model": "XLM-R base", "backbone": "xlm-roberta-base", "method": "full fine-tuning", "avg_all": 76.2}]
     md = render(rows, published, "md").splitlines()
-    assert md[0].startswith("| run |") and "70.0 ± 14.1" in md[2] and md[3].startswith("| published: XLM-R base")
+    assert md[0].startswith("| run |") and "70.0 ± 14.1" in md[2] and md[3] == ""  # measured rows only
+    section = md.index("**Published reference rows** (quoted from papers, not measured here; never ranked with "
+                       "the rows above)")
+    assert md[section + 4].startswith("| published: XLM-R base")
     table = list(csv.reader(io.StringIO(render(rows, published, "csv"))))
     de = table[0].index("de")
     assert table[0][de:de + 2] == ["de", "en"] and table[1][de] == "50.0 ± 14.1" and table[2][-2] == "76.2"
@@ -112,7 +119,9 @@ def test_html_report_escapes_data_and_has_no_script(tmp_path):
     metrics["eval"]["xnli"]["dev"]["de"]["correct"] = "1" * 6 + "0" * 4
     (run / "metrics.json").write_text(json.dumps(metrics))
     rebuild(tmp_path)
-    page = render(leaderboard(list_runs(tmp_path), "xnli"), [], "html", title="t <b>")
+    published = [{"model": "<b>m</b>", "backbone": "b", "method": "<script>x</script>", "avg_all": 1.0,
+                  "source": "<i>s</i>"}]
+    page = render(leaderboard(list_runs(tmp_path), "xnli"), published, "html", title="t <b>")
 
     class Collect(HTMLParser):
         def __init__(self):
@@ -127,9 +136,11 @@ def test_html_report_escapes_data_and_has_no_script(tmp_path):
 
     parser = Collect()
     parser.feed(page)
-    assert "script" not in parser.tags and "b" not in parser.tags
+    assert "script" not in parser.tags and "b" not in parser.tags and "i" not in parser.tags
+    assert "published: <b>m</b>" in parser.text and "<i>s</i>" in parser.text  # published rows: text too
     assert "<script>alert('x')</script>" in "".join(parser.text)  # shown as text, escaped in the markup
-    assert parser.tags.count("svg") == 2 and "table" in parser.tags
+    assert parser.tags.count("figure") == 1 and "table" in parser.tags
+    assert parser.tags.count("svg") == 2  # the chart and the error bar of the one cell with an interval
     assert "60.0 [" in "".join(parser.text)  # the bootstrap interval of the cell with per-row results
 
 
@@ -207,3 +218,111 @@ def test_an_unreadable_index_is_rebuilt_from_the_folders(tmp_path, capsys, entry
     runs = list_runs(tmp_path)
     assert [r["run_id"] for r in runs] == names and all(len(r["results"]) == 3 for r in runs)
     assert capsys.readouterr().err == ""  # the rebuilt index reads without a notice
+
+
+# ---------------------------------------------------------------- what a reader sees: legend, bars, colour
+
+def _rows_with_intervals(tmp_path, de_a: str, de_b: str):
+    _fake_run(tmp_path, "a", 13, {"en": 0.8}, correct={"de": de_a})
+    _fake_run(tmp_path, "b", 13, {"en": 0.8}, method="soft", correct={"de": de_b})
+    return leaderboard(list_runs(tmp_path), "xnli")
+
+
+def test_the_legend_says_what_a_cell_is_in_markdown_and_html(tmp_path):
+    from xprompt.report_page import LEGEND
+
+    rows = _rows_with_intervals(tmp_path, "1" * 30 + "0" * 20, "1" * 29 + "0" * 21)
+    md = render(rows, [], "md")
+    assert "**Legend**" in md and "- `x ± s [lo, hi]`: x: the row's metric ×100" in md
+    assert "percentile bootstrap 95% interval" in md and "1000 resamples" in md and "paired" in md
+    for term in ("avg targets, avg with source, gap", "average over", "rows", "seeds", "split", "protocol",
+                 "published"):
+        assert f"- **{term}**: " in md
+    assert {term for term, _ in LEGEND} >= {"x ± s [lo, hi]", "protocol", "published"}
+    page = render(rows, [], "html")
+    assert "<h2>Legend</h2>" in page and "<dt>x ± s [lo, hi]</dt>" in page and "<dt>cell colour</dt>" in page
+    assert page.count('class="swatch"') == 5  # the colour scale: neutral, 5, 10, 20+ points, no estimate
+
+
+def test_error_bars_are_as_wide_as_the_intervals(tmp_path):
+    import re
+
+    from xprompt.report_page import BAR_WIDTH, error_bar
+
+    def band(svg: str) -> tuple[float, float]:
+        x, width = re.search(r'class="band" x="([0-9.]+)" y="1" width="([0-9.]+)"', svg).groups()
+        return float(x), float(width)
+
+    assert band(error_bar(0.5, 0.4, 0.6)) == (0.4 * BAR_WIDTH, pytest.approx(0.2 * BAR_WIDTH))
+    assert band(error_bar(0.5, 0.45, 0.55))[1] == pytest.approx(0.1 * BAR_WIDTH)  # half the interval: half the bar
+    rows = _rows_with_intervals(tmp_path, "1" * 35 + "0" * 15, "1" * 700 + "0" * 300)
+    page = render(rows, [], "html")
+    widths = sorted(band(svg)[1] for svg in re.findall(r'<svg class="bar ci".*?</svg>', page))
+    intervals = sorted((r["ci95"]["de"][1] - r["ci95"]["de"][0]) * BAR_WIDTH for r in rows)
+    assert widths == [pytest.approx(w, abs=0.01) for w in intervals]
+    assert widths[1] > 3 * widths[0]  # 50 rows: a wide bar; 1000 rows: a narrow one
+
+
+def test_noise_gets_the_neutral_colour_and_a_real_gap_a_shade(tmp_path):
+    from xprompt.report_page import NEUTRAL, heat, shade
+
+    rows = _rows_with_intervals(tmp_path, "1" * 30 + "0" * 20, "1" * 27 + "0" * 23)  # 60.0 vs 54.0 on 50 rows
+    colours = heat(rows, ["de", "en"])
+    assert colours[0, "de"] == NEUTRAL and colours[1, "de"] == NEUTRAL  # 6 points on 50 rows is noise
+    page = render(rows, [], "html")
+    assert page.count(f"<td style=\"background:{NEUTRAL}\">") == 4  # de and en of both rows: nothing painted apart
+    wide = [dict(r, n={"de": 1000}, ci95={"de": (m - 0.03, m + 0.03)}) for r in rows
+            for m in [r["languages"]["de"][0]]]
+    colours = heat(wide, ["de"])  # the same 6 points, measured on 1000 rows: beyond noise
+    assert colours[0, "de"] == NEUTRAL and colours[1, "de"] == shade(6.0) != NEUTRAL
+    assert shade(40.0) == shade(20.0) and shade(5.0) != shade(10.0)  # a fixed range, one hue
+    chrf = [dict(r, metric="chrf", ci95={}) for r in rows]
+    assert heat(chrf, ["de"])[1, "de"] == ""  # no noise estimate: not coloured
+
+
+def test_published_rows_are_labelled_and_never_ranked_with_a_partial_average(tmp_path):
+    from xprompt.reports import comparable
+
+    _fake_run(tmp_path, "a", 13, {"en": 0.8, "de": 0.6})  # a partial dev average (xnli has 15 languages)
+    rows = leaderboard(list_runs(tmp_path), "xnli")
+    published = [{"model": "XLM-R base", "backbone": "xlm-roberta-base", "method": "full fine-tuning",
+                  "avg_all": 76.2, "languages": 15, "source": "Conneau et al. 2020", "split": "test"}]
+    md = render(rows, published, "md").splitlines()
+    measured = md[:md.index("")]
+    assert len(measured) == 3 and not any("published" in line or "76.2" in line for line in measured)
+    line = next(x for x in md if x.startswith("| published: XLM-R base"))
+    assert "| Conneau et al. 2020 |" in line and "| test |" in line
+    assert line.endswith("| 76.2 | none: no measured test row over 15 languages incl. the source |")
+    assert comparable(published[0], rows) == []
+    page = render(rows, published, "html")
+    assert page.index("<h2>Published reference rows</h2>") > page.index("</table>")  # a table of its own
+    # a complete test-split row over the same 15 languages is comparable, and named
+    complete = dict(rows[0], split="test", complete=True, target_set=["x"] * 14)
+    assert comparable(published[0], [complete]) == [complete]
+    assert comparable(dict(published[0], split="dev"), [complete]) == []
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "json", "html"])
+def test_a_task_without_evaluations_says_so_in_one_line(tmp_path, fmt):
+    from typer.testing import CliRunner
+
+    from xprompt.cli import app
+
+    _fake_run(tmp_path, "a", 13, {"en": 0.8, "de": 0.6})  # xnli only: nothing on pawsx
+    result = CliRunner().invoke(app, ["report", "--runs-dir", str(tmp_path), "--task", "pawsx", "--format", fmt])
+    assert result.exit_code == 0, result.output
+    note = (f"no evaluations of task 'pawsx' (dev split) in {tmp_path} yet; run `xprompt eval --task pawsx` "
+            "on a trained run")
+    if fmt == "md":
+        assert result.stdout == note + "\n" and result.stderr == ""
+        return
+    assert note in " ".join(result.stderr.split())  # the terminal may wrap it
+    if fmt == "csv":
+        assert list(csv.reader(io.StringIO(result.stdout)))[0][0] == "run"
+        assert not any(r and r[0] == "xnli/en x8" for r in csv.reader(io.StringIO(result.stdout)))
+    elif fmt == "json":
+        assert json.loads(result.stdout)["rows"] == []
+    else:
+        from html import escape
+
+        assert f'<p class="note">{escape(note)}</p>' in result.stdout and "<table>" not in result.stdout

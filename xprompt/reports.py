@@ -211,42 +211,69 @@ def leaderboard(runs: list[dict], task, split: str = "dev", metric: str | None =
 
 
 def published_rows(path, task: str) -> list[dict]:
+    """A task's published reference rows (``tasks/published/reference.yaml``): figures quoted from papers,
+    on their ``split`` (test where the file says none) over ``languages`` languages with the source."""
     import yaml
 
-    return [row for row in (yaml.safe_load(open(path, encoding="utf-8")) or []) if row.get("task") == task]
+    rows = [row for row in (yaml.safe_load(open(path, encoding="utf-8")) or []) if row.get("task") == task]
+    return [{"split": "test", "metric": "accuracy", **row} for row in rows]
 
 
-def _table(rows: list[dict], published: list[dict]) -> tuple[list[str], list[list[str]]]:
+def comparable(published: dict, rows: list[dict]) -> list[dict]:
+    """The measured rows a published figure (an average with the source) may stand beside: the same
+    split and metric, a complete official language set and, where the paper names it, as many
+    languages with the source. Never a partial average, never another split."""
+    wanted = published.get("languages")
+    return [r for r in rows if r["split"] == published.get("split", "test") and r["complete"]
+            and r["metric"] == published.get("metric", "accuracy") and r.get("avg_all")
+            and (wanted is None or len(r["target_set"]) + 1 == wanted)]
+
+
+COLUMNS = ["run", "config", "protocol", "backbone", "method", "shots", "seeds", "rows", "split", "metric"]
+
+
+def _cell(value, ci=None) -> str:
+    if value is None:
+        return ""
+    m, s = value
+    text = f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s else "")
+    return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """The measured rows: header, string cells (``table[i]`` is ``rows[i]``), the language columns."""
     langs = sorted({lang for r in rows for lang in r["languages"]})
     extra = {lang for r in rows for lang in r["extra"]}
-    header = ["run", "config", "protocol", "backbone", "method", "shots", "seeds", "rows", "metric",
-              *(f"{lang} (extra)" if lang in extra else lang for lang in langs),
+    header = [*COLUMNS, *(f"{lang} (extra)" if lang in extra else lang for lang in langs),
               "average over", "avg targets", "avg with source", "gap"]
-
-    def cell(value, ci=None) -> str:
-        if value is None:
-            return ""
-        m, s = value
-        text = f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s else "")
-        return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
     def rows_cell(r) -> str:
         counts = sorted(set(r["n"].values()))
         return "/".join(str(c) for c in counts) + " per language"
 
+    table = [[row_name(r), r["label"], str(r["protocol"]), str(r["backbone"]), str(r["method"]),
+              str(r["shots"] or "all"), ",".join(str(s) for s in r["seeds"]), rows_cell(r), r["split"],
+              r.get("metric_label") or metric_label(r),
+              *(_cell(r["languages"].get(lang), r["ci95"].get(lang)) for lang in langs),
+              r["average_over"], _cell(r.get("avg_target")), _cell(r.get("avg_all")), _cell(r.get("gap"))]
+             for r in rows]
+    return header, table, langs
+
+
+def _published_table(published: list[dict], rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Published rows in a table of their own: each with its source, split, language set and the measured
+    rows comparable with it (none, and why, where there are none)."""
+    header = ["published", "source", "protocol", "backbone", "method", "split", "metric", "average over",
+              "avg with source", "comparable measured rows"]
     table = []
-    for r in rows:
-        table.append([row_name(r), r["label"], str(r["protocol"]), str(r["backbone"]), str(r["method"]),
-                      str(r["shots"] or "all"), ",".join(str(s) for s in r["seeds"]), rows_cell(r),
-                      r.get("metric_label") or metric_label(r),
-                      *(cell(r["languages"].get(lang), r["ci95"].get(lang)) for lang in langs),
-                      r["average_over"], cell(r.get("avg_target")), cell(r.get("avg_all")), cell(r.get("gap"))])
     for p in published:
-        over = f"published: {p['languages']} languages incl. the source" if p.get("languages") else "published"
+        p = {"split": "test", "metric": "accuracy", **p}
+        over = f"{p['languages']} languages incl. the source" if p.get("languages") else "as published"
+        peers = ", ".join(row_name(r) for r in comparable(p, rows)) or \
+            f"none: no measured {p['split']} row over {over if p.get('languages') else 'a complete official set'}"
         table.append([f"published: {p['model']}", str(p.get("source", "")), "zero-shot (full fine-tuning)",
-                      str(p["backbone"]), str(p["method"]), "all", "", "test", str(p.get("metric", "accuracy")),
-                      *([""] * len(langs)), over, "",
-                      f"{p['avg_all']:.1f}", ""])
+                      str(p["backbone"]), str(p["method"]), str(p["split"]), str(p["metric"]), over,
+                      f"{p['avg_all']:.1f}", peers])
     return header, table
 
 
@@ -255,28 +282,52 @@ def row_name(row: dict) -> str:
     return f"{name} from {row['init_from']}" if row.get("init_from") else name
 
 
-def render(rows: list[dict], published: list[dict], fmt: str, title: str = "xprompt leaderboard") -> str:
+def no_rows_note(task: str, split: str, runs_dir) -> str:
+    """The one line a report of no evaluations says instead of a bare header."""
+    how = f"xprompt eval --task {task}" + ("" if split == "dev" else f" --split {split}")
+    return f"no evaluations of task '{task}' ({split} split) in {runs_dir} yet; run `{how}` on a trained run"
+
+
+def render(rows: list[dict], published: list[dict], fmt: str, title: str = "xprompt leaderboard",
+           note: str | None = None) -> str:
     """The leaderboard as Markdown, CSV, JSON or one self-contained HTML page. Cells are the row's
     metric (its ``metric`` column: accuracy, or chrF/BLEU with the sacrebleu signature) times 100:
-    mean ± std over seeds, then the bootstrap 95% interval of an accuracy."""
+    mean ± std over seeds, then the bootstrap 95% interval of an accuracy. Markdown and HTML put
+    published rows in a table of their own and end with a legend; CSV keeps one table (published
+    rows last, their split and language set in their cells). With no rows, ``note`` (a line) is the
+    Markdown and the HTML page's body; CSV is the header alone, JSON an empty ``rows``."""
     import csv
     import io
     import json
 
+    from . import report_page
+
     if fmt == "json":
         return json.dumps({"rows": rows, "published": published}, indent=2, sort_keys=True, ensure_ascii=False)
-    header, table = _table(rows, published)
+    header, table, langs = _table(rows)
+    published_part = _published_table(published, rows)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(header)
         writer.writerows(table)
+        for cells in published_part[1]:  # the same columns; split and language set in their cells
+            writer.writerow([cells[0], cells[1], cells[2], cells[3], cells[4], "all", "", "", cells[5], cells[6],
+                             *([""] * len(langs)), f"published: {cells[7]}", "", cells[8], ""])
         return out.getvalue()
     if fmt == "html":
-        return render_html(rows, header, table, title)
+        return report_page.page(title, header, table, rows, langs, len(COLUMNS), published_part,
+                                charts(rows), note=note if not rows and note else None)
+    if not rows and note:
+        return note + "\n"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
-    return "\n".join(lines) + "\n"
+    if published:
+        lines += ["", "**Published reference rows** (quoted from papers, not measured here; never ranked with "
+                  "the rows above)", "", "| " + " | ".join(published_part[0]) + " |",
+                  "|" + "---|" * len(published_part[0])]
+        lines += ["| " + " | ".join(row) + " |" for row in published_part[1]]
+    return "\n".join([*lines, "", *report_page.markdown_legend()]) + "\n"
 
 
 def _svg(figure) -> str:
@@ -294,7 +345,9 @@ def _svg(figure) -> str:
 
 
 def charts(rows: list[dict]) -> list[str]:
-    """A per-language bar chart of the best row and a run x language heatmap, as SVG strings."""
+    """A per-language bar chart of the first-ranked row, its error bars the bootstrap 95% intervals (mean
+    ± std over seeds where a language has none), as SVG. The run x language heatmap is the HTML table's
+    colouring (``report_page.heat``): no colour scale here that paints noise."""
     if not rows:
         return []
     import matplotlib
@@ -302,44 +355,19 @@ def charts(rows: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    langs = sorted({lang for r in rows for lang in r["languages"]})
     best = rows[0]
+    langs = sorted(best["languages"])
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(langs)), 3))
-    values = [100 * best["languages"][lang][0] if lang in best["languages"] else 0 for lang in langs]
-    errors = [100 * best["languages"][lang][1] if lang in best["languages"] else 0 for lang in langs]
-    ax.bar(langs, values, yerr=errors, color="#4c72b0")
+    values = [100 * best["languages"][lang][0] for lang in langs]
+    below = [v - 100 * best["ci95"][lang][0] if lang in best["ci95"] else 100 * best["languages"][lang][1]
+             for v, lang in zip(values, langs)]
+    above = [100 * best["ci95"][lang][1] - v if lang in best["ci95"] else 100 * best["languages"][lang][1]
+             for v, lang in zip(values, langs)]
+    ax.bar(langs, values, yerr=[[max(b, 0) for b in below], [max(a, 0) for a in above]], color="#4c72b0")
     ax.set_ylabel(f"{METRIC_NAMES.get(best['metric'], best['metric'])} (x100)")
-    ax.set_title(f"best: {row_name(best)} ({best['method']})")
+    ax.set_title(f"first ranked: {row_name(best)} ({best['method']}); bars: 95% interval or ± std")
     ax.set_ylim(0, 100)
-    bar = _svg(fig)
-    matrix = np.array([[100 * r["languages"][lang][0] if lang in r["languages"] else np.nan for lang in langs]
-                       for r in rows])
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(langs)), max(2, 0.4 * len(rows) + 1)))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(langs)), langs)
-    ax.set_yticks(range(len(rows)), [f"{row_name(r)} {r['method']}" for r in rows])
-    fig.colorbar(image, ax=ax, label=f"{METRIC_NAMES.get(best['metric'], best['metric'])} (x100)")
-    return [bar, _svg(fig)]
-
-
-def render_html(rows: list[dict], header: list[str], table: list[list[str]], title: str) -> str:
-    """One self-contained page: every string from data goes through ``html.escape``; no scripts."""
-    from html import escape
-
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table)
-    figures = "".join(f"<figure>{svg}</figure>" for svg in charts(rows))
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{escape(title)}</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}"
-        "figure{margin:1.5em 0}</style></head><body>"
-        f"<h1>{escape(title)}</h1><p>Cells: the row's metric (accuracy in %, or chrF/BLEU as sacrebleu scores "
-        "with their signatures), mean ± std over seeds, [bootstrap 95% interval of an accuracy]. "
-        "Rows marked published are quoted from papers (full fine-tuning), not measured here.</p>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{figures}</body></html>\n"
-    )
+    return [_svg(fig)]
 
 
 def xtreme_files(run_dir, task: str, out_dir) -> list:

@@ -70,11 +70,13 @@ def report_cmd(
     """Leaderboard over every run: one row per configuration (every result-changing field but the
     seed) and evaluated row set, as mean +- std per language over seeds; averages over the task's
     official targets (extra languages in their own columns), with the source, the gap; ranked only
-    against rows averaged over the same language set; published reference rows. Reads stored
+    against rows averaged over the same language set; published reference rows in a table of their
+    own; a legend. With no evaluations of the task: one line saying so (on stderr too for csv, json,
+    html and --out; csv is then the header, json an empty list of rows), exit 0. Reads stored
     results only; never runs a model."""
     from ..fileio import write_text
     from ..registry import list_runs
-    from ..reports import leaderboard, published_rows, render, submission_run, xtreme_files
+    from ..reports import leaderboard, no_rows_note, published_rows, render, submission_run, xtreme_files
     from ..store import run_protocol
     from ..tasks import DEFAULT_TASKS_DIR
 
@@ -83,7 +85,10 @@ def report_cmd(
     rows = leaderboard(runs, spec, split)
     published_file = (tasks_dir or DEFAULT_TASKS_DIR) / "published" / "reference.yaml"
     published = published_rows(published_file, task) if published_file.is_file() else []
-    text = render(rows, published, fmt.value, title=f"xprompt leaderboard: {task} {split}")
+    note = None if rows else no_rows_note(task, split, runs_dir)
+    text = render(rows, published, fmt.value, title=f"xprompt leaderboard: {task} {split}", note=note)
+    if note and (out or fmt != Format.MD):  # md on stdout is the note itself; elsewhere it goes to stderr
+        err_console.print(note, highlight=False, soft_wrap=True, markup=False)
     if xtreme is not None:
         if run is not None:  # named by the user: taken whatever it read, and said
             source, why = run, f"named by --run; its protocol: {run_protocol(run)}"
