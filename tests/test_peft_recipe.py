@@ -1,5 +1,5 @@
 """The PEFT export as PEFT users meet it (issue 33, part): a portable base model name, a task type
-PEFT's Auto classes load, the label head beside it, and the README's recipe giving xprompt's labels;
+PEFT's Auto classes load, the label head beside it, and the recipe of docs/peft.md giving xprompt's labels;
 methods without a twin say so on export."""
 
 import json
@@ -21,7 +21,7 @@ def invoke(*args):
 
 
 def recipe() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "peft.md").read_text()
     block = re.search(r"<!-- peft-recipe -->\n```python\n(.*?)```\n<!-- end peft-recipe -->", text, re.S)
     return block.group(1)
 
@@ -56,7 +56,7 @@ def test_the_readme_recipe_gives_xprompt_s_labels(tiny_bert_dir, tmp_path, reado
     batch = next(batches(rows, 24, bb.tokenizer.pad_token_id))  # length-sorted: back to row order below
     scope = {"run": str(run), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
              "mask_pos": batch["mask_pos"]}
-    exec(recipe(), scope)  # the README's code, as written
+    exec(recipe(), scope)  # the recipe's code, as written
     order = batch["index"].tolist()
     got = [None] * len(order)
     for position, label in zip(order, scope["labels"]):
