@@ -312,3 +312,48 @@ def test_init_from_library_ranks_by_zero_shot_score(backbone, xnli, tmp_path, mo
         empty = tmp_path / "empty" / "r"
         empty.mkdir(parents=True)
         train(_cfg(max_steps=1, init_from="library", same_task=True), backbone, xnli, empty, [TEST_DATA])
+
+
+def test_checkpoint_averaging_saves_the_mean_of_the_last_selection_points(backbone, xnli, tmp_path, uninterrupted):
+    """--average-checkpoints 2: training is the same run (the last checkpoint's trainable tensors equal
+    the plain run's), the saved prompt is the element-wise mean of the tensors kept at the last two
+    selection points (steps 6 and 8), and both held-out accuracies are recorded."""
+    run = tmp_path / "avg"
+    summary = train(_cfg(average_checkpoints=2), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    tensors = load_file(str(run / "checkpoint" / state["tensors"]))
+    assert state["recent_steps"] == [6, 8]
+    plain = uninterrupted("deep")["checkpoint"]
+    for name, value in plain.items():
+        if name.startswith("model."):
+            assert torch.equal(tensors[name], value), name  # averaging never touches training
+    prompt = _prompt(run)
+    for name, value in prompt.items():
+        mean = (tensors[f"recent.0.{name}"] + tensors[f"recent.1.{name}"]) / 2
+        assert torch.allclose(value, mean, atol=1e-6), name
+    assert not torch.equal(tensors["recent.0.layer_prompts"], tensors["recent.1.layer_prompts"])
+    average = summary["checkpoint_average"]
+    assert average["steps"] == [6, 8] and 0 <= average["select_accuracy"] <= 1
+    assert summary["select_accuracy"] == average["select_accuracy"] and summary["best_step"] == 8
+    assert average["best_single"]["select_accuracy"] == round(uninterrupted("deep")["record"]["best"][1], 4)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("average_of_steps") == [6, 8] for r in log)
+
+
+def test_checkpoint_averaging_resumes_exactly(backbone, xnli, tmp_path):
+    """Interrupted after the selection of step 6, the resumed run keeps the tensors of step 6 for the
+    average: the same saved prompt as an uninterrupted averaging run."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(_cfg(average_checkpoints=2, eval_every=2), copy.deepcopy(backbone), xnli, whole, [TEST_DATA])
+
+    def interrupt(step, total, loss, rate):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(average_checkpoints=2, eval_every=2), copy.deepcopy(backbone), xnli, parts, [TEST_DATA],
+              on_step=interrupt)
+    assert json.loads((parts / "checkpoint" / "state.json").read_text())["recent_steps"] == [4, 6]
+    train(_cfg(average_checkpoints=2, eval_every=2), copy.deepcopy(backbone), xnli, parts, [TEST_DATA])
+    a, b = _prompt(whole), _prompt(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -20,12 +20,15 @@ from .model import PromptModel
 CHECKPOINT_DIR = "checkpoint"
 
 
-def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict) -> None:
-    """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far,
+def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict,
+                    recent: list | None = None) -> None:
+    """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far, the
+    last selection points' tensors (``recent``: (step, tensors) pairs, for checkpoint averaging),
     AdamW moments and torch's generators (safetensors), and step, data position, scheduler, best
     score and Python's and numpy's generators (JSON)."""
     tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
     tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
+    tensors.update({f"recent.{i}.{k}": v for i, (_, kept) in enumerate(recent or []) for k, v in kept.items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
@@ -45,6 +48,7 @@ def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, pro
         "scheduler": scheduler.state_dict(),
         "param_groups": opt["param_groups"],
         "rng": rng_meta,
+        "recent_steps": [step for step, _ in recent or []],
     })
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
@@ -52,7 +56,8 @@ def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, pro
 
 
 def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> tuple[dict, dict] | None:
-    """Restore a checkpoint into model, optimizer and scheduler; None when the run has none."""
+    """Restore a checkpoint into model, optimizer and scheduler; None when the run has none. The
+    returned progress holds ``recent``: the (step, tensors) pairs kept for checkpoint averaging."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not (folder / "state.json").is_file():
         return None
@@ -73,6 +78,7 @@ def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     best = {"step": meta["best_step"], "accuracy": meta["best_accuracy"], "tensors": pick("best.")}
+    meta["recent"] = [(step, pick(f"recent.{i}.")) for i, step in enumerate(meta.pop("recent_steps", []))]
     if "rng" in meta:  # (a checkpoint written before the generators were kept: they stay as they are)
         set_rng_state(pick("rng."), meta["rng"])
     return meta, best

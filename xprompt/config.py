@@ -108,6 +108,9 @@ class TrainConfig:
     select_size: int = _f(500, "Source-language rows held out for model selection (the default: at most a fifth of the "
                                  "pool; another value is taken as is, the rest of the pool trains).")
     eval_every: int = _f(200, "Steps between model-selection evaluations.")
+    average_checkpoints: int = _f(0, "Save the mean of the prompt and label vectors over the last N selection points "
+                                     "(checkpoint averaging, Schmidt et al. 2023) instead of the best one; the held-out "
+                                     "accuracies of both are recorded. 0: keep the best (the default).")
     init_examples: int = _f(256, "Training rows (stratified) whose class-mean states start the label vectors.")
     dtype: DType = _f(DType.AUTO, "Backbone compute dtype: auto (bf16 where the hardware runs it natively: GPUs with "
                                   "bf16, CPUs with AVX512_BF16 or AMX; else fp32), bf16 (autocast) or fp32.")

@@ -23,7 +23,7 @@ from .errors import XPromptError
 from .fileio import append_jsonl, truncate_log, write_text
 from .hardware import autocast, frozen_weights_in_bf16
 from .model import PromptModel
-from .start import snapshot
+from .start import restore, snapshot
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Fit:
     seen: int
     trainable_parameters: int
     last_accuracy: float | None = None  # the selection accuracy of the last step, where this loop scored it
+    average: dict | None = None  # with --average-checkpoints: the steps averaged and the best single checkpoint
 
 
 class Abort(KeyboardInterrupt):
@@ -120,8 +121,10 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
           params, total, log, log_path, main, rank, world, stop) -> Fit:
     """``fit``'s loop, with ``stop`` (``deferred_signals``) asked at every step boundary."""
     restored = load_checkpoint(run_dir, model, optimizer, scheduler)
+    recent: list = []  # (step, tensors) of the last cfg.average_checkpoints selection points
     if restored:
         progress, best = restored
+        recent = progress.pop("recent", [])
         if main:
             truncate_log(log_path, progress["step"])  # steps after the checkpoint are run again
         log({"step": progress["step"], "resumed": True})
@@ -146,14 +149,16 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
         progress.update(step=step, epoch=epoch, batch=position, seen=seen, seconds=time.perf_counter() - started,
                         window_loss=window_loss, window_n=window_n, selection_owed=phase == "owed")
         if main:
-            save_checkpoint(run_dir, model, optimizer, scheduler, progress, best)
+            save_checkpoint(run_dir, model, optimizer, scheduler, progress, best, recent)
 
     def select() -> None:
-        nonlocal best, last_accuracy, phase
+        nonlocal best, last_accuracy, phase, recent
         acc = last_accuracy = select_accuracy()
         log({"step": step, "select_accuracy": acc})
         if acc > best["accuracy"]:
             best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
+        if cfg.average_checkpoints > 0:
+            recent = [*recent, (step, snapshot(model))][-cfg.average_checkpoints:]
         phase = "clean"
         save_progress()
 
@@ -219,9 +224,26 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
         if phase in ("clean", "owed"):  # a completed step (its selection maybe owed); a step under way is dropped
             save_progress()
         raise
-    return Fit(best=best, steps=total, seconds=time.perf_counter() - started, seen=seen,
-               trainable_parameters=sum(p.numel() for p in params),
-               last_accuracy=last_accuracy if step >= total else None)
+    seconds = time.perf_counter() - started
+    average = None
+    if recent and step >= total:
+        best, average = averaged(model, recent, best, select_accuracy, log, step)
+    return Fit(best=best, steps=total, seconds=seconds, seen=seen, trainable_parameters=sum(p.numel() for p in params),
+               last_accuracy=last_accuracy if step >= total else None, average=average)
+
+
+def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log, step: int) -> tuple[dict, dict]:
+    """Checkpoint averaging (Schmidt et al. 2023): the element-wise mean of the tensors kept at the
+    last selection points, scored on the same held-out source rows. It becomes the loop's result;
+    the best single checkpoint's step and accuracy are returned beside it."""
+    mean = {name: torch.stack([kept[name].float() for _, kept in recent]).mean(0).to(tensor.dtype)
+            for name, tensor in recent[-1][1].items()}
+    restore(model, mean)
+    accuracy = select_accuracy()
+    log({"step": step, "average_of_steps": [s for s, _ in recent], "select_accuracy_average": accuracy})
+    note = {"steps": [s for s, _ in recent], "select_accuracy": round(accuracy, 4),
+            "best_single": {"step": best["step"], "select_accuracy": round(best["accuracy"], 4)}}
+    return {"step": step, "accuracy": accuracy, "tensors": snapshot(model)}, note
 
 
 def _drop_selection_line(log_path: Path, step: int) -> None:

@@ -132,6 +132,7 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         "steps": sum(f.steps for f in fits),
         "best_step": done.best["step"],
         "select_accuracy": round(done.best["accuracy"], 4),
+        **({"checkpoint_average": fits[0].average} if fits[0].average else {}),
         "train_seconds": round(seconds, 1),
         "train_examples_per_s": round(seen / seconds, 2),
         "trainable_parameters": done.trainable_parameters,
