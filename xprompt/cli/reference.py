@@ -16,11 +16,8 @@ the same. Add `--debug` before a command for a traceback instead of the one-line
 
 def _commands(group, prefix: str = "") -> list[tuple[str, object]]:
     """Every leaf command under ``group`` as (full name, command), in declaration order."""
-    found = []
-    for name, command in group.commands.items():
-        full = f"{prefix}{name}"
-        found += _commands(command, f"{full} ") if hasattr(command, "commands") else [(full, command)]
-    return found
+    return [leaf for name, command in group.commands.items()
+            for leaf in (_commands(command, f"{prefix}{name} ") if hasattr(command, "commands") else [(f"{prefix}{name}", command)])]
 
 
 def _cell(text: str) -> str:
@@ -46,9 +43,7 @@ def render() -> str:
     from . import app
 
     root = typer.main.get_command(app)
-    body = [HEADER]
-    for name, command in _commands(root):
-        body += _section(name, command)
+    body = [HEADER, *(line for name, command in _commands(root) for line in _section(name, command))]
     return "\n".join(body).rstrip() + "\n"
 
 
