@@ -357,3 +357,52 @@ def test_checkpoint_averaging_resumes_exactly(backbone, xnli, tmp_path):
     train(_cfg(average_checkpoints=2, eval_every=2), copy.deepcopy(backbone), xnli, parts, [TEST_DATA])
     a, b = _prompt(whole), _prompt(parts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _forced_net(monkeypatch):
+    """Every held-out accuracy counts as the majority-class level: the safety net fires whenever it looks."""
+    import xprompt.workflows.runs as runs_module
+
+    monkeypatch.setattr(runs_module, "majority_share", lambda rows: 0.99)
+
+
+def test_the_safety_net_restarts_a_run_at_a_third_of_the_rate(backbone, xnli, tmp_path, monkeypatch):
+    """At the first selection past a quarter of the steps (step 3 of 8), a run at the majority-class level
+    restarts from its start with a fresh optimizer at a third of the rate, at most twice; each restart is
+    recorded (metrics.json, the log, the failed attempt's log kept), and the final prompt is the prompt of
+    a run trained from the start at a ninth of the rate."""
+    _forced_net(monkeypatch)
+    run = tmp_path / "net"
+    summary = train(_cfg(lr=0.09), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    restarts = summary["restarts"]
+    assert [(r["step"], r["lr"], r["new_lr"]) for r in restarts] == [(3, 0.09, pytest.approx(0.03)),
+                                                                      (3, pytest.approx(0.03), pytest.approx(0.01))]
+    assert all("majority class" in r["why"] for r in restarts)
+    assert (run / "log.restart-1.jsonl").is_file() and (run / "log.restart-2.jsonl").is_file()
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert first["restart"]["new_lr"] == pytest.approx(0.01)
+    plain = tmp_path / "plain"
+    train(_cfg(lr=0.09 / 9, restart_check=0), copy.deepcopy(backbone), xnli, plain, [TEST_DATA])
+    a, b = _prompt(run), _prompt(plain)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_restarted_run_resumes_exactly(backbone, xnli, tmp_path, monkeypatch):
+    _forced_net(monkeypatch)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(_cfg(lr=0.09), copy.deepcopy(backbone), xnli, whole, [TEST_DATA])
+    calls = {"n": 0}
+
+    def interrupt(step, total, loss, rate):  # the second attempt's step 1 (steps 1, 2, restart at 3's selection, 1)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(lr=0.09), copy.deepcopy(backbone), xnli, parts, [TEST_DATA], on_step=interrupt)
+    state = json.loads((parts / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1 and len(state["restarts"]) == 1 and state["lr"] == pytest.approx(0.03)
+    summary = train(_cfg(lr=0.09), copy.deepcopy(backbone), xnli, parts, [TEST_DATA])
+    assert len(summary["restarts"]) == 2
+    a, b = _prompt(whole), _prompt(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,14 +21,16 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, progress: dict, best: dict,
-                    recent: list | None = None) -> None:
+                    recent: list | None = None, initial: dict | None = None) -> None:
     """Everything a resumed run needs, atomically: trainable tensors, the best tensors so far, the
-    last selection points' tensors (``recent``: (step, tensors) pairs, for checkpoint averaging),
+    last selection points' tensors (``recent``: (step, tensors) pairs, for checkpoint averaging), the
+    start's (``initial``, for a restart),
     AdamW moments and torch's generators (safetensors), and step, data position, scheduler, best
     score and Python's and numpy's generators (JSON)."""
     tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
     tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
     tensors.update({f"recent.{i}.{k}": v for i, (_, kept) in enumerate(recent or []) for k, v in kept.items()})
+    tensors.update({f"initial.{k}": v for k, v in (initial or {}).items()})
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for key, value in state.items():
@@ -79,6 +81,7 @@ def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> 
     scheduler.load_state_dict(meta["scheduler"])
     best = {"step": meta["best_step"], "accuracy": meta["best_accuracy"], "tensors": pick("best.")}
     meta["recent"] = [(step, pick(f"recent.{i}.")) for i, step in enumerate(meta.pop("recent_steps", []))]
+    meta["initial"] = pick("initial.") or None
     if "rng" in meta:  # (a checkpoint written before the generators were kept: they stay as they are)
         set_rng_state(pick("rng."), meta["rng"])
     return meta, best

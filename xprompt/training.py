@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -38,6 +39,20 @@ class Fit:
     trainable_parameters: int
     last_accuracy: float | None = None  # the selection accuracy of the last step, where this loop scored it
     average: dict | None = None  # with --average-checkpoints: the steps averaged and the best single checkpoint
+    restarts: list | None = None  # the safety net's restarts: when, why, the rates before and after
+
+
+class Restart(Exception):
+    """The safety net fired: the English held-out accuracy had not left the majority-class level."""
+
+    def __init__(self, record: dict):
+        super().__init__(record["why"])
+        self.record = record
+
+
+RESTART_MARGIN = 0.02  # within 2 points of the majority class: not learning
+MAX_RESTARTS = 2
+RESTART_LR_FACTOR = 1 / 3
 
 
 class Abort(KeyboardInterrupt):
@@ -82,7 +97,7 @@ def deferred_signals():
 
 
 def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_dir: Path, device,
-        pad_id: int, on_step=None, transform=None) -> Fit:
+        pad_id: int, on_step=None, transform=None, majority: float | None = None) -> Fit:
     """Train ``model`` on ``train_rows`` (encoded) for ``cfg.max_steps`` steps (or ``cfg.epochs``),
     scoring ``select_accuracy()`` every ``cfg.eval_every`` steps and keeping the best tensors.
     Writes ``log.jsonl`` and a ``checkpoint/`` (at every selection and on Ctrl-C / SIGTERM) into
@@ -94,6 +109,12 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
     ``transform(batch, step)``, if given, rewrites each batch before its step (a seeded augmentation:
     the same for a resumed run).
 
+    The safety net (``cfg.restart_check``, with ``majority``: the majority class's share of the held-out
+    rows): at the first selection point past that share of the steps, a held-out accuracy within
+    ``RESTART_MARGIN`` of ``majority`` restarts the loop from the start's tensors with a fresh optimizer
+    at a third of the rate (at most ``MAX_RESTARTS`` times). The failed attempt's log is kept as
+    ``log.restart-N.jsonl``; the restarts go into the log, the checkpoint and the result.
+
     Under ``torchrun`` / ``accelerate launch`` every process runs this loop: each computes the
     gradients of its share of every global batch, one all_reduce sums them (the prompt's only),
     and only rank 0 writes."""
@@ -102,42 +123,63 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     log_path = Path(run_dir) / "log.jsonl"
     if main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     log = (lambda record: append_jsonl(log_path, record)) if main else (lambda record: None)
-
+    check = None
+    if cfg.restart_check > 0 and majority is not None:
+        check = (max(1, math.ceil(cfg.restart_check * total)), majority + RESTART_MARGIN)
+    lr, restarts, initial = cfg.lr, [], None
     with deferred_signals() as stop:
-        done = _loop(model, train_rows, select_accuracy, cfg, Path(run_dir), device, pad_id, on_step, transform,
-                     optimizer, scheduler, params, total, log, log_path, main, rank, world, stop)
+        while True:
+            optimizer = torch.optim.AdamW(model.param_groups(lr), lr=lr, weight_decay=cfg.weight_decay)
+            scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+            try:
+                done = _loop(model, train_rows, select_accuracy, cfg, Path(run_dir), device, pad_id, on_step, transform,
+                             optimizer, scheduler, params, total, log, log_path, main, rank, world, stop,
+                             check, restarts, initial, lr)
+                break
+            except Restart as restart:
+                restarts, initial = restart.record.pop("restarts"), restart.record.pop("initial")
+                lr = restart.record["new_lr"]
+                restarts.append(restart.record)
+                model.prompt.load_state_tensors(initial, "the run's start")
+                model.verbalizer.load_tensors(initial, "the run's start")
+                if main:  # the failed attempt's log is kept beside; the new one starts with the restart
+                    log_path.replace(log_path.with_name(f"log.restart-{len(restarts)}.jsonl"))
+                    shutil.rmtree(Path(run_dir) / "checkpoint", ignore_errors=True)
+                log({"step": 0, "restart": restart.record})
     if stop.requested and world == 1:  # heard after the last boundary: the last step's checkpoint is saved, stop the caller
         raise KeyboardInterrupt
     return done
 
 
 def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_step, transform, optimizer, scheduler,
-          params, total, log, log_path, main, rank, world, stop) -> Fit:
-    """``fit``'s loop, with ``stop`` (``deferred_signals``) asked at every step boundary."""
+          params, total, log, log_path, main, rank, world, stop, check, restarts, initial, lr) -> Fit:
+    """``fit``'s loop, with ``stop`` (``deferred_signals``) asked at every step boundary and the
+    safety net's ``check`` (step, accuracy floor) at the first selection point past its step."""
     restored = load_checkpoint(run_dir, model, optimizer, scheduler)
     recent: list = []  # (step, tensors) of the last cfg.average_checkpoints selection points
     if restored:
         progress, best = restored
         recent = progress.pop("recent", [])
+        initial = progress.pop("initial", None) or initial
         if main:
             truncate_log(log_path, progress["step"])  # steps after the checkpoint are run again
         log({"step": progress["step"], "resumed": True})
     else:
-        if main:
+        if main and not restarts:
             log_path.unlink(missing_ok=True)  # a run restarted before its first checkpoint starts afresh
-        progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0}
+        progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0, "restarts": restarts, "lr": lr}
+        initial = {k: v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
         best = {"step": 0, "accuracy": select_accuracy(), "tensors": snapshot(model)}
         log({"step": 0, "select_accuracy": best["accuracy"]})
     step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
     started = time.perf_counter() - progress["seconds"]
     window_loss, window_n = progress.get("window_loss", 0.0), progress.get("window_n", 0)
     last_accuracy = None
+    restarts, lr, checked = progress.get("restarts", []), progress.get("lr", lr), progress.get("checked", False)
     position = progress["batch"]
     # Where the loop stands, for an interruption: "clean" (the last step and its selection are done),
     # "step" (a step is under way: it is discarded, the previous checkpoint stands), "owed" (the step
@@ -147,14 +189,21 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
 
     def save_progress() -> None:
         progress.update(step=step, epoch=epoch, batch=position, seen=seen, seconds=time.perf_counter() - started,
-                        window_loss=window_loss, window_n=window_n, selection_owed=phase == "owed")
+                        window_loss=window_loss, window_n=window_n, selection_owed=phase == "owed", checked=checked)
         if main:
-            save_checkpoint(run_dir, model, optimizer, scheduler, progress, best, recent)
+            save_checkpoint(run_dir, model, optimizer, scheduler, progress, best, recent, initial)
 
     def select() -> None:
-        nonlocal best, last_accuracy, phase, recent
+        nonlocal best, last_accuracy, phase, recent, checked
         acc = last_accuracy = select_accuracy()
         log({"step": step, "select_accuracy": acc})
+        if check is not None and not checked and step >= check[0] and len(restarts) < MAX_RESTARTS:
+            checked = True
+            if acc <= check[1]:
+                why = (f"English held-out accuracy {acc:.3f} at step {step} is within {RESTART_MARGIN:.2f} of the "
+                       f"majority class ({check[1] - RESTART_MARGIN:.3f})")
+                raise Restart({"step": step, "why": why, "select_accuracy": acc, "lr": lr,
+                               "new_lr": lr * RESTART_LR_FACTOR, "restarts": restarts, "initial": initial})
         if acc > best["accuracy"]:
             best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
         if cfg.average_checkpoints > 0:
@@ -229,7 +278,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     if recent and step >= total:
         best, average = averaged(model, recent, best, select_accuracy, log, step)
     return Fit(best=best, steps=total, seconds=seconds, seen=seen, trainable_parameters=sum(p.numel() for p in params),
-               last_accuracy=last_accuracy if step >= total else None, average=average)
+               last_accuracy=last_accuracy if step >= total else None, average=average, restarts=restarts or None)
 
 
 def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log, step: int) -> tuple[dict, dict]:

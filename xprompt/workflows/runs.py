@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
     transform = augmented = None
     if cfg.augment == "neighbours":
         transform, augmented = neighbour_swap(backbone, data.train, cfg.augment_rate, cfg.seed)
-    done = fit(model, data.train, select_accuracy, cfg, run_dir, where, pad, on_step, transform)
+    done = fit(model, data.train, select_accuracy, cfg, run_dir, where, pad, on_step, transform, majority_share(data.select))
     fits, self_training = [done], None
     if cfg.unlabeled:  # rounds from the best prompt so far, selected on English held-out rows again
         restore(model, done.best["tensors"])
@@ -133,6 +133,7 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         "best_step": done.best["step"],
         "select_accuracy": round(done.best["accuracy"], 4),
         **({"checkpoint_average": fits[0].average} if fits[0].average else {}),
+        **({"restarts": fits[0].restarts} if fits[0].restarts else {}),
         "train_seconds": round(seconds, 1),
         "train_examples_per_s": round(seen / seconds, 2),
         "trainable_parameters": done.trainable_parameters,
@@ -161,6 +162,18 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
                       config.num_attention_heads, config.num_hidden_layers)  # PEFT's twin, where the method has one
         save_prompt(run_dir, done.best["tensors"], card)  # last: a saved prompt marks a finished run
     return summary
+
+
+SAFETY_NET_ROWS = 200  # fewer held-out rows: an accuracy near the majority class is noise, the net stays off
+
+
+def majority_share(rows) -> float | None:
+    """The majority class's share of the held-out rows, for the safety net; None where it stays off
+    (rows without class labels, as in generation, or fewer than ``SAFETY_NET_ROWS``)."""
+    if "label" not in rows.column_names or len(rows) < SAFETY_NET_ROWS:
+        return None
+    counts = np.bincount(np.asarray(rows["label"], dtype=np.int64))
+    return float(counts.max() / counts.sum())
 
 
 def run_lineage(cfg: TrainConfig, task: TaskSpec, run_dir: Path, data, self_training: dict | None) -> dict:
