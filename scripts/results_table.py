@@ -4,7 +4,7 @@ A record is what a run folder holds, flattened: ``{"run", "seed", "dev": {lang: 
 "dtype", ...}}, "train": {..., "protocol"}, "compute": {"cpu_capability", "cpu_bf16_reason", ...}}``,
 as ``scripts/close_gap.py`` keeps them in its JSON (``docs/close_gap.json``) so a figure survives its
 run folder. Each table row is one configuration over its seeds: English and the mean of the task's
-official target languages (mean +- std over seeds, population std), the gap, the rows per language
+official target languages (mean +- sample std over seeds), the gap, the rows per language
 (counted from the stored per-row outcomes), the split, the CPU kind and dtype, the protocol and the
 command that made the runs.
 
@@ -49,7 +49,7 @@ def run_record(run_dir: Path, task: str) -> dict:
 
 def _spread(values: list[float]) -> str:
     mean = statistics.fmean(values)
-    return f"{100 * mean:.1f} ± {100 * statistics.pstdev(values):.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
 
 
 def row(label: str, task_name: str, runs: list[dict], command: str) -> dict:
@@ -79,7 +79,7 @@ def render(rows: list[dict]) -> str:
     lines += [f"| {r['task']} | {r['label']} | {len(r['seeds'])} | {r['en']} | **{r['targets']}** ({r['n_targets']} official "
               f"targets) | {r['gap']} | {r['per_seed']} | {r['rows']} (full dev) | {r['protocol']} | {r['machine']} |" for r in rows]
     commands = sorted({r["command"] for r in rows})
-    lines += ["", "Mean ± std over seeds (population std), accuracy × 100 on the dev split; selection on held-out English "
+    lines += ["", "Mean ± sample std over seeds, accuracy × 100 on the dev split; selection on held-out English "
               "rows only. Rendered by `python scripts/results_table.py --readme` from the stored run records of:",
               *(f"`{c}`" for c in commands)]
     return "\n".join(lines) + "\n"
