@@ -390,6 +390,7 @@ class TrainData:
     used_ids: list[str]  # ids of the rows training and selection saw (kept out of evaluation)
     train_ids: list[str]
     select_ids: list[str]
+    select_split: str = "train"  # the split the selection rows came from (a published k-shot dev split: dev)
 
 
 def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
@@ -397,22 +398,23 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
     """The training rows and the held-out selection rows, both from the training language and
     ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
     task.check_languages([cfg.lang], cfg.source_split)
-    pool = load_split(task, cfg.lang, cfg.source_split, data_dirs)
-    if cfg.shots:
+    published = bool(cfg.shots and task.kshot and cfg.source_split == "train")  # the card's k-shot files, as they are
+    select_split = ("dev" if "dev" in task.kshot else "train") if published else cfg.source_split
+    pool = None if published else load_split(task, cfg.lang, cfg.source_split, data_dirs)
+    if published:
+        train, select = (read_jsonl(task.kshot_file(use, cfg.lang, cfg.shots, cfg.seed, [*(data_dirs or []), BUNDLED_DATA_DIR]),
+                                    task) for use in ("train", select_split))
+        describe = (f"the published {cfg.shots}-shot split of seed {cfg.seed} ({len(train)} {cfg.lang} rows); "
+                    f"selection on its {len(select)}-row {cfg.lang} {select_split} split")
+    elif cfg.shots:
         train_rows = sample_shots(pool, cfg.shots, cfg.seed, len(task.labels))
         select_rows = sample_shots(pool, cfg.shots, cfg.seed + 1, len(task.labels), exclude=set(train_rows))
         train, select = pool.select(train_rows), pool.select(select_rows)
-        describe = (f"{cfg.shots} shots per class from {cfg.lang} {cfg.source_split}; "
-                    f"selection on {len(select)} other {cfg.lang} rows")
+        describe = f"{cfg.shots} shots per class from {cfg.lang} {cfg.source_split}; selection on {len(select)} other {cfg.lang} rows"
     else:
         train, select = holdout_split(pool, select_count(cfg.select_size, len(pool)), cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
     template = task.template_for(cfg.lang, cfg.template)
-    return TrainData(
-        encode(train, template, tokenizer, cfg.max_length, cache_dir),
-        encode(select, template, tokenizer, cfg.max_length, cache_dir),
-        describe,
-        [*train["id"], *select["id"]],
-        list(train["id"]),
-        list(select["id"]),
-    )
+    return TrainData(encode(train, template, tokenizer, cfg.max_length, cache_dir),
+                     encode(select, template, tokenizer, cfg.max_length, cache_dir), describe,
+                     [*train["id"], *select["id"]], list(train["id"]), list(select["id"]), select_split)

@@ -7,6 +7,7 @@ words (for backbones with an LM head), and where each split comes from.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class TaskSpec:
     target: str | None = None  # generation: the field to write
     columns: dict[str, str] = field(default_factory=dict)  # a field read from another column of the data
     aggregate: str = "mean"  # how languages are averaged: unweighted mean
+    kshot: dict[str, str] = field(default_factory=dict)  # published k-shot files: {train, dev} with {shots} {seed} {lang}
     path: Path | None = None
 
     @property
@@ -94,6 +96,25 @@ class TaskSpec:
         if source is None:
             return []
         return list(source.languages) if source.languages else self.language_codes
+
+    def kshot_file(self, use: str, lang: str, shots: int, seed: int, roots: list[Path]) -> Path:
+        """The published k-shot file (``use``: train or dev) of ``shots`` per class and ``seed``, under
+        the first root holding it; an unpublished K or seed names the ones that exist."""
+        relative = self.kshot[use].format(lang=lang, shots=shots, seed=seed)
+        for root in roots:
+            for path in (Path(root) / relative, Path(root) / (relative[:-3] if relative.endswith(".gz") else relative + ".gz")):
+                if path.is_file():
+                    return path
+        plain = self.kshot[use].removesuffix(".gz")
+        parts = re.split(r"(\{shots\}|\{seed\}|\{lang\})", plain)
+        regex = re.compile("".join({"{shots}": r"(?P<shots>\d+)", "{seed}": r"(?P<seed>\d+)"}.get(part, re.escape(
+            lang if part == "{lang}" else part)) for part in parts))
+        found = sorted({(int(m["shots"]), int(m["seed"])) for root in roots if Path(root).is_dir()
+                        for f in Path(root).glob(plain.format(lang=lang, shots="*", seed="*") + "*")
+                        if (m := regex.fullmatch(f.relative_to(root).as_posix().removesuffix(".gz")))})
+        listed = ", ".join(f"--shots {k} --seed {s}" for k, s in found) or "none"
+        raise XPromptError(f"task {self.name} publishes no {use} split for --shots {shots} --seed {seed} in {lang} "
+                           f"({relative}); published: {listed}")
 
     def label_id(self, value, where: str) -> int:
         """The index of a label as it appears in a data file (strings or ints)."""
@@ -238,6 +259,10 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         if sorted(mapping) != sorted(labels):
             raise XPromptError(f"{where}: transfer.{other} must map every label of {name} exactly once")
         transfer[str(other)] = mapping
+    kshot = {str(k): str(v) for k, v in (card.get("kshot") or {}).items()}
+    if kshot and (set(kshot) - {"train", "dev"} or "train" not in kshot
+                  or any("{shots}" not in v or "{seed}" not in v for v in kshot.values())):
+        raise XPromptError(f"{where}: kshot takes train (and dev) file patterns with {{shots}}, {{seed}} and {{lang}}")
     source = str(card.get("source_language", "en"))
     if source not in languages:
         raise XPromptError(f"{where}: source_language '{source}' is not among the languages")
@@ -275,6 +300,7 @@ def parse_task(card: dict, where: str) -> TaskSpec:
         train_defaults=_train_defaults(card.get("train_defaults"), where),
         list_separator=str(card.get("list_separator", ", ")),
         transfer=transfer,
+        kshot=kshot,
     )
 
 

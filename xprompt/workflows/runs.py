@@ -183,7 +183,7 @@ def run_lineage(cfg: TrainConfig, task: TaskSpec, run_dir: Path, data, self_trai
     role = "target" if cfg.protocol == "few-shot-target" else "source"
     use = "train" if supervised else "pretrain"
     reads = [read_record(task.name, cfg.source_split, cfg.lang, use, data.train_ids, supervised, role),
-             read_record(task.name, cfg.source_split, cfg.lang, "select", data.select_ids, supervised, role)]
+             read_record(task.name, data.select_split, cfg.lang, "select", data.select_ids, supervised, role)]
     for lang in (self_training or {}).get("languages", []):
         split = "file" if cfg.unlabeled_file else cfg.unlabeled_split
         reads.append(read_record(task.name, split, lang, "pseudo-label", labels=False, role="target",
