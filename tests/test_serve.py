@@ -250,3 +250,31 @@ def test_serve_refuses_bad_runs_and_options_in_one_line(runs, tmp_path):
     assert twice.exit_code == 1 and "share the folder name 'A'" in " ".join(twice.output.split())
     assert invoke("serve", "--run", runs / "A", "--max-batch", 0).exit_code == 2
     assert invoke("serve", "--run", runs / "A", "--port", 70000).exit_code == 2
+
+
+def test_the_batcher_takes_whole_requests_in_arrival_order_up_to_max_batch():
+    import asyncio
+    from types import SimpleNamespace
+
+    from xprompt.workflows.batching import Batcher
+
+    seen = []
+
+    def score(groups):
+        seen.append([(run.name, len(rows)) for run, rows in groups])
+        return [[f"{run.name}{row}" for row in rows] for run, rows in groups]
+
+    a, b = SimpleNamespace(name="A"), SimpleNamespace(name="B")
+
+    async def main():
+        batcher = Batcher(score, max_batch=5, max_wait=0.05)
+        batcher.start()
+        asks = [(a, [0, 1]), (b, [2]), (a, [3, 4]), (b, [5, 6]), (a, list(range(7, 14)))]
+        answers = await asyncio.gather(*(batcher.submit(run, rows) for run, rows in asks))
+        await batcher.stop()
+        return answers, batcher.stats
+
+    answers, stats = asyncio.run(main())
+    assert seen == [[("A", 4), ("B", 1)], [("B", 2)], [("A", 7)]]  # same-run requests merged; never split
+    assert answers[:4] == [["A0", "A1"], ["B2"], ["A3", "A4"], ["B5", "B6"]] and answers[4][-1] == "A13"
+    assert stats["batches"] == 3 and stats["mixed_batches"] == 1 and stats["largest_batch"] == 7
