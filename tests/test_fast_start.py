@@ -33,6 +33,9 @@ print(result.output)
     (["train", "--unlabeled", "de", "--unlabeled-file", "x/{language}.jsonl"], 1, "unknown placeholder(s) {language}"),
     (["train", "--method", "nope"], 2, "Invalid value for '--method'"),
     (["train", "--seeds", "1,x"], 2, "--seeds must be comma-separated ints"),
+    (["serve", "-h"], 0, "--max-wait-ms"),
+    (["serve", "--run", "no/such/run"], 1, "holds no trained prompt"),
+    (["serve", "--run", "no/such/run", "--max-batch", "0"], 2, "--max-batch must be at least 1"),
 ])
 def test_names_and_help_answer_without_importing_torch(args, code, says):
     out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)

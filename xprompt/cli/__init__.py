@@ -402,7 +402,7 @@ def predict_cmd(
                   f"{', '.join(predictor.labels)}); wrote {out}")
 
 
-from . import records  # noqa: E402,F401  (the runs and report commands, registered on app after eval)
+from . import records, serve  # noqa: E402,F401  (runs, report, serve: registered on app after eval)
 
 
 def main() -> None:
