@@ -393,9 +393,12 @@ class TrainData:
 
 
 def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
-                 cache_dir: Path | None = None) -> TrainData:
+                 cache_dir: Path | None = None, phase=None) -> TrainData:
     """The training rows and the held-out selection rows, both from the training language and
-    ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
+    ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation).
+    ``phase`` (``xprompt.phases``) hears the tokenisation, with its row count."""
+    from .phases import phase_or_silent
+
     task.check_languages([cfg.lang], cfg.source_split)
     pool = load_split(task, cfg.lang, cfg.source_split, data_dirs)
     if cfg.shots:
@@ -408,9 +411,16 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
         train, select = holdout_split(pool, select_count(cfg.select_size, len(pool)), cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
     template = task.template_for(cfg.lang, cfg.template)
+    cached = " (cached splits are read, not tokenised again)" if cache_dir is not None else ""
+    with phase_or_silent(phase)(f"tokenising {len(train) + len(select):,} {cfg.lang} rows ({len(train):,} training, "
+                                f"{len(select):,} for selection){cached}", len(train) + len(select)) as advance:
+        encoded_train = encode(train, template, tokenizer, cfg.max_length, cache_dir)
+        advance(len(train))
+        encoded_select = encode(select, template, tokenizer, cfg.max_length, cache_dir)
+        advance(len(select))
     return TrainData(
-        encode(train, template, tokenizer, cfg.max_length, cache_dir),
-        encode(select, template, tokenizer, cfg.max_length, cache_dir),
+        encoded_train,
+        encoded_select,
         describe,
         [*train["id"], *select["id"]],
         list(train["id"]),

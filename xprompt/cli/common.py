@@ -111,10 +111,15 @@ def _open_backbone(name: str, cache_dir: Path, device: Device | str = Device.CPU
 
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise typer.BadParameter(f"--device-map must be {', '.join(DEVICE_MAPS)}, got {device_map!r}")
-    with console.status(f"loading backbone {name}"):
+    import time
+
+    started = time.perf_counter()
+    with err_console.status(f"loading backbone {name}"):
         bb, dtype, compute = open_backbone(name, cache_dir, Device(device).value, dtype, trust_remote_code, device_map,
                                            revision, allow_bin_weights)
     if not quiet and distributed.rank_world()[0] == 0:
+        err_console.print(f"loaded backbone {name} ({sum(p.numel() for p in bb.model.parameters()) / 1e6:.0f}M "
+                          f"parameters, frozen) in {time.perf_counter() - started:.1f}s", highlight=False)
         err_console.print(f"compute: {dtype.value} on {compute['where']} ({compute['reason']})", highlight=False)
     return bb, dtype, compute
 
