@@ -53,26 +53,63 @@ def _progress_bar(run_dir, cfg, world):
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        bar = progress.add_task("train", total=None, info="")
-        _state["step"] = lambda step, total, loss, rate: progress.update(
-            bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s")
+        bar = progress.add_task("train", total=None, info="", visible=False)
+
+        def step(step, total, loss, rate):
+            progress.update(bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s", visible=True)
+
+        _state["step"], _state["phase"] = step, _phase_in(progress)
         try:
             yield
         finally:
             _state.pop("step", None)
+            _state.pop("phase", None)
+
+
+def _phase_in(progress):
+    """Phases (``xprompt.phases``) as bars of ``progress`` and, when each ends, a line with its time."""
+
+    @contextmanager
+    def phase(description, total=None):
+        import time
+
+        task = progress.add_task(description, total=total, info="")
+        started = time.perf_counter()
+        yield lambda rows=1: progress.advance(task, rows)
+        progress.remove_task(task)
+        progress.console.print(f"  {description}: {time.perf_counter() - started:.1f}s", highlight=False)
+
+    return phase
+
+
+@contextmanager
+def _phases_on(console_):
+    """Phases shown on ``console_`` (a command without a run's progress bar: eval, predict)."""
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console_,
+                  transient=True) as progress:
+        yield _phase_in(progress)
 
 
 def _run_events():
     from ..workflows.runs import RunEvents
 
     def done(run_dir, cfg, summary):
-        console.print(f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
-                      f"{summary['data']}; best step {summary['best_step']} with "
+        rate = summary.get("train_examples_per_s")
+        console.print(f"done in {summary['train_seconds']:.0f}s: training {rate if rate is not None else 0:.1f} ex/s "
+                      f"({summary['train_examples']} examples in {summary['step_seconds']:.1f}s of steps), selection "
+                      f"{summary['select_seconds']:.1f}s ({summary['select_passes']} passes on {summary['select_rows']} "
+                      f"rows); {summary['data']}; best step {summary['best_step']} with "
                       f"{100 * summary['select_accuracy']:.1f} held-out {cfg.lang} accuracy; prompt saved to "
-                      f"{run_dir / 'prompt'}")
+                      f"{run_dir / 'prompt'}", highlight=False)
+
+    def phase(description, total=None):
+        return _state.get("phase", silent)(description, total)
+
+    from ..phases import silent
 
     return RunEvents(started=_progress_bar, step=lambda *a: _state.get("step", lambda *_: None)(*a),
-                     warning=lambda text: err_console.print(f"warning: {text}"), finished=done)
+                     warning=lambda text: err_console.print(f"warning: {text}"), finished=done, phase=phase)
 
 
 @command("tasks")
@@ -269,6 +306,7 @@ def evaluate_cmd(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the backbone (default: the one the run was trained at).")] = None,
     allow_bin_weights: AllowBin = False,
     trust_remote_code: TrustRemote = False,
+    int8: Annotated[bool, typer.Option("--int8", help="CPU: compute the frozen backbone's matrix products on int8 weights (dynamic quantisation; the rest in fp32). Faster where bf16 is not native; opt-in because predictions can differ from fp32 (docs/bench.md measures by how much).")] = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
@@ -314,6 +352,10 @@ def evaluate_cmd(
     batch_size = batch_size or eval_batch_size(distributed.local_device(device.value))
     if shots and len(runs) > 1:
         raise XPromptError("--shots adapts one run; pass a single --run")
+    if int8 and (shots or len(runs) > 1 or spec.kind == "generation" or distributed.local_device(device.value).type != "cpu"):
+        raise XPromptError("--int8 scores one run's classification prompt on a CPU (not --shots, ensembles, generation or GPUs)")
+    if int8:
+        err_console.print("--int8: the frozen layers' matrix products on int8 weights, everything else in fp32", highlight=False)
     if shots:
         if world > 1:
             raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
@@ -342,8 +384,9 @@ def evaluate_cmd(
                                  on_language=on_language, device=distributed.local_device(device.value))
         run_dir = done.run_dir
     else:
-        done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype,
-                            cache_dir / ENCODED, on_language, generation)
+        with _phases_on(err_console) as phase:
+            done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype,
+                                cache_dir / ENCODED, on_language, generation, int8, phase if not as_json else None)
     if done.results is None:  # another process's share, merged by rank 0
         return
     if as_json:
@@ -372,6 +415,7 @@ def predict_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per forward pass (default: 16 on a CPU, 64 on a GPU).")] = None,
     dtype: DTypeOption = DType.AUTO,
     device: DeviceOption = Device.CPU,
+    int8: Annotated[bool, typer.Option("--int8", help="CPU: compute the frozen backbone's matrix products on int8 weights (dynamic quantisation; the rest in fp32). Faster where bf16 is not native; opt-in because predictions can differ from fp32 (docs/bench.md measures by how much).")] = False,
     tasks_dir: TasksDir = None,
     cache_dir: CacheDir = _default_cache(),
 ):
@@ -390,7 +434,9 @@ def predict_cmd(
     mapping = parse_fields(fields)
     bb, dtype, _ = _open_backbone(card["backbone"], cache_dir, device, dtype, revision=card.get("backbone_revision"),
                                   allow_bin_weights=bool(card.get("backbone_bin_weights")))
-    predictor = Predictor.load(runs, bb, tasks_dir, dtype, device.value, batch_size)
+    if int8 and device.value != "cpu":
+        raise XPromptError("--int8 runs on a CPU")
+    predictor = Predictor.load(runs, bb, tasks_dir, dtype, device.value, batch_size, int8)
     with Progress(TextColumn("labelling"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
         bar = progress.add_task("predict", total=count_rows(input))
