@@ -21,6 +21,7 @@ from datasets import Dataset
 
 from .config import TrainConfig
 from .errors import XPromptError
+from .phases import silent
 from .tasks import TaskSpec, template_parts
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "tasks" / "data"
@@ -393,12 +394,9 @@ class TrainData:
 
 
 def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
-                 cache_dir: Path | None = None, phase=None) -> TrainData:
+                 cache_dir: Path | None = None, phase=silent) -> TrainData:
     """The training rows and the held-out selection rows, both from the training language and
-    ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation).
-    ``phase`` (``xprompt.phases``) hears the tokenisation, with its row count."""
-    from .phases import phase_or_silent
-
+    ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
     task.check_languages([cfg.lang], cfg.source_split)
     pool = load_split(task, cfg.lang, cfg.source_split, data_dirs)
     if cfg.shots:
@@ -410,17 +408,11 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
     else:
         train, select = holdout_split(pool, select_count(cfg.select_size, len(pool)), cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
-    template = task.template_for(cfg.lang, cfg.template)
-    cached = " (cached splits are read, not tokenised again)" if cache_dir is not None else ""
-    with phase_or_silent(phase)(f"tokenising {len(train) + len(select):,} {cfg.lang} rows ({len(train):,} training, "
-                                f"{len(select):,} for selection){cached}", len(train) + len(select)) as advance:
-        encoded_train = encode(train, template, tokenizer, cfg.max_length, cache_dir)
-        advance(len(train))
-        encoded_select = encode(select, template, tokenizer, cfg.max_length, cache_dir)
-        advance(len(select))
+    template, n = task.template_for(cfg.lang, cfg.template), len(train) + len(select)
+    with phase(f"tokenising {n:,} {cfg.lang} rows ({len(train):,} training, {len(select):,} for selection)", n):
+        encoded = [encode(part, template, tokenizer, cfg.max_length, cache_dir) for part in (train, select)]
     return TrainData(
-        encoded_train,
-        encoded_select,
+        *encoded,
         describe,
         [*train["id"], *select["id"]],
         list(train["id"]),

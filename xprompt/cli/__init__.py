@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ..config import METHODS, Device, DType, TrainConfig
 from ..errors import XPromptError
-from .common import (ENCODED, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
+from .common import (ENCODED, _phases_on, _progress_bar, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
                      Revision, RunsDir, TasksDir, TrustRemote, _data_dirs, _default_cache, _load_task, _numbers,
                      _open_backbone, _pct, _state, _table, app, command, console, err_console, opt)
 from .library import library_app  # the library commands, registered on it
@@ -43,52 +43,6 @@ def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show full 
                                                        help="Print the version and exit.")] = False):
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA call: repeatable cuBLAS
     _state["debug"] = debug
-
-
-@contextmanager
-def _progress_bar(run_dir, cfg, world):
-    """A run's header line and its progress bar (the workflow reports each step to ``_on_step``)."""
-    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method} prompt x{cfg.prompt_length}, "
-                  f"seed {cfg.seed}, {cfg.backbone}" + (f", {world} processes" if world > 1 else ""))
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        bar = progress.add_task("train", total=None, info="", visible=False)
-
-        def step(step, total, loss, rate):
-            progress.update(bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s", visible=True)
-
-        _state["step"], _state["phase"] = step, _phase_in(progress)
-        try:
-            yield
-        finally:
-            _state.pop("step", None)
-            _state.pop("phase", None)
-
-
-def _phase_in(progress):
-    """Phases (``xprompt.phases``) as bars of ``progress`` and, when each ends, a line with its time."""
-
-    @contextmanager
-    def phase(description, total=None):
-        import time
-
-        task = progress.add_task(description, total=total, info="")
-        started = time.perf_counter()
-        yield lambda rows=1: progress.advance(task, rows)
-        progress.remove_task(task)
-        progress.console.print(f"  {description}: {time.perf_counter() - started:.1f}s", highlight=False)
-
-    return phase
-
-
-@contextmanager
-def _phases_on(console_):
-    """Phases shown on ``console_`` (a command without a run's progress bar: eval, predict)."""
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console_,
-                  transient=True) as progress:
-        yield _phase_in(progress)
 
 
 def _run_events():
