@@ -20,6 +20,17 @@ inference layers (``xprompt/fused.py``) are also timed against transformers' own
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/bench.py ...   # imitate an AVX2-only CPU
     python scripts/bench.py --worker train --system peft --dtype fp32   # one measurement, JSON on stdout
                                                               # (systems: xprompt, xprompt-sdpa, peft)
+
+Whole processes (``--whole``): ``xprompt eval --run RUN --langs de --limit N --json`` as a user runs it,
+against a PEFT script doing the same (load the model, read and tokenise the rows, predict at batch 64),
+one fresh process each, alternating, per CPU kind (this CPU, and an imitated AVX2-only CPU in the
+same run: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, plus ``MKL_ENABLE_INSTRUCTIONS=AVX2
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` so that MKL's sgemm and fbgemm's int8 kernels do not use AVX-512
+either) and per dtype (``auto`` of that kind, fp32, and xprompt's opt-in ``--int8``). Each process
+reports its wall time, its CPU time, the time from launch to its first eval batch (start-up: imports,
+backbone, tokenizer, tokenised rows) and the eval loop's pairs/s:
+
+    python scripts/bench.py --whole --run runs/RUN --whole-rows 1000 --repeats 3 --out docs/bench_whole.json
 """
 
 from __future__ import annotations
@@ -326,7 +337,145 @@ def matmul(args) -> dict:
     return out
 
 
-WORKERS = {("train", "xprompt"): xprompt_train, ("train", "peft"): peft_train,
+# ---------------------------------------------------------------- whole processes
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+STAMP_ENV, T0_ENV = "XPROMPT_BENCH_STAMP", "XPROMPT_BENCH_T0"
+
+# `python -m xprompt ARGS` with the time of its first eval batch written to $XPROMPT_BENCH_STAMP
+XPROMPT_STAMPED = """
+import os, sys, time
+import xprompt.evaluation as evaluation
+def stamped(*args, _batches=evaluation.batches, **kwargs):
+    for i, batch in enumerate(_batches(*args, **kwargs)):
+        if i == 0 and not os.path.exists(os.environ["XPROMPT_BENCH_STAMP"]):
+            open(os.environ["XPROMPT_BENCH_STAMP"], "w").write(str(time.time() - float(os.environ["XPROMPT_BENCH_T0"])))
+        yield batch
+evaluation.batches = stamped
+from xprompt.cli import main
+sys.argv = ["xprompt", *sys.argv[1:]]
+main()
+"""
+
+
+def peft_whole(args) -> dict:
+    """What a PEFT user runs to label N XNLI-de dev pairs: the model with a prompt-tuning adapter, the
+    rows read and tokenised, batches of 64 padded by the collator, argmax; the first batch stamped."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    model, tokenizer = peft_model(args)
+    collate = DataCollatorWithPadding(tokenizer)
+    _, rows = xnli_rows("dev", "de", args.whole_rows)
+    features = peft_features(tokenizer, rows)
+    model.eval()
+    preds = []
+    start = time.perf_counter()
+    with torch.no_grad(), peft_autocast(args.dtype):
+        for i in range(0, len(features), PEER_BATCH):
+            if i == 0:
+                Path(os.environ[STAMP_ENV]).write_text(str(time.time() - float(os.environ[T0_ENV])))
+            batch = collate([{k: v for k, v in f.items() if k != "labels"} for f in features[i : i + PEER_BATCH]])
+            preds.extend(model(**batch).logits.argmax(-1).tolist())
+    seconds = time.perf_counter() - start
+    return {"loop_seconds": seconds, "pairs": len(features)}
+
+
+def whole(args, system: str, kind: str, dtype: str, run_copy: Path) -> dict:
+    """One fresh process of ``system`` (xprompt, xprompt-int8, peft) on CPU ``kind`` (native, avx2)."""
+    import tempfile
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           **(AVX2_ENV if kind == "avx2" else {})}
+    if system == "xprompt-before":  # the same command on another checkout (the code before a change)
+        env["PYTHONPATH"] = str(args.before)
+    with tempfile.TemporaryDirectory() as tmp:
+        env[STAMP_ENV], env[T0_ENV] = str(Path(tmp) / "stamp"), str(time.time())
+        if system == "peft":
+            cmd = [sys.executable, __file__, "--worker", "whole", "--system", "peft", "--dtype", dtype,
+                   "--whole-rows", str(args.whole_rows), "--prompt-length", str(args.prompt_length),
+                   "--threads", str(args.threads)]
+        else:
+            cmd = [sys.executable, "-c", XPROMPT_STAMPED, "eval", "--run", str(run_copy), "--langs", "de", "--limit",
+                   str(args.whole_rows), "--json", "--dtype", dtype, *(["--int8"] if system == "xprompt-int8" else [])]
+        env[T0_ENV] = str(time.time())
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        out, err = proc.communicate()
+        wall = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative: differenced by the caller
+        if proc.returncode != 0:
+            raise SystemExit(f"whole/{system}/{kind}/{dtype} failed:\n{err[-3000:]}")
+        first = float((Path(tmp) / "stamp").read_text())
+    if system == "peft":
+        result = json.loads(out.strip().splitlines()[-1])
+        loop, pairs = result["loop_seconds"], result["pairs"]
+    else:
+        result = json.loads(out)["results"]["de"]
+        loop, pairs = result["seconds"], result["n"]
+    return {"wall_s": wall, "first_batch_s": first, "loop_pairs_per_s": pairs / loop, "loop_s": loop, "pairs": pairs,
+            "cpu_s_cumulative": usage.ru_utime + usage.ru_stime}
+
+
+def whole_main(args) -> None:
+    """``--whole``: alternated fresh processes per CPU kind and dtype; medians and per-repeat ratios."""
+    import shutil
+    import tempfile
+
+    from xprompt.hardware import cpu_bf16, cpu_capability
+
+    native, reason = cpu_bf16()
+    before = ["xprompt-before"] if args.before else []
+    plans = {"native": [("bf16" if native else "fp32", ["xprompt", *before, "peft"])]
+                       + ([("fp32", ["xprompt", "peft", "xprompt-int8"])] if native and args.whole_fp32 else []),
+             "avx2": [("fp32", ["xprompt", *before, "peft", "xprompt-int8"])]}
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    rows: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_copy = Path(tmp) / "run"
+        shutil.copytree(args.run, run_copy)
+        whole(args, "xprompt", "native", "fp32", run_copy)  # warm the caches (encoded rows, file pages)
+        last_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        last_cpu = last_cpu.ru_utime + last_cpu.ru_stime
+        for r in range(args.repeats):
+            print(f"repeat {r + 1}/{args.repeats}", flush=True)
+            for kind in kinds:
+                for dtype, systems in plans[kind]:
+                    shift = r % len(systems)
+                    for system in systems[shift:] + systems[:shift]:
+                        got = whole(args, system, kind, dtype, run_copy)
+                        got["cpu_s"], last_cpu = got["cpu_s_cumulative"] - last_cpu, got["cpu_s_cumulative"]
+                        rows.setdefault(f"{kind}/{dtype}/{system}", []).append(got)
+                        print(f"  {kind:6s} {dtype:4s} {system:12s} wall {got['wall_s']:.1f}s, first batch "
+                              f"{got['first_batch_s']:.1f}s, loop {got['loop_pairs_per_s']:.1f} pairs/s, cpu {got['cpu_s']:.1f}s",
+                              flush=True)
+    table = [f"CPU {cpu_name()} ({reason}); whole process: eval of {args.whole_rows} XNLI-de dev pairs; medians of "
+             f"{args.repeats} alternated fresh processes; ratio = PEFT time / xprompt time (median of per-repeat ratios)",
+             "", "| CPU kind | dtype | system | wall s | to first batch s | loop pairs/s | CPU s | wall ratio | loop ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for key, values in rows.items():
+        kind, dtype, system = key.split("/")
+        peer = rows.get(f"{kind}/{dtype}/peft") or rows.get(f"{kind}/fp32/peft")
+        med = {f: median(v[f] for v in values) for f in ("wall_s", "first_batch_s", "loop_pairs_per_s", "cpu_s")}
+        if system != "peft" and peer:
+            med["wall_ratio"] = median(p["wall_s"] / v["wall_s"] for v, p in zip(values, peer))
+            med["loop_ratio"] = median(v["loop_pairs_per_s"] / p["loop_pairs_per_s"] for v, p in zip(values, peer))
+        summary[key] = med
+        table.append(f"| {kind} | {dtype} | {system} | {med['wall_s']:.1f} | {med['first_batch_s']:.1f} | "
+                     f"{med['loop_pairs_per_s']:.1f} | {med['cpu_s']:.1f} | "
+                     + (f"{med['wall_ratio']:.2f}x | {med['loop_ratio']:.2f}x |" if "wall_ratio" in med else " | |"))
+    print("\n".join(table))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name(),
+                                        "cpu_capability": cpu_capability(), "cpu_bf16_reason": reason,
+                                        "avx2_env": AVX2_ENV, "summary": summary, "raw": rows, "table": table},
+                                       indent=2) + "\n")
+
+
+WORKERS = {("train", "xprompt"): xprompt_train, ("whole", "peft"): peft_whole, ("train", "peft"): peft_train,
            ("train", "xprompt-sdpa"): lambda args: xprompt_train(args, attention="sdpa"),
            ("eval", "xprompt"): xprompt_eval, ("eval", "peft"): peft_eval, ("matmul", "none"): matmul}
 
@@ -363,7 +512,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--inner", type=int, default=2, help="timed passes per attention kind in one eval process")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker", choices=["train", "eval", "matmul"])
+    parser.add_argument("--worker", choices=["train", "eval", "matmul", "whole"])
+    parser.add_argument("--whole", action="store_true", help="whole processes (start-up + loop) instead")
+    parser.add_argument("--run", type=Path, help="--whole: the run xprompt evaluates (a copy of it)")
+    parser.add_argument("--whole-rows", type=int, default=1000, help="--whole: XNLI-de dev pairs per process")
+    parser.add_argument("--kinds", default="native,avx2", help="--whole: CPU kinds (native, avx2)")
+    parser.add_argument("--before", type=Path, help="--whole: a checkout of xprompt to time as 'xprompt-before'")
+    parser.add_argument("--whole-fp32", action="store_true", help="--whole: also fp32 and int8 on a native-bf16 CPU")
     parser.add_argument("--system", default="none")
     args = parser.parse_args()
     if args.worker:
@@ -371,6 +526,9 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         print(json.dumps(WORKERS[args.worker, args.system](args)))
+        return
+    if args.whole:
+        whole_main(args)
         return
 
     from xprompt.hardware import cpu_bf16, cpu_capability, resolve_dtype

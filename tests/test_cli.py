@@ -253,3 +253,42 @@ def test_task_card_train_defaults_and_flag_override(tiny_bert_dir, tmp_path):
     assert invoke(*common, "--run-name", "flag", "--lr", "0.05").exit_code == 0
     lrs = [json.loads((tmp_path / n / "config.json").read_text())["train"]["lr"] for n in ("card", "flag")]
     assert lrs == [0.01, 0.05]
+
+
+def test_every_phase_before_the_first_step_says_what_it_does(tiny_bert_dir, tmp_path, monkeypatch):
+    """Loading, tokenising N rows, the label vectors' class means, the step-0 selection pass: each a
+    line with its count; the final line's training examples/s counts the steps alone (selection
+    passes, here slowed to 0.4 s each, are reported apart), as metrics.json records; eval says its phases."""
+    import re
+    import time
+
+    import xprompt.workflows.runs as runs
+
+    real = runs.predict
+    monkeypatch.setattr(runs, "predict", lambda *a, **k: time.sleep(0.4) or real(*a, **k))
+    result = invoke("train", "--backbone", tiny_bert_dir, "--data-dir", TEST_DATA, "--runs-dir", tmp_path,
+                    "--max-steps", 6, "--eval-every", 3, "--prompt-length", 4, "--batch-size", 8,
+                    "--run-name", "phases", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    for text in ("loaded backbone", "tokenising 120 en rows (96 training, 24 for selection)",
+                 "initialising label vectors from the class means of 96 training rows",
+                 "step-0 selection pass on 24 held-out en rows"):
+        assert re.search(re.escape(text) + r".*?: \d+\.\ds", out), text
+    train = json.loads((tmp_path / "phases" / "metrics.json").read_text())["train"]
+    assert train["train_examples"] == 48 and train["select_passes"] == 3 and train["select_rows"] == 24
+    assert train["select_seconds"] >= 1.2  # three slowed passes
+    assert train["step_seconds"] <= train["train_seconds"] - 0.8 + 0.05  # the two passes inside the loop left out
+    assert train["train_examples_per_s"] == pytest.approx(48 / train["step_seconds"], rel=0.01)
+    done = re.search(r"training ([\d.]+) ex/s \(48 examples in ([\d.]+)s of steps\), selection ([\d.]+)s "
+                     r"\(3 passes on 24 rows\)", out)
+    assert done and float(done.group(1)) == pytest.approx(train["train_examples_per_s"], abs=0.06), out
+    log = [json.loads(line) for line in (tmp_path / "phases" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "select_accuracy" in r] == [0, 3, 6]
+
+    result = invoke("eval", "--run", tmp_path / "phases", "--langs", "de", "--data-dir", TEST_DATA)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert re.search(r"de: tokenising \d+ dev rows.*?: \d+\.\ds", out) and re.search(r"de: scoring \d+ rows: \d+\.\ds", out)
+    result = invoke("eval", "--run", tmp_path / "phases", "--langs", "de", "--data-dir", TEST_DATA, "--json")
+    assert "scoring" not in result.stdout and json.loads(result.stdout)["results"]["de"]["n"] > 0

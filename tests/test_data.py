@@ -190,3 +190,20 @@ def test_tokenisation_is_cached_by_rows_template_and_tokenizer(tokenizer, xnli, 
     encode(ds, xnli.template, tokenizer, 64, tmp_path)
     encode(ds.select(range(3)), xnli.template, tokenizer, 128, tmp_path)
     assert len(list(tmp_path.glob("encoded-*.arrow"))) == 4
+
+
+def test_scores_are_scikit_learn_s_accuracy_and_macro_f1():
+    """evaluation.scores computes without scikit-learn what its metrics give (it is not imported to evaluate)."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from xprompt.evaluation import scores
+
+    rng = np.random.default_rng(0)
+    for k, n in ((3, 50), (4, 7), (119, 300), (2, 1)):
+        labels, preds = rng.integers(0, k, n), rng.integers(0, k, n)
+        preds[: n // 3] = labels[: n // 3]
+        got = scores(labels, preds, k)
+        assert got["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-12)
+        assert got["macro_f1"] == pytest.approx(
+            f1_score(labels, preds, average="macro", labels=list(range(k)), zero_division=0), abs=1e-12)

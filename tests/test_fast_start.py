@@ -65,3 +65,45 @@ def test_ctrl_c_while_a_model_loads_ends_with_one_line(monkeypatch, tmp_path):
     out = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "1"])
     assert out.exit_code == 130 and out.output.strip().startswith("interrupted;") and "Traceback" not in out.output
     assert len(out.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_the_embedded_tokenizer_reads_as_autotokenizer_reads_it(tmp_path):
+    """``embedded.load_tokenizer`` (tokenizer.json read directly, half AutoTokenizer's time) gives
+    AutoTokenizer's tokenizer: the same backend, special tokens and ids."""
+    from transformers import AutoTokenizer
+
+    from xprompt.backbones.embedded import embedded_tokenizer, load_tokenizer
+
+    embedded_tokenizer().save_pretrained(tmp_path)
+    fast, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert fast.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    for name in ("pad_token_id", "mask_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                 "unk_token_id", "model_max_length", "all_special_ids", "padding_side", "truncation_side"):
+        assert getattr(fast, name) == getattr(auto, name), name
+    texts = ["Der Hund läuft. <mask> ja", "今天天气很好", "x " * 300]
+    assert (fast(texts, ["b", "c", "d"], truncation=True, max_length=128)["input_ids"]
+            == auto(texts, ["b", "c", "d"], truncation=True, max_length=128)["input_ids"])
+
+
+def test_a_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from xprompt.backbones import embedded
+
+    weights, memo = tmp_path / "model.safetensors", tmp_path / "cache" / "sha256.json"
+    weights.write_bytes(b"a" * 1000)
+    first = embedded.file_sha256(weights, memo=memo)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() == embedded.file_sha256(weights)
+
+    class Unread:
+        def __init__(self, *a):
+            raise AssertionError("hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(embedded.hashlib, "sha256", Unread)
+        assert embedded.file_sha256(weights, memo=memo) == first  # remembered: not read
+    weights.write_bytes(b"b" * 1000)  # same size, new content and mtime
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert embedded.file_sha256(weights, memo=memo) == hashlib.sha256(b"b" * 1000).hexdigest()

@@ -209,3 +209,38 @@ def test_decoders_and_other_devices_are_left_alone():
     assert use_cpu_attention(encoder)
     with torch.no_grad(), fused_layers(encoder, device="cuda"):
         assert _no_fused_forward_left(encoder)
+
+
+@pytest.mark.parametrize("which", ["bert", "xlmr"])
+def test_int8_products_stay_near_fp32_and_are_opt_in(which, backbone, tiny_xlmr_mlm_dir, tmp_path, xnli, monkeypatch):
+    """``--int8``: the four matrix products of every fused layer on int8 weights (per-row scales,
+    inputs quantised per call). On the tiny fixture the states stay within 5% of fp32's scale
+    (cosine > 0.99) and most predicted labels agree; nothing uses it unless asked, and the layers
+    come back as they were."""
+    import numpy as np
+
+    from xprompt.evaluation import predict
+
+    if not fused.int8_available():
+        pytest.skip("this PyTorch has no quantized engine")
+    model, bb = _model(which, "deep", backbone, tiny_xlmr_mlm_dir, tmp_path)
+    batch = _batch(bb, xnli)
+    calls = []
+    real = fused._int8_pack
+    monkeypatch.setattr(fused, "_int8_pack", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        with compute(model, "fp32"):
+            exact = model.states(batch)
+        with compute(model, "auto"):
+            model.states(batch)
+        assert not calls  # not by default, in any dtype
+        with compute(model, "fp32", int8=True):
+            got = model.states(batch)
+            assert all(isinstance(layer.__dict__.get("forward"), FusedLayer) for layer in model._layers)
+    assert calls and _no_fused_forward_left(model)
+    assert (got - exact).abs().max() <= 0.05 * exact.abs().max()
+    assert torch.nn.functional.cosine_similarity(got, exact).min() > 0.99
+    ds = encode(load_split(xnli, "en", "dev", [TEST_DATA], use_hub=False), xnli.template, bb.tokenizer)
+    pad = bb.tokenizer.pad_token_id
+    agree = np.mean(predict(model, ds, 8, pad, "fp32") == predict(model, ds, 8, pad, "fp32", int8=True))
+    assert agree >= 0.8, agree

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xprompt"
 
 # from the ground up; a module belongs to the first floor that names it or its package
 FLOORS = [
-    ("store/IO", ["__init__", "errors", "config", "fileio", "hardware", "distributed", "tasks", "attention", "fused", "lineage", "checks", "store",
+    ("store/IO", ["__init__", "errors", "config", "fileio", "hardware", "distributed", "tasks", "attention", "fused", "phases", "lineage", "checks", "store",
                   "registry"]),
     ("model parts", ["backbones", "data", "prompts", "verbalizers", "generation", "peft_io", "pretraining"]),
     ("model", ["model", "similarity", "augment"]),

@@ -21,6 +21,7 @@ from datasets import Dataset
 
 from .config import TrainConfig
 from .errors import XPromptError
+from .phases import silent
 from .tasks import TaskSpec, template_parts
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "tasks" / "data"
@@ -384,17 +385,16 @@ def select_count(select_size: int, pool: int) -> int:
 
 @dataclass
 class TrainData:
-    train: object  # encoded datasets.Dataset
+    train: object  # encoded datasets.Dataset, and the held-out selection rows'
     select: object
     describe: str
     used_ids: list[str]  # ids of the rows training and selection saw (kept out of evaluation)
-    train_ids: list[str]
-    select_ids: list[str]
+    train_ids: list[str]; select_ids: list[str]  # noqa: E702
     select_split: str = "train"  # the split the selection rows came from (a published k-shot dev split: dev)
 
 
 def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Path] | None,
-                 cache_dir: Path | None = None) -> TrainData:
+                 cache_dir: Path | None = None, phase=silent) -> TrainData:
     """The training rows and the held-out selection rows, both from the training language and
     ``cfg.source_split`` (the train split; or dev for target-language few-shot adaptation)."""
     task.check_languages([cfg.lang], cfg.source_split)
@@ -414,7 +414,7 @@ def prepare_data(cfg: TrainConfig, task: TaskSpec, tokenizer, data_dirs: list[Pa
     else:
         train, select = holdout_split(pool, select_count(cfg.select_size, len(pool)), cfg.seed)
         describe = f"{len(train)} {cfg.lang} rows; selection on {len(select)} held-out {cfg.lang} rows"
-    template = task.template_for(cfg.lang, cfg.template)
-    return TrainData(encode(train, template, tokenizer, cfg.max_length, cache_dir),
-                     encode(select, template, tokenizer, cfg.max_length, cache_dir), describe,
-                     [*train["id"], *select["id"]], list(train["id"]), list(select["id"]), select_split)
+    template, n = task.template_for(cfg.lang, cfg.template), len(train) + len(select)
+    with phase(f"tokenising {n:,} {cfg.lang} rows ({len(train):,} training, {len(select):,} for selection)", n):
+        encoded = [encode(part, template, tokenizer, cfg.max_length, cache_dir) for part in (train, select)]
+    return TrainData(*encoded, describe, [*train["id"], *select["id"]], list(train["id"]), list(select["id"]), select_split)

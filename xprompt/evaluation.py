@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 
 from .config import DType
 from .errors import XPromptError
@@ -18,25 +17,30 @@ from .tasks import TaskSpec
 
 
 @torch.inference_mode()
-def predict(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32) -> np.ndarray:
-    """Predicted label index for every row of an encoded split, in the split's order."""
+def predict(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32,
+            on_rows=None, int8: bool = False) -> np.ndarray:
+    """Predicted label index for every row of an encoded split, in the split's order
+    (``on_rows(k)`` hears each batch of k rows scored; ``int8``: ``hardware.compute``)."""
     model.eval()
     preds = np.empty(len(encoded), dtype=np.int64)
     device = next(model.parameters()).device
-    with compute(model, dtype, device.type):
+    with compute(model, dtype, device.type, int8):
         for batch in batches(encoded, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             preds[batch["index"].cpu().numpy()] = model(batch).argmax(-1).cpu().numpy()
+            if on_rows:
+                on_rows(len(batch["index"]))
     return preds
 
 
 @torch.inference_mode()
-def probabilities(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32) -> np.ndarray:
+def probabilities(model: PromptModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32,
+                  int8: bool = False) -> np.ndarray:
     """The (rows, labels) probabilities (softmax of the label scores) of an encoded split, in its order."""
     model.eval()
     out = None
     device = next(model.parameters()).device
-    with compute(model, dtype, device.type):
+    with compute(model, dtype, device.type, int8):
         for batch in batches(encoded, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             probs = torch.softmax(model(batch).float(), dim=-1).cpu().numpy()
@@ -94,10 +98,16 @@ def text_scores(predictions: list[str], references: list[str], lang: str, metric
 
 
 def scores(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:
-    return {
-        "accuracy": float(accuracy_score(labels, preds)),
-        "macro_f1": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0)),
-    }
+    """Accuracy and macro F1 over every label (a label never predicted nor present scores 0), as
+    scikit-learn's ``f1_score(average="macro", zero_division=0)`` computes them (tested equal);
+    numpy alone, so that evaluating does not import scikit-learn (a second of start-up)."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    f1 = []
+    for k in range(num_labels):
+        tp = int(((preds == k) & (labels == k)).sum())
+        wrong = int(((preds == k) & (labels != k)).sum()) + int(((preds != k) & (labels == k)).sum())
+        f1.append(2 * tp / (2 * tp + wrong) if 2 * tp + wrong else 0.0)
+    return {"accuracy": float((labels == preds).mean()), "macro_f1": float(np.mean(f1))}
 
 
 def evaluate_languages(
@@ -117,6 +127,8 @@ def evaluate_languages(
     cache_dir: Path | None = None,
     template: str = "agnostic",
     generation: dict | None = None,
+    int8: bool = False,
+    phase=None,
 ) -> dict:
     """Apply the model unchanged to each language. Returns ``{lang: {n, accuracy, macro_f1,
     labeled, seconds, pairs_per_s, ids, predictions}}``; unlabeled splits get predictions only.
@@ -124,6 +136,9 @@ def evaluate_languages(
     ``exclude_ids[lang]`` are rows left out (those a few-shot adaptation trained on); ``cache_dir``
     keeps each split's tokenisation for the next call; ``template`` is the run's template style
     (``agnostic``: the card's one template; ``native``: each language's own)."""
+    from .phases import phase_or_silent
+
+    phase = phase_or_silent(phase)
     task.check_languages(langs, split)
     results: dict[str, dict] = {}
     for lang in langs:
@@ -138,7 +153,10 @@ def evaluate_languages(
                                "run or a run it came from: nothing is left to score; evaluate another split")
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
-        encoded = encode(ds, task.template_for(lang, template), tokenizer, max_length, cache_dir)
+        with phase(f"{lang}: tokenising {len(ds):,} {split} rows" + (" (or reading them cached)" if cache_dir else ""),
+                   len(ds)) as advance:
+            encoded = encode(ds, task.template_for(lang, template), tokenizer, max_length, cache_dir)
+            advance(len(ds))
         model.verbalizer.use_language(lang)  # a hard verbalizer scores this language's label words
         start = time.perf_counter()
         if task.kind == "generation":
@@ -147,7 +165,8 @@ def evaluate_languages(
             if on_language:
                 on_language(lang, results[lang])
             continue
-        preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype)
+        with phase(f"{lang}: scoring {len(ds):,} rows" + (" (int8)" if int8 else ""), len(ds)) as advance:
+            preds = predict(model, encoded, batch_size, tokenizer.pad_token_id, dtype, advance, int8)
         if bridge is not None:
             preds = np.asarray(bridge)[preds]
         seconds = time.perf_counter() - start

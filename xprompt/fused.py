@@ -59,13 +59,42 @@ def _exact_gelu(fn) -> bool:
     return isinstance(fn, GELUActivation) and getattr(fn, "act", None) is F.gelu
 
 
+def int8_available() -> bool:
+    """Whether this PyTorch has a quantized engine for dynamic int8 linear layers (fbgemm / x86 / onednn)."""
+    try:
+        return torch.backends.quantized.engine in ("fbgemm", "x86", "onednn", "qnnpack") and bool(
+            set(torch.backends.quantized.supported_engines) - {"none"})
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _int8_pack(weight: torch.Tensor, bias: torch.Tensor):
+    """``weight`` quantised to int8 per output row (symmetric, scale = max |w| / 127) and packed
+    with ``bias`` for ``quantized.linear_dynamic``."""
+    import warnings
+
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # quantized tensor constructors warn of a future deprecation
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, bias.detach().float())
+
+
 class _Projection:
     """``x @ weight.T + bias`` (then GELU if asked) on a weight packed for oneDNN, or plain
-    ``F.linear`` where packing is unavailable (a PyTorch built without oneDNN, an unsupported dtype)."""
+    ``F.linear`` where packing is unavailable (a PyTorch built without oneDNN, an unsupported dtype);
+    with ``int8``, on int8 weights (per-row scales) and inputs quantised per call (PyTorch's dynamic
+    quantized linear: fbgemm on x86, 7-bit inputs so that AVX2's 16-bit sums never saturate)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False, act=None, pack: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False, act=None, pack: bool = True,
+                 int8: bool = False):
         self.bias, self.gelu, self.act = bias, gelu, act
-        self.packed = None
+        self.packed = self.int8 = None
+        if int8:
+            self.int8 = _int8_pack(weight, bias)
+            self.weight = None
+            return
         if pack and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
@@ -77,7 +106,10 @@ class _Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.packed is not None:
+        if self.int8 is not None:
+            y = torch.ops.quantized.linear_dynamic(rows.float(), self.int8, True)
+            y = F.gelu(y) if self.gelu else y
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "gelu" if self.gelu else "none", [], "none")
         else:
             y = F.linear(rows, self.weight, self.bias)
@@ -89,7 +121,7 @@ class _Projection:
 class FusedLayer:
     """The forward of one fusable layer (see ``fusable``), installed on it by ``fused_layers``."""
 
-    def __init__(self, layer: nn.Module, dtype: torch.dtype, pack_float32: bool = True):
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, pack_float32: bool = True, int8: bool = False):
         attention = layer.attention
         sa = attention.self
         self.layer, self.dtype, self.attention = layer, dtype, sa
@@ -101,16 +133,19 @@ class FusedLayer:
             return t.detach().to(dtype)
 
         pack = dtype == torch.bfloat16 or pack_float32
+        if int8:  # int8 products take float32 inputs and give float32 outputs
+            self.dtype = dtype = torch.float32
+        extra = {"int8": True} if int8 else {}
 
         qkv_w = torch.cat([cast(sa.query.weight), cast(sa.key.weight), cast(sa.value.weight)])
         qkv_b = torch.cat([cast(sa.query.bias), cast(sa.key.bias), cast(sa.value.bias)])
-        self.qkv = _Projection(qkv_w, qkv_b, pack=pack)
-        self.out = _Projection(cast(attention.output.dense.weight), cast(attention.output.dense.bias), pack=pack)
+        self.qkv = _Projection(qkv_w, qkv_b, pack=pack, **extra)
+        self.out = _Projection(cast(attention.output.dense.weight), cast(attention.output.dense.bias), pack=pack, **extra)
         act = layer.intermediate.intermediate_act_fn
         exact = _exact_gelu(act)
         self.up = _Projection(cast(layer.intermediate.dense.weight), cast(layer.intermediate.dense.bias), gelu=exact,
-                              act=None if exact else act, pack=pack)
-        self.down = _Projection(cast(layer.output.dense.weight), cast(layer.output.dense.bias), pack=pack)
+                              act=None if exact else act, pack=pack, **extra)
+        self.down = _Projection(cast(layer.output.dense.weight), cast(layer.output.dense.bias), pack=pack, **extra)
         self.norm1, self.norm2 = attention.output.LayerNorm, layer.output.LayerNorm
 
     def applies(self, encoder_hidden_states, cache) -> bool:
@@ -135,12 +170,14 @@ class FusedLayer:
 
 
 @contextlib.contextmanager
-def fused_layers(model: nn.Module, device: str = "cpu", pack_float32: bool = True):
+def fused_layers(model: nn.Module, device: str = "cpu", pack_float32: bool = True, int8: bool = False):
     """For the duration, every fusable encoder layer of ``model`` on CPU runs ``FusedLayer``'s
     forward when gradients are off. Weights are packed on entry, in the dtype the layer's
     projections compute in (bf16 under CPU autocast or when held in bf16, else their own); nothing
     happens when entered with gradients on or on another device. ``pack_float32=False`` keeps
-    float32 projections on plain ``F.linear`` (bf16 ones always pack). Restored on exit."""
+    float32 projections on plain ``F.linear`` (bf16 ones always pack). ``int8`` (opt-in: ``--int8``)
+    runs the four matrix products of every layer on int8 weights instead (``_Projection``); the
+    rest of the layer stays float32. Restored on exit."""
     if device != "cpu" or torch.is_grad_enabled():
         yield
         return
@@ -152,7 +189,7 @@ def fused_layers(model: nn.Module, device: str = "cpu", pack_float32: bool = Tru
         weight = layer.attention.self.query.weight
         if weight.device.type != "cpu" or layer.output.LayerNorm.weight.dtype != torch.float32:
             continue
-        layer.forward = FusedLayer(layer, torch.bfloat16 if autocast else weight.dtype, pack_float32)
+        layer.forward = FusedLayer(layer, torch.bfloat16 if autocast else weight.dtype, pack_float32, int8)
         installed.append(layer)
     try:
         yield

@@ -123,14 +123,18 @@ def frozen_weights_in_bf16(model: torch.nn.Module, dtype: DType | str, device: s
 
 
 @contextlib.contextmanager
-def compute(model: torch.nn.Module, dtype: DType | str, device: str = "cpu"):
+def compute(model: torch.nn.Module, dtype: DType | str, device: str = "cpu", int8: bool = False):
     """Forward passes in the compute dtype: ``autocast`` plus frozen weights held in bf16 on CPU,
-    and (gradients off, on CPU) BERT-family layers on the fused inference forward (``fused``)."""
+    and (gradients off, on CPU) BERT-family layers on the fused inference forward (``fused``).
+    ``int8`` (opt-in, nothing trained: ``eval --int8``, ``predict --int8``) computes the frozen
+    layers' matrix products on int8 weights and everything else in fp32 (``dtype`` is then ignored)."""
     from .fused import fused_layers
 
+    if int8:
+        dtype = DType.FP32
     # oneDNN's packed float32 kernels lost to MKL's sgemm at torch capability AVX2 (fused 0.91x of
     # transformers' layers there, 1.19x at AVX512): float32 packs only on AVX-512 CPUs
     pack_float32 = cpu_capability().startswith("AVX512")
     with (frozen_weights_in_bf16(model, dtype, device), autocast(dtype, device),
-          fused_layers(model, device, pack_float32)):
+          fused_layers(model, device, pack_float32, int8)):
         yield

@@ -32,8 +32,9 @@ def init_sample(train, examples: int, seed: int):
 
 
 @torch.no_grad()
-def set_class_means(model: PromptModel, sample, pad_id: int, dtype) -> list[int]:
-    """Label vectors from the class-mean states of ``sample`` read with the model's current prompt."""
+def set_class_means(model: PromptModel, sample, pad_id: int, dtype, on_rows=None) -> list[int]:
+    """Label vectors from the class-mean states of ``sample`` read with the model's current prompt
+    (``on_rows(k)`` hears each batch of k rows read)."""
     if not model.verbalizer.needs_init:
         return []
     states, labels = [], []
@@ -43,6 +44,8 @@ def set_class_means(model: PromptModel, sample, pad_id: int, dtype) -> list[int]
         for batch in batches(sample, 64, pad_id):
             states.append(model.states({k: v.to(device) for k, v in batch.items()}).float().cpu())
             labels.append(batch["labels"])
+            if on_rows:
+                on_rows(len(batch["labels"]))
     return model.verbalizer.init_from_class_means(torch.cat(states), torch.cat(labels))
 
 
@@ -61,15 +64,21 @@ def initial_vectors(backbone: Backbone, length: int, cfg, task=None) -> torch.Te
 
 
 @torch.no_grad()
-def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg, task=None) -> list[int]:
+def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cfg, task=None, phase=None) -> list[int]:
     """The prompt's input vectors by ``cfg.init``; per-layer vectors from the states they produce;
     label vectors from the class-mean states of (up to ``init_examples``) training rows read
     through it. Returns the labels that had no training row (their vectors start at the mean of
-    all states)."""
+    all states). ``phase`` (``xprompt.phases``) hears the class-mean pass, with its row count."""
+    from .phases import phase_or_silent
+
     model.prompt.embeddings.copy_(initial_vectors(backbone, model.prompt.length, cfg, task))
     model.init_layer_prompts(*sequence_ends(backbone.tokenizer))
-    return set_class_means(model, init_sample(train, cfg.init_examples, cfg.seed), backbone.tokenizer.pad_token_id,
-                           cfg.dtype)
+    if not model.verbalizer.needs_init:
+        return []
+    sample = init_sample(train, cfg.init_examples, cfg.seed)
+    with phase_or_silent(phase)(f"initialising label vectors from the class means of {len(sample):,} training rows",
+                                len(sample)) as advance:
+        return set_class_means(model, sample, backbone.tokenizer.pad_token_id, cfg.dtype, advance)
 
 
 def snapshot(model: PromptModel) -> dict[str, torch.Tensor]:

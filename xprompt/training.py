@@ -34,12 +34,21 @@ class Fit:
 
     best: dict  # {"step", "accuracy", "tensors"}
     steps: int
-    seconds: float
+    seconds: float  # the loop's wall time, its selection passes included (step 0's not)
     seen: int
     trainable_parameters: int
     last_accuracy: float | None = None  # the selection accuracy of the last step, where this loop scored it
     average: dict | None = None  # with --average-checkpoints: the steps averaged and the best single checkpoint
     restarts: list | None = None  # the safety net's restarts: when, why, the rates before and after
+    select_seconds: float = 0.0  # every selection pass, step 0's included
+    select_passes: int = 0
+    step_seconds: float | None = None  # the training steps alone: ``seconds`` less the selection passes in it
+
+    @property
+    def examples_per_s(self) -> float:
+        """Training examples per second of training steps (selection passes not counted)."""
+        steps = self.step_seconds if self.step_seconds is not None else self.seconds
+        return self.seen / steps if steps > 0 else 0.0
 
 
 class Restart(Exception):
@@ -173,10 +182,14 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
             log_path.unlink(missing_ok=True)  # a run restarted before its first checkpoint starts afresh
         progress = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "seconds": 0.0, "restarts": restarts, "lr": lr}
         initial = {k: v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
+        clock = time.perf_counter()
         best = {"step": 0, "accuracy": select_accuracy(), "tensors": snapshot(model)}
+        progress.update(select_seconds=time.perf_counter() - clock, select_passes=1, loop_select_seconds=0.0)
         log({"step": 0, "select_accuracy": best["accuracy"]})
     step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
     started = time.perf_counter() - progress["seconds"]
+    # selection time, kept apart so that examples/s counts training steps only (older checkpoints: none)
+    timing = {k: progress.get(k, 0) for k in ("select_seconds", "select_passes", "loop_select_seconds")}
     window_loss, window_n = progress.get("window_loss", 0.0), progress.get("window_n", 0)
     last_accuracy = None
     restarts, lr, checked = progress.get("restarts", []), progress.get("lr", lr), progress.get("checked", False)
@@ -189,13 +202,18 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
 
     def save_progress() -> None:
         progress.update(step=step, epoch=epoch, batch=position, seen=seen, seconds=time.perf_counter() - started,
-                        window_loss=window_loss, window_n=window_n, selection_owed=phase == "owed", checked=checked)
+                        window_loss=window_loss, window_n=window_n, selection_owed=phase == "owed", checked=checked,
+                        **timing)
         if main:
             save_checkpoint(run_dir, model, optimizer, scheduler, progress, best, recent, initial)
 
     def select() -> None:
         nonlocal best, last_accuracy, phase, recent, checked
+        clock = time.perf_counter()
         acc = last_accuracy = select_accuracy()
+        took = time.perf_counter() - clock
+        timing.update(select_seconds=timing["select_seconds"] + took, select_passes=timing["select_passes"] + 1,
+                      loop_select_seconds=timing["loop_select_seconds"] + took)
         log({"step": step, "select_accuracy": acc})
         if check is not None and not checked and step >= check[0] and len(restarts) < MAX_RESTARTS:
             checked = True
@@ -251,7 +269,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                     window_loss, window_n = window_loss + loss_value, window_n + 1
                     due = step % cfg.eval_every == 0 or step == total
                     phase = "owed" if due else "clean"  # the step is done (all of it, or nothing, above)
-                    rate = seen / (time.perf_counter() - started)
+                    rate = seen / max(1e-9, time.perf_counter() - started - timing["loop_select_seconds"])
                     if step % 20 == 0 or step == total:
                         log({"step": step, "loss": round(window_loss / window_n, 5),
                              "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
@@ -278,7 +296,9 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     if recent and step >= total:
         best, average = averaged(model, recent, best, select_accuracy, log, step)
     return Fit(best=best, steps=total, seconds=seconds, seen=seen, trainable_parameters=sum(p.numel() for p in params),
-               last_accuracy=last_accuracy if step >= total else None, average=average, restarts=restarts or None)
+               last_accuracy=last_accuracy if step >= total else None, average=average, restarts=restarts or None,
+               select_seconds=timing["select_seconds"], select_passes=timing["select_passes"],
+               step_seconds=seconds - timing["loop_select_seconds"])
 
 
 def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log, step: int) -> tuple[dict, dict]:

@@ -17,7 +17,7 @@ from ..attention import use_cpu_attention
 from ..config import DType
 from ..hardware import resolve_dtype
 from ..errors import XPromptError
-from .embedded import EMBEDDED_NAME, embedded_folder, file_sha256
+from .embedded import EMBEDDED_NAME, SHA_MEMO, embedded_folder, file_sha256, load_tokenizer
 
 __all__ = ["Backbone", "load_backbone", "open_backbone", "EMBEDDED_NAME", "DEVICE_MAPS", "weights_sha256"]
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device_map strategies
@@ -70,9 +70,9 @@ class Backbone:
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # a bin-only folder is hashed by its .bin files
 
 
-def weights_sha256(folder: Path) -> str:
+def weights_sha256(folder: Path, memo: Path | None = None) -> str:
     """One sha256 over every weights file of a model folder (sorted by name): its safetensors
-    files, or its pytorch_model*.bin files where it has none."""
+    files, or its pytorch_model*.bin files where it has none (``memo``: ``file_sha256``'s)."""
     files: list[Path] = []
     for pattern in WEIGHT_PATTERNS:
         files = sorted(Path(folder).glob(pattern))
@@ -81,10 +81,10 @@ def weights_sha256(folder: Path) -> str:
     if not files:
         return "unknown"
     if len(files) == 1:
-        return file_sha256(files[0])
+        return file_sha256(files[0], memo=memo)
     digest = hashlib.sha256()
     for f in files:
-        digest.update(file_sha256(f).encode())
+        digest.update(file_sha256(f, memo=memo).encode())
     return digest.hexdigest()
 
 
@@ -163,7 +163,8 @@ def load_backbone(
     weights.update({"use_safetensors": None, "weights_only": True} if allow_bin_weights else {"use_safetensors": True})
     try:
         config = AutoConfig.from_pretrained(folder, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **hub)
+        tokenizer = (load_tokenizer(folder) if name == EMBEDDED_NAME  # the folder we wrote: read it directly
+                     else AutoTokenizer.from_pretrained(folder, **hub))
         kind = _kind(config)
         auto = {"masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)
         model = auto.from_pretrained(folder, config=config, **hub, **weights)
@@ -201,7 +202,7 @@ def load_backbone(
         model=model,
         tokenizer=tokenizer,
         kind=kind,
-        sha256=weights_sha256(local) if local else "unknown",
+        sha256=weights_sha256(local, memo=Path(cache_dir) / SHA_MEMO) if local else "unknown",
         lm_head=lm_head,
         seq2seq=seq2seq,
         sharded=bool(device_map),

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ..config import METHODS, Device, DType, TrainConfig
 from ..errors import XPromptError
-from .common import (ENCODED, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
+from .common import (ENCODED, _phases_on, _progress_bar, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
                      Revision, RunsDir, TasksDir, TrustRemote, _data_dirs, _default_cache, _load_task, _numbers,
                      _open_backbone, _pct, _state, _table, app, command, console, err_console, opt)
 from .library import library_app  # the library commands, registered on it
@@ -45,34 +45,25 @@ def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show full 
     _state["debug"] = debug
 
 
-@contextmanager
-def _progress_bar(run_dir, cfg, world):
-    """A run's header line and its progress bar (the workflow reports each step to ``_on_step``)."""
-    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method} prompt x{cfg.prompt_length}, "
-                  f"seed {cfg.seed}, {cfg.backbone}" + (f", {world} processes" if world > 1 else ""))
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        bar = progress.add_task("train", total=None, info="")
-        _state["step"] = lambda step, total, loss, rate: progress.update(
-            bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s")
-        try:
-            yield
-        finally:
-            _state.pop("step", None)
-
-
 def _run_events():
     from ..workflows.runs import RunEvents
 
     def done(run_dir, cfg, summary):
-        console.print(f"done in {summary['train_seconds']:.0f}s ({summary['train_examples_per_s']:.1f} ex/s); "
-                      f"{summary['data']}; best step {summary['best_step']} with "
+        rate = summary.get("train_examples_per_s")
+        console.print(f"done in {summary['train_seconds']:.0f}s: training {rate if rate is not None else 0:.1f} ex/s "
+                      f"({summary['train_examples']} examples in {summary['step_seconds']:.1f}s of steps), selection "
+                      f"{summary['select_seconds']:.1f}s ({summary['select_passes']} passes on {summary['select_rows']} "
+                      f"rows); {summary['data']}; best step {summary['best_step']} with "
                       f"{100 * summary['select_accuracy']:.1f} held-out {cfg.lang} accuracy; prompt saved to "
-                      f"{run_dir / 'prompt'}")
+                      f"{run_dir / 'prompt'}", highlight=False)
+
+    def phase(description, total=None):
+        return _state.get("phase", silent)(description, total)
+
+    from ..phases import silent
 
     return RunEvents(started=_progress_bar, step=lambda *a: _state.get("step", lambda *_: None)(*a),
-                     warning=lambda text: err_console.print(f"warning: {text}"), finished=done)
+                     warning=lambda text: err_console.print(f"warning: {text}"), finished=done, phase=phase)
 
 
 @command("tasks")
@@ -271,6 +262,7 @@ def evaluate_cmd(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the backbone (default: the one the run was trained at).")] = None,
     allow_bin_weights: AllowBin = False,
     trust_remote_code: TrustRemote = False,
+    int8: Annotated[bool, typer.Option("--int8", help="CPU: compute the frozen backbone's matrix products on int8 weights (dynamic quantisation; the rest in fp32). Faster where bf16 is not native; opt-in because predictions can differ from fp32 (docs/bench.md measures by how much).")] = False,
     runs_dir: RunsDir = Path("runs"),
     data_dir: DataDir = None,
     tasks_dir: TasksDir = None,
@@ -316,6 +308,10 @@ def evaluate_cmd(
     batch_size = batch_size or eval_batch_size(distributed.local_device(device.value))
     if shots and len(runs) > 1:
         raise XPromptError("--shots adapts one run; pass a single --run")
+    if int8 and (shots or len(runs) > 1 or spec.kind == "generation" or distributed.local_device(device.value).type != "cpu"):
+        raise XPromptError("--int8 scores one run's classification prompt on a CPU (not --shots, ensembles, generation or GPUs)")
+    if int8:
+        err_console.print("--int8: the frozen layers' matrix products on int8 weights, everything else in fp32", highlight=False)
     if shots:
         if world > 1:
             raise XPromptError("--shots adaptation runs in one process; start it without torchrun")
@@ -344,8 +340,9 @@ def evaluate_cmd(
                                  on_language=on_language, device=distributed.local_device(device.value))
         run_dir = done.run_dir
     else:
-        done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype,
-                            cache_dir / ENCODED, on_language, generation)
+        with _phases_on(err_console) as phase:
+            done = evaluate_run(run_dir, model, card, bb, spec, wanted, split, dirs, limit, batch_size, dtype,
+                                cache_dir / ENCODED, on_language, generation, int8, phase if not as_json else None)
     if done.results is None:  # another process's share, merged by rank 0
         return
     if as_json:
@@ -374,6 +371,7 @@ def predict_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per forward pass (default: 16 on a CPU, 64 on a GPU).")] = None,
     dtype: DTypeOption = DType.AUTO,
     device: DeviceOption = Device.CPU,
+    int8: Annotated[bool, typer.Option("--int8", help="CPU: compute the frozen backbone's matrix products on int8 weights (dynamic quantisation; the rest in fp32). Faster where bf16 is not native; opt-in because predictions can differ from fp32 (docs/bench.md measures by how much).")] = False,
     tasks_dir: TasksDir = None,
     cache_dir: CacheDir = _default_cache(),
 ):
@@ -392,7 +390,9 @@ def predict_cmd(
     mapping = parse_fields(fields)
     bb, dtype, _ = _open_backbone(card["backbone"], cache_dir, device, dtype, revision=card.get("backbone_revision"),
                                   allow_bin_weights=bool(card.get("backbone_bin_weights")))
-    predictor = Predictor.load(runs, bb, tasks_dir, dtype, device.value, batch_size)
+    if int8 and device.value != "cpu":
+        raise XPromptError("--int8 runs on a CPU")
+    predictor = Predictor.load(runs, bb, tasks_dir, dtype, device.value, batch_size, int8)
     with Progress(TextColumn("labelling"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
         bar = progress.add_task("predict", total=count_rows(input))

@@ -4,12 +4,14 @@ TrainConfig), the error-to-one-line decorator, backbone opening and table render
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import METHODS, Device, DType, TrainConfig
@@ -111,10 +113,15 @@ def _open_backbone(name: str, cache_dir: Path, device: Device | str = Device.CPU
 
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise typer.BadParameter(f"--device-map must be {', '.join(DEVICE_MAPS)}, got {device_map!r}")
-    with console.status(f"loading backbone {name}"):
+    import time
+
+    started = time.perf_counter()
+    with err_console.status(f"loading backbone {name}"):
         bb, dtype, compute = open_backbone(name, cache_dir, Device(device).value, dtype, trust_remote_code, device_map,
                                            revision, allow_bin_weights)
     if not quiet and distributed.rank_world()[0] == 0:
+        err_console.print(f"loaded backbone {name} ({sum(p.numel() for p in bb.model.parameters()) / 1e6:.0f}M "
+                          f"parameters, frozen) in {time.perf_counter() - started:.1f}s", highlight=False)
         err_console.print(f"compute: {dtype.value} on {compute['where']} ({compute['reason']})", highlight=False)
     return bb, dtype, compute
 
@@ -130,3 +137,49 @@ def _table(title: str, columns: list[str], rows: list[list], right: tuple = ()) 
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+@contextmanager
+def _progress_bar(run_dir, cfg, world):
+    """A run's header line and its progress bar (the workflow reports each step to ``_on_step``)."""
+    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method} prompt x{cfg.prompt_length}, "
+                  f"seed {cfg.seed}, {cfg.backbone}" + (f", {world} processes" if world > 1 else ""))
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        bar = progress.add_task("train", total=None, info="", visible=False)
+
+        def step(step, total, loss, rate):
+            progress.update(bar, completed=step, total=total, info=f"loss {loss:.3f} | {rate:.1f} ex/s", visible=True)
+
+        _state["step"], _state["phase"] = step, _phase_in(progress)
+        try:
+            yield
+        finally:
+            _state.pop("step", None)
+            _state.pop("phase", None)
+
+
+def _phase_in(progress):
+    """Phases (``xprompt.phases``) as bars of ``progress`` and, when each ends, a line with its time."""
+
+    @contextmanager
+    def phase(description, total=None):
+        import time
+
+        task = progress.add_task(description, total=total, info="")
+        started = time.perf_counter()
+        yield lambda rows=1: progress.advance(task, rows)
+        progress.remove_task(task)
+        progress.console.print(f"  {description}: {time.perf_counter() - started:.1f}s", highlight=False)
+
+    return phase
+
+
+@contextmanager
+def _phases_on(console_):
+    """Phases shown on ``console_`` (a command without a run's progress bar: eval, predict)."""
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console_,
+                  transient=True) as progress:
+        yield _phase_in(progress)

@@ -38,7 +38,7 @@ class Evaluation:
 def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbone, task: TaskSpec, langs: list[str],
                  split: str = "dev", data_dirs: list[Path] | None = None, limit: int | None = None,
                  batch_size: int = 64, dtype: DType = DType.FP32, cache_dir: Path | None = None,
-                 on_language=None, generation: dict | None = None) -> Evaluation:
+                 on_language=None, generation: dict | None = None, int8: bool = False, phase=None) -> Evaluation:
     """Apply a run's prompt unchanged to each language (this process's share of them under a
     launcher); on rank 0, write ``predictions/<task>.<split>.<lang>.tsv``, merge the results into
     ``metrics.json`` (with the rows, limit and dtype of each) and refresh the index."""
@@ -49,7 +49,8 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     mine = evaluate_languages(model, task, backbone.tokenizer, langs[rank::world], split, data_dirs, limit, batch_size,
                               dtype=dtype, on_language=on_language, bridge=bridge, cache_dir=cache_dir,
                               template=card.get("template_style", "agnostic"),
-                              exclude_ids=excluded_ids(lineage, task.name, split) or None, generation=generation)
+                              exclude_ids=excluded_ids(lineage, task.name, split) or None, generation=generation,
+                              int8=int8, phase=phase)
     merged = {lang: result for part in distributed.gather(mine) for lang, result in part.items()}
     if rank != 0:
         return Evaluation(run_dir, card, source, None, None)
@@ -62,7 +63,7 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     entry = metrics.setdefault("eval", {}).setdefault(task.name, {}).setdefault(split, {})
     for lang, result in results.items():
         result["protocol"] = score_protocol(lineage, task.name, split, lang)
-        entry[lang] = {**result, "limit": limit, "dtype": DType(dtype).value}
+        entry[lang] = {**result, "limit": limit, "dtype": "int8" if int8 else DType(dtype).value}
     write_json(metrics_path, metrics)
     index_run(Path(run_dir).parent, run_dir)
     return Evaluation(run_dir, card, source, results, summarize(results, source, task.metric, task.official_languages))

@@ -112,10 +112,11 @@ class Predictor:
     dtype: DType = DType.FP32
     batch_size: int = 16
     max_length: int = 128
+    int8: bool = False  # the frozen matrix products on int8 weights (``hardware.compute``; opt-in)
 
     @classmethod
     def load(cls, run_dirs: list[Path], backbone: Backbone, tasks_dir: Path | None = None, dtype: DType = DType.FP32,
-             device: str = "cpu", batch_size: int | None = None) -> "Predictor":
+             device: str = "cpu", batch_size: int | None = None, int8: bool = False) -> "Predictor":
         run_dirs = [Path(r) for r in run_dirs]
         cards = [load_card(run) for run in run_dirs]
         for what in ("task", "labels", "template_style"):
@@ -129,7 +130,7 @@ class Predictor:
         config = run_dirs[0] / "config.json"
         max_length = int(read_json(config).get("train", {}).get("max_length", 128)) if config.is_file() else 128
         return cls(run_dirs, backbone, task, cards[0], models, DType(dtype), batch_size or eval_batch_size(device),
-                   max_length)
+                   max_length, int8)
 
     @property
     def labels(self) -> list[str]:
@@ -166,7 +167,7 @@ class Predictor:
             each = []
             for model in self.models:
                 model.verbalizer.use_language(lang or self.card.get("train_language"))
-                each.append(probabilities(model, encoded, self.batch_size, pad, self.dtype))
+                each.append(probabilities(model, encoded, self.batch_size, pad, self.dtype, self.int8))
             mean = np.mean(each, axis=0)
             for k, i in enumerate(index):
                 result = {"label": self.labels[int(mean[k].argmax())],

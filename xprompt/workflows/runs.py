@@ -68,16 +68,21 @@ def settle(cfg: TrainConfig, backbone: Backbone, device) -> TrainConfig:
 
 
 def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, data_dirs: list[Path] | None = None,
-          on_step=None, device: str = "cpu", cache_dir: Path | None = None, tasks_dir: Path | None = None) -> dict:
+          on_step=None, device: str = "cpu", cache_dir: Path | None = None, tasks_dir: Path | None = None,
+          on_phase=None) -> dict:
     """Train one prompt into ``run_dir``: ``prompt/`` (safetensors, card, PEFT twin), ``metrics.json``,
     ``log.jsonl`` and a ``checkpoint/`` (a run with one resumes exactly). Under ``torchrun`` every
-    process runs this; only rank 0 writes."""
+    process runs this; only rank 0 writes. ``on_phase`` (``xprompt.phases``) hears every phase
+    before the first step: tokenising, the label vectors' class means, the step-0 selection pass."""
+    from ..phases import phase_or_silent
+
+    phase = phase_or_silent(on_phase)
     rank, world = distributed.rank_world()
     main = rank == 0
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
     cfg = settle(cfg, backbone, where)
-    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir)
+    data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir, phase)
     if task.kind == "generation":
         if cfg.shots:
             raise XPromptError("--shots samples K rows per class: a generation task has no classes")
@@ -89,18 +94,28 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
                         cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection).place(where)
     if backbone.sharded:
         where = backbone.input_device()  # batches go where the input embeddings are
-    missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task)
+    missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task, phase)
     pad = backbone.tokenizer.pad_token_id
     # every process scores its shard of the selection rows; the counts are summed
     select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
 
+    passes = []
+
     def select_accuracy() -> float:
+        """The selection accuracy; its first pass (step 0, before any step) is a phase of its own."""
+        passes.append(1)
+        if len(passes) > 1:
+            return score_selection()
+        with phase(f"step-0 selection pass on {len(data.select):,} held-out {cfg.lang} rows", len(select_part)) as advance:
+            return score_selection(advance)
+
+    def score_selection(on_rows=None) -> float:
         if task.kind == "generation":  # chrF of what it writes for the held-out rows, over every process's share
             texts = [t for part in distributed.gather(generate_texts(model, select_part, backbone.tokenizer,
                                                                       dtype=cfg.dtype)) for t in part]
             references = [t for part in distributed.gather(list(select_part["target"])) for t in part]
             return text_scores(texts, references, cfg.lang, (task.metric,))[task.metric]
-        preds = predict(model, select_part, eval_batch_size(where), pad, cfg.dtype)
+        preds = predict(model, select_part, eval_batch_size(where), pad, cfg.dtype, on_rows)
         correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
         return correct / n
 
@@ -125,6 +140,8 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
                                          backbone.tokenizer, data_dirs, cache_dir, on_step, transform)
         fits.append(done)
     seconds, seen = sum(f.seconds for f in fits), sum(f.seen for f in fits)
+    step_seconds = sum(f.step_seconds if f.step_seconds is not None else f.seconds for f in fits)
+    select_seconds, select_passes = sum(f.select_seconds for f in fits), sum(f.select_passes for f in fits)
     summary = {
         "train_rows": len(data.train),
         "dtype": cfg.dtype.value,
@@ -134,8 +151,13 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         "select_accuracy": round(done.best["accuracy"], 4),
         **({"checkpoint_average": fits[0].average} if fits[0].average else {}),
         **({"restarts": fits[0].restarts} if fits[0].restarts else {}),
-        "train_seconds": round(seconds, 1),
-        "train_examples_per_s": round(seen / seconds, 2),
+        "train_seconds": round(seconds, 1),  # the loop's wall time, its selection passes included
+        "train_examples": seen,
+        "step_seconds": round(step_seconds, 2),  # the training steps alone
+        "train_examples_per_s": round(seen / step_seconds, 2) if step_seconds > 0 else None,  # steps only
+        "select_seconds": round(select_seconds, 2),  # every selection pass, step 0's included
+        "select_passes": select_passes,
+        "select_rows": len(data.select),
         "trainable_parameters": done.trainable_parameters,
         "init_from": cfg.init_from,
         "init": init_note or f"{cfg.init} prompt start, class-mean label vectors",
@@ -253,6 +275,7 @@ class RunEvents:
 
     started: object = None  # (run_dir, cfg, world) -> a context manager around the run (e.g. a progress bar)
     step: object = None  # (step, total, loss, examples_per_s)
+    phase: object = None  # (description, rows) -> a context manager yielding advance(rows) (``xprompt.phases``)
     warning: object = None  # (text)
     finished: object = None  # (run_dir, cfg, summary)
 
@@ -318,7 +341,7 @@ def train_run(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, target, runs
         try:
             with run_lock(run_dir) if main else contextlib.nullcontext():
                 summary = train(cfg, backbone, task, run_dir, data_dirs, on_step=events.step, device=device,
-                                cache_dir=cache_dir, tasks_dir=tasks_dir)
+                                cache_dir=cache_dir, tasks_dir=tasks_dir, on_phase=events.phase if main else None)
         except KeyboardInterrupt:
             if not (run_dir / "checkpoint").is_dir():
                 if main:
