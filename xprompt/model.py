@@ -71,31 +71,35 @@ class PromptModel(nn.Module):
                   {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr}]
         return [g for g in groups if g["params"]]
 
-    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+                     index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Word embeddings with whatever the prompt puts into the input, and the matching mask."""
-        return self.prompt.insert(self.embed(input_ids), attention_mask)
+        return self.prompt.insert(self.embed(input_ids), attention_mask, tables, index)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""
         return self.sequence(input_ids, attention_mask)[0]
 
-    def sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states with the prompt inserted and the matching attention mask."""
-        inputs, mask = self._with_prompt(input_ids, attention_mask)
+    def sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+                 index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states with the prompt inserted and the matching attention mask. ``tables``
+        and ``index``: several prompts of this one's shape, stacked, and each row's (``mixed``)."""
+        inputs, mask = self._with_prompt(input_ids, attention_mask, tables, index)
         # The method's hooks live only for this call, so models sharing a backbone never interfere.
-        handles = self.prompt.install(self._layers)
+        handles = self.prompt.install(self._layers, tables, index)
         try:
             return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state, self.prompt.joined_mask(mask)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states at the input's own positions only, (batch, tokens, hidden): the
         prompt's positions enter every layer as keys and values, their rows are never computed.
         Equal to ``encode`` without the prompt's rows (to float rounding)."""
-        inputs, _ = self._with_prompt(input_ids, attention_mask)
-        handles = self.prompt.install_key_values(self.backbone.embeddings, self._layers, self._attentions)
+        inputs, _ = self._with_prompt(input_ids, attention_mask, tables, index)
+        handles = self.prompt.install_key_values(self.backbone.embeddings, self._layers, self._attentions, tables, index)
         try:
             return self.backbone(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
         finally:
@@ -104,12 +108,13 @@ class PromptModel(nn.Module):
             for module in self._attentions:
                 module.__dict__.pop(PREFIX, None)
 
-    def states(self, batch: dict) -> torch.Tensor:
-        """The (batch, hidden) states that the verbalizer scores."""
+    def states(self, batch: dict, tables: dict | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The (batch, hidden) states that the verbalizer scores (``tables``/``index``: see ``sequence``)."""
         if self._attentions is not None and self.skip_prompt_rows:
-            hidden, shift = self._token_states(batch["input_ids"], batch["attention_mask"]), 0
+            hidden, shift = self._token_states(batch["input_ids"], batch["attention_mask"], tables, index), 0
         else:
-            hidden, shift = self.encode(batch["input_ids"], batch["attention_mask"]), self.prompt.length
+            hidden = self.sequence(batch["input_ids"], batch["attention_mask"], tables, index)[0]
+            shift = self.prompt.length
         parts = []
         if self.readout in ("mask", "both"):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
