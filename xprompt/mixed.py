@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from .errors import XPromptError
-from .model import PromptModel
+
+# (``model.PromptModel``s are what it mixes; ``model`` imports this module, so this one names it only)
 
 
-def group_key(model: PromptModel) -> tuple:
+def group_key(model) -> tuple:
     """Members of one key share a forward pass: their hooks and readouts have one shape."""
     return (model.prompt.shape_key(), model.readout, bool(getattr(model.verbalizer, "reads_sequence", False)),
             model.skip_prompt_rows)
@@ -48,7 +49,7 @@ def _trimmed(batch: dict, rows: torch.Tensor | None) -> dict:
 class MixedModel(nn.Module):
     """Several prompt models of one backbone, scored in one batch: row r uses member ``member[r]``."""
 
-    def __init__(self, members: list[PromptModel]):
+    def __init__(self, members: list):
         super().__init__()
         if not members:
             raise XPromptError("a mixed batch needs at least one prompt model")
@@ -106,8 +107,8 @@ class MixedModel(nn.Module):
             out[rows] = states
         return out
 
-    def forward(self, batch: dict, member: torch.Tensor) -> torch.Tensor:
-        """(batch, most labels) float32 label scores; past a row's member's labels, ``-inf``."""
+    def scores(self, batch: dict, member: torch.Tensor) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(rows of the batch, their member, that member's float32 label scores of them), per member present."""
         scored = []
         for rows, used, index, sub, lead, tables in self._parts(batch, member):
             if getattr(lead.verbalizer, "reads_sequence", False):
@@ -116,15 +117,19 @@ class MixedModel(nn.Module):
                 hidden, mask = lead.states(sub, tables, index), None
             for j, i in enumerate(used):
                 mine = (index == j).nonzero().flatten()
-                if len(used) == 1:
-                    logits = self.members[i].verbalizer(*((hidden,) if mask is None else (hidden, mask)))
+                if len(used) > 1:
+                    hidden_j, mask_j = hidden[mine], None if mask is None else mask[mine]
                 else:
-                    logits = self.members[i].verbalizer(*((hidden[mine],) if mask is None else (hidden[mine], mask[mine])))
-                scored.append((mine if rows is None else rows[mine], logits.float()))
-        if not scored:
-            return torch.empty(0, 0)
-        width = max(logits.shape[-1] for _, logits in scored)
-        out = torch.full((len(member), width), float("-inf"), device=scored[0][1].device)
-        for rows, logits in scored:
+                    hidden_j, mask_j = hidden, mask
+                logits = self.members[i].verbalizer(*((hidden_j,) if mask_j is None else (hidden_j, mask_j)))
+                scored.append((mine if rows is None else rows[mine], i, logits.float()))
+        return scored
+
+    def forward(self, batch: dict, member: torch.Tensor) -> torch.Tensor:
+        """(batch, most labels) float32 label scores; past a row's member's labels, ``-inf``."""
+        scored = self.scores(batch, member)
+        width = max((logits.shape[-1] for *_, logits in scored), default=0)
+        out = torch.full((len(member), width), float("-inf"), device=batch["input_ids"].device)
+        for rows, _, logits in scored:
             out[rows, : logits.shape[-1]] = logits
         return out

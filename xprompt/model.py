@@ -17,6 +17,7 @@ from .attention import PREFIX, prefix_attention_modules
 from .backbones import Backbone
 from .data import sequence_ends
 from .errors import XPromptError
+from .mixed import MixedModel
 from .prompts import PromptMethod, build_prompt
 from .store import load_prompt
 from .verbalizers import resolve_choices, verbalizer_from_card
@@ -176,16 +177,25 @@ class _Languages:
 class EnsembleModel(nn.Module):
     """Several prompt models on one backbone, read as one: ``forward`` returns the log of the mean of
     their label probabilities (so its argmax is the ensemble's prediction, and one model's ensemble
-    is that model)."""
+    is that model). The members score a batch in one mixed pass (``mixed``): the rows once per
+    member, each copy through its member's prompt."""
 
     def __init__(self, members: list[PromptModel]):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.verbalizer = _Languages(members)
+        self.mixed = MixedModel(members)
+
+    def member_logits(self, batch: dict) -> torch.Tensor:
+        """(members, batch, labels) float32 label scores: every member's on every row."""
+        rows, count = batch["input_ids"].shape[0], len(self.members)
+        member = torch.arange(count, device=batch["input_ids"].device).repeat_interleave(rows)
+        copies = {k: batch[k].repeat(count, *([1] * (batch[k].dim() - 1))) for k in ("input_ids", "attention_mask",
+                                                                                     "mask_pos")}
+        return self.mixed(copies, member).view(count, rows, -1)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(model(batch).float(), dim=-1) for model in self.members])
-        return probs.mean(0).log()
+        return torch.softmax(self.member_logits(batch), dim=-1).mean(0).log()
 
 
 # ---------------------------------------------------------------- building models
