@@ -171,3 +171,19 @@ def test_a_mixed_batch_refuses_other_backbones_and_bad_indices(backbone, tiny_be
         mixed(batch, torch.full((10,), 1))
     with pytest.raises(XPromptError, match="10 rows"):
         mixed(batch, torch.zeros(3, dtype=torch.long))
+
+
+def test_deep_per_row_prefix_through_sdpa_and_bf16(backbone):
+    """The per-row key/value prefix after a switch to transformers' sdpa (``sdpa_with_prefix``), and
+    through ``cpu_attention``'s own bf16 kernel under autocast (to bf16 rounding)."""
+    models = [_model(backbone, "deep", 4, seed, readout="mask") for seed in range(3)]
+    batch = _batch(backbone)
+    member = _shuffled_members(10, 3, seed=7)
+    with torch.no_grad(), compute(MixedModel(models), "bf16"):
+        got = MixedModel(models)(batch, member)
+        for i, model in enumerate(models):
+            rows = member == i
+            torch.testing.assert_close(got[rows], model(batch).float()[rows], atol=0.05, rtol=0.02)
+    backbone.model.set_attn_implementation("sdpa")
+    assert models[0]._attentions is not None  # built on cpu_attention: the prefix path stays
+    _assert_mixed_equals_alone(models, batch, member)
