@@ -10,7 +10,8 @@ causal or cross attention.
 It also takes a per-layer key/value prefix (``with_prefix``): the deep prompt's positions as keys
 and values only. Their own outputs are overwritten by the next layer's prompt vectors (and never
 read after the last layer), so computing their queries, attention outputs and feed-forward blocks
-is wasted work; with the prefix the encoder runs on the input's own tokens. A model built on this
+is wasted work; with the prefix the encoder runs on the input's own tokens (one prefix for the
+batch, or one per row when the rows use different prompts: ``mixed``). A model built on this
 attention keeps taking the prefix after a switch to ``sdpa`` (``bench.py`` and the tests compare the
 two on one model): ``sdpa`` is registered as ``sdpa_with_prefix``, which inserts a module's prefix
 and is transformers' sdpa otherwise. (Other attentions, eager or flash, know no prefix: a model
@@ -29,7 +30,8 @@ PREFIX = "_xprompt_prefix"  # set on a self-attention module for one forward pas
 def with_prefix(key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
                 prefix_key: torch.Tensor, prefix_value: torch.Tensor, at: int):
     """Keys and values with a prefix's (1, heads, P, dim) inserted at position ``at`` (where the
-    prompt sits in the full sequence), and the mask widened by P columns that every row sees."""
+    prompt sits in the full sequence), and the mask widened by P columns that every row sees. A
+    (batch, heads, P, dim) prefix gives each row its own (a mixed-prompt batch, ``mixed``)."""
     batch = key.shape[0]
 
     def insert(x, p):

@@ -12,6 +12,7 @@ from .config import DType
 from .errors import XPromptError
 from .data import NO_LABEL, batches, encode, load_split
 from .hardware import compute
+from .mixed import MixedModel
 from .model import PromptModel
 from .tasks import TaskSpec
 
@@ -47,6 +48,33 @@ def probabilities(model: PromptModel, encoded, batch_size: int, pad_id: int, dty
             if out is None:
                 out = np.empty((len(encoded), probs.shape[1]), dtype=np.float64)
             out[batch["index"].cpu().numpy()] = probs
+    return out
+
+
+@torch.inference_mode()
+def member_probabilities(model: MixedModel, encoded, batch_size: int, pad_id: int, dtype: DType | str = DType.FP32,
+                         members: list[int] | None = None, int8: bool = False) -> dict[int, np.ndarray]:
+    """Each member's (rows, labels) probabilities of an encoded split, in the split's order: every row
+    scored by every member (of ``members``, default all) through mixed batches (``mixed``) of about
+    ``batch_size`` (row, member) pairs, the members of one shape together, each row's copies side
+    by side. As ``probabilities`` of each member alone, to float rounding."""
+    model.eval()
+    chosen = set(range(len(model.members)) if members is None else members)
+    out: dict[int, np.ndarray] = {}
+    device = next(model.parameters()).device
+    with compute(model, dtype, device.type, int8):
+        for group in model.groups:
+            used = [i for i in group if i in chosen]
+            for batch in (batches(encoded, max(1, batch_size // len(used)), pad_id) if used else ()):
+                rows = batch["index"].numpy()
+                copies = {k: batch[k].repeat_interleave(len(used), dim=0).to(device)
+                          for k in ("input_ids", "attention_mask", "mask_pos")}
+                member = torch.tensor(used, device=device).repeat(len(rows))
+                for at, i, logits in model.scores(copies, member):
+                    probs = torch.softmax(logits, dim=-1).cpu().numpy()
+                    if i not in out:
+                        out[i] = np.empty((len(encoded), probs.shape[1]), dtype=np.float64)
+                    out[i][rows[(at // len(used)).cpu().numpy()]] = probs
     return out
 
 

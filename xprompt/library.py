@@ -19,8 +19,9 @@ import numpy as np
 
 from .data import encode, sequence_ends
 from .errors import XPromptError
-from .evaluation import predict
+from .evaluation import member_probabilities
 from .hardware import eval_batch_size
+from .mixed import MixedModel
 from .model import load_run_model, model_from_card
 from .similarity import activated_neurons, flat_cosine, mean_cosine, neuron_overlap, prompt_shapes
 from .start import load_average, restore, set_class_means, snapshot
@@ -28,6 +29,7 @@ from .store import load_prompt, run_protocol
 from .verbalizers import make_verbalizer, task_label_words, verbalizer_from_card
 
 RANK_BY = ("zero-shot", "flat", "mean", "neurons")
+MIXED_PROMPTS = 16  # library prompts scored together in one mixed stream (bounds the models held at once)
 
 
 @dataclass
@@ -110,7 +112,8 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
     declared label map (``own``/``mapped``); else, for label words, this task's own words for
     ``lang`` (``task words``), for label vectors the class means of ``sample`` (training rows)
     read through it (``class means``); ``(None, "no label map")`` when neither exists (no train
-    split to take means from). No training step."""
+    split to take means from). No training step. The prompts of a template style score the rows
+    together, up to ``MIXED_PROMPTS`` at a time, in mixed batches (``mixed``)."""
     labels = np.asarray(rows["label"])
     pad = backbone.tokenizer.pad_token_id
     encoded: dict[tuple[str, str], object] = {}
@@ -122,8 +125,22 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
             encoded[key] = encode(which, template, backbone.tokenizer, max_length, cache_dir)
         return encoded[key]
 
-    scores = []
-    for c in candidates:
+    scores: list[tuple[float | None, str] | None] = [None] * len(candidates)
+    built: dict[str, list[tuple[int, object, list | None, str]]] = {}  # template style -> (candidate, model, ...)
+
+    def score(style: str) -> None:  # the style's prompts score the rows in one mixed stream
+        group = built.pop(style, [])
+        if not group:
+            return
+        mixed = MixedModel([model for _, model, _, _ in group])
+        probs = member_probabilities(mixed, rows_as(style, rows), eval_batch_size(backbone.input_device()), pad, dtype)
+        for j, (k, _, bridge, used) in enumerate(group):
+            preds = probs[j].argmax(-1)
+            if bridge is not None:
+                preds = np.asarray(bridge)[preds]
+            scores[k] = (float((preds == labels).mean()), used)
+
+    for k, c in enumerate(candidates):
         style = c.card.get("template_style", "agnostic")
         try:
             bridge = task.bridge_from(c.card["task"], c.card["labels"])
@@ -139,7 +156,7 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
         elif sample is not None:
             verbalizer, used = verbalizer_from_card(c.card, backbone, len(task.labels)), "class means"
         else:
-            scores.append((None, "no label map"))
+            scores[k] = (None, "no label map")
             continue
         model = model_from_card(c.card, backbone, verbalizer)
         model.prompt.load_tensors(c.tensors, f"{c.run}/prompt")
@@ -148,11 +165,12 @@ def transfer_scores(backbone, task, lang: str, candidates: list[Candidate], rows
             model.verbalizer.load_tensors(c.tensors, f"{c.run}/prompt")
         elif used == "class means":
             set_class_means(model, rows_as(style, sample), pad, dtype)
-        preds = predict(model, rows_as(style, rows), eval_batch_size(backbone.input_device()), pad, dtype)
-        if bridge is not None:
-            preds = np.asarray(bridge)[preds]
-        scores.append((float((preds == labels).mean()), used))
-    return scores
+        built.setdefault(style, []).append((k, model, bridge, used))
+        if len(built[style]) == MIXED_PROMPTS:
+            score(style)
+    for style in list(built):
+        score(style)
+    return scores  # type: ignore[return-value]
 
 
 def similarity_scores(model, probe: dict, candidates: list[Candidate], measure: str, bos: int, eos: int) -> list[float]:

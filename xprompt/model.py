@@ -17,6 +17,7 @@ from .attention import PREFIX, prefix_attention_modules
 from .backbones import Backbone
 from .data import sequence_ends
 from .errors import XPromptError
+from .mixed import MixedModel
 from .prompts import PromptMethod, build_prompt
 from .store import load_prompt
 from .verbalizers import resolve_choices, verbalizer_from_card
@@ -71,31 +72,35 @@ class PromptModel(nn.Module):
                   {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr}]
         return [g for g in groups if g["params"]]
 
-    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+                     index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Word embeddings with whatever the prompt puts into the input, and the matching mask."""
-        return self.prompt.insert(self.embed(input_ids), attention_mask)
+        return self.prompt.insert(self.embed(input_ids), attention_mask, tables, index)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states with the prompt inserted: (batch, prompt + tokens, hidden)."""
         return self.sequence(input_ids, attention_mask)[0]
 
-    def sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states with the prompt inserted and the matching attention mask."""
-        inputs, mask = self._with_prompt(input_ids, attention_mask)
+    def sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+                 index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states with the prompt inserted and the matching attention mask. ``tables``
+        and ``index``: several prompts of this one's shape, stacked, and each row's (``mixed``)."""
+        inputs, mask = self._with_prompt(input_ids, attention_mask, tables, index)
         # The method's hooks live only for this call, so models sharing a backbone never interfere.
-        handles = self.prompt.install(self._layers)
+        handles = self.prompt.install(self._layers, tables, index)
         try:
             return self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state, self.prompt.joined_mask(mask)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states at the input's own positions only, (batch, tokens, hidden): the
         prompt's positions enter every layer as keys and values, their rows are never computed.
         Equal to ``encode`` without the prompt's rows (to float rounding)."""
-        inputs, _ = self._with_prompt(input_ids, attention_mask)
-        handles = self.prompt.install_key_values(self.backbone.embeddings, self._layers, self._attentions)
+        inputs, _ = self._with_prompt(input_ids, attention_mask, tables, index)
+        handles = self.prompt.install_key_values(self.backbone.embeddings, self._layers, self._attentions, tables, index)
         try:
             return self.backbone(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
         finally:
@@ -104,12 +109,13 @@ class PromptModel(nn.Module):
             for module in self._attentions:
                 module.__dict__.pop(PREFIX, None)
 
-    def states(self, batch: dict) -> torch.Tensor:
-        """The (batch, hidden) states that the verbalizer scores."""
+    def states(self, batch: dict, tables: dict | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The (batch, hidden) states that the verbalizer scores (``tables``/``index``: see ``sequence``)."""
         if self._attentions is not None and self.skip_prompt_rows:
-            hidden, shift = self._token_states(batch["input_ids"], batch["attention_mask"]), 0
+            hidden, shift = self._token_states(batch["input_ids"], batch["attention_mask"], tables, index), 0
         else:
-            hidden, shift = self.encode(batch["input_ids"], batch["attention_mask"]), self.prompt.length
+            hidden = self.sequence(batch["input_ids"], batch["attention_mask"], tables, index)[0]
+            shift = self.prompt.length
         parts = []
         if self.readout in ("mask", "both"):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -171,16 +177,25 @@ class _Languages:
 class EnsembleModel(nn.Module):
     """Several prompt models on one backbone, read as one: ``forward`` returns the log of the mean of
     their label probabilities (so its argmax is the ensemble's prediction, and one model's ensemble
-    is that model)."""
+    is that model). The members score a batch in one mixed pass (``mixed``): the rows once per
+    member, each copy through its member's prompt."""
 
     def __init__(self, members: list[PromptModel]):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.verbalizer = _Languages(members)
+        self.mixed = MixedModel(members)
+
+    def member_logits(self, batch: dict) -> torch.Tensor:
+        """(members, batch, labels) float32 label scores: every member's on every row."""
+        rows, count = batch["input_ids"].shape[0], len(self.members)
+        member = torch.arange(count, device=batch["input_ids"].device).repeat_interleave(rows)
+        copies = {k: batch[k].repeat(count, *([1] * (batch[k].dim() - 1))) for k in ("input_ids", "attention_mask",
+                                                                                     "mask_pos")}
+        return self.mixed(copies, member).view(count, rows, -1)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        probs = torch.stack([torch.softmax(model(batch).float(), dim=-1) for model in self.members])
-        return probs.mean(0).log()
+        return torch.softmax(self.member_logits(batch), dim=-1).mean(0).log()
 
 
 # ---------------------------------------------------------------- building models

@@ -10,6 +10,9 @@ the method.
 - ``attach(backbone)`` takes what the method needs from the backbone; ``install(layers)`` registers
   whatever it does inside the layers for one forward pass; ``record`` / ``init_layers`` start
   per-layer vectors from what the input vectors produce;
+- ``tables()`` are what one forward pass reads from the prompt, by name; ``insert`` and ``install``
+  also take several prompts' tables stacked (members, ...) with each row's member (``index``): one
+  batch whose rows use different prompts of one ``shape_key()`` (``xprompt.mixed``);
 - ``tensors()`` / ``load_tensors`` are the saved (exported) state, ``state_tensors()`` /
   ``load_state_tensors`` everything a resumed run needs;
 - ``similarity_tensors(saved)`` are the tensors the method trains, for prompt similarity;
@@ -40,6 +43,12 @@ class PromptConfig:
             raise XPromptError(f"--prompt-length must be at least 1 (got {self.prompt_length})")
         if self.prompt_position not in POSITIONS:
             raise XPromptError(f"unknown --prompt-position '{self.prompt_position}'; known: {', '.join(POSITIONS)}")
+
+
+def member_rows(table: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """A (members, ...) table as (batch, ...) rows: row r takes member ``index[r]``'s; without an
+    index the one member's table (a leading 1) is expanded over the batch, as a single prompt is."""
+    return table.expand(batch, *table.shape[1:]) if index is None else table[index]
 
 
 def widen_mask(mask, size: int, length: int, at: int = 1):
@@ -78,10 +87,22 @@ class PromptMethod(nn.Module):
         """The (length x hidden) vectors that go into the input at ``offset``."""
         return self.embeddings
 
-    def insert(self, words: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Word embeddings with the prompt vectors inserted at ``offset``, and the widened mask."""
+    def tables(self) -> dict[str, torch.Tensor]:
+        """What one forward pass reads from the prompt, by name (computed once per pass): here the
+        input vectors; methods acting inside the layers add theirs."""
+        return {"input": self.vectors()}
+
+    def shape_key(self) -> tuple:
+        """Prompts of one key run in one batch (their ``tables`` stacked, one member per row)."""
+        return (type(self), self.length, self.offset)
+
+    def insert(self, words: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word embeddings with the prompt vectors inserted at ``offset``, and the widened mask;
+        ``tables``/``index``: several prompts' stacked tables and each row's member."""
         batch = words.shape[0]
-        prompt = self.vectors().to(words.device, words.dtype).unsqueeze(0).expand(batch, -1, -1)
+        vectors = self.vectors().unsqueeze(0) if tables is None else tables["input"]
+        prompt = member_rows(vectors.to(words.device, words.dtype), index, batch)
         at = self.offset
         ones = attention_mask.new_ones(batch, self.length)
         return (torch.cat([words[:, :at], prompt, words[:, at:]], dim=1),
@@ -95,8 +116,9 @@ class PromptMethod(nn.Module):
     def attach(self, backbone) -> None:
         """Take what the method needs from the backbone (nothing for input-level prompts)."""
 
-    def install(self, layers: nn.ModuleList) -> list:
-        """Hooks for one forward pass (removed by the caller); none for input-level prompts."""
+    def install(self, layers: nn.ModuleList, tables: dict | None = None, index: torch.Tensor | None = None) -> list:
+        """Hooks for one forward pass (removed by the caller), reading this prompt's tables or
+        several prompts' stacked ones (``insert``); none for input-level prompts."""
         return []
 
     def param_groups(self, lr: float) -> list[dict]:

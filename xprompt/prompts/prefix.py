@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import XPromptError
+from .base import member_rows
 from .projection import LayerProjection, ProjectedConfig, ProjectedPrompt
 
 
@@ -53,17 +54,22 @@ class PrefixPrompt(ProjectedPrompt):
         layers = self.keys.shape[0]
         return self.keys + extra[:layers], self.values + extra[layers:]
 
-    def install(self, layers: nn.ModuleList) -> list:
+    def tables(self) -> dict[str, torch.Tensor]:
+        keys, values = self.key_values()
+        return {"input": self.vectors(), "keys": keys, "values": values}
+
+    def install(self, layers: nn.ModuleList, tables: dict | None = None, index: torch.Tensor | None = None) -> list:
         handles = []
-        tables = self.key_values()  # once per forward pass
-        for index, pair in enumerate(self._projections):
-            for table, projection in zip(tables, pair):
-                handles.append(projection.register_forward_hook(self._hook(table[index])))
+        # (members, layers, length, hidden) keys and values, once per forward pass
+        pairs = [t.unsqueeze(0) for t in self.key_values()] if tables is None else [tables["keys"], tables["values"]]
+        for layer, pair in enumerate(self._projections):
+            for table, projection in zip(pairs, pair):
+                handles.append(projection.register_forward_hook(self._hook(table[:, layer], index)))
         return handles
 
-    def _hook(self, table: torch.Tensor):
+    def _hook(self, table: torch.Tensor, index: torch.Tensor | None):
         def overwrite(module, args, out):
-            vectors = table.to(out.device, out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
+            vectors = member_rows(table.to(out.device, out.dtype), index, out.shape[0])
             start, end = self.offset, self.offset + self.length
             return torch.cat([out[:, :start], vectors, out[:, end:]], dim=1)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import XPromptError
-from .base import PromptConfig, PromptMethod, widen_mask
+from .base import PromptConfig, PromptMethod, member_rows, widen_mask
 
 
 @dataclass
@@ -61,8 +61,15 @@ class UnifiedPrompt(PromptMethod):
             raise XPromptError(f"--method unified supports BERT/XLM-R and T5/mT5 style models; '{backbone.name}' is neither")
         self._ends = (embeddings, backbone.input_embeddings(), bos, eos, relative)
 
-    def insert(self, words: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def insert(self, words: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
+               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return words, attention_mask  # the context tower reads the input alone
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        return {"tower": self.tower_states()}  # cached at inference, as in one prompt's pass
+
+    def shape_key(self) -> tuple:
+        return (*super().shape_key(), self.split)
 
     def joined_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask of the final states: the prompt positions joined at ``offset`` (after ``<s>``)."""
@@ -94,8 +101,8 @@ class UnifiedPrompt(PromptMethod):
             self._cache = (key, states)
         return states
 
-    def install(self, layers: nn.ModuleList) -> list:
-        states = self.tower_states()
+    def install(self, layers: nn.ModuleList, tables: dict | None = None, index: torch.Tensor | None = None) -> list:
+        states = self.tower_states().unsqueeze(0) if tables is None else tables["tower"]  # (members, length, hidden)
         length, at = self.length, self.offset
 
         def widen(mask, size):
@@ -106,7 +113,7 @@ class UnifiedPrompt(PromptMethod):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 size = hidden.shape[1] if first else hidden.shape[1] - length
                 if first:
-                    prompt = states.to(hidden.device, hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+                    prompt = member_rows(states.to(hidden.device, hidden.dtype), index, hidden.shape[0])
                     hidden = torch.cat([hidden[:, :at], prompt, hidden[:, at:]], dim=1)
                 # the attention mask and (T5) the relative position bias, (.., query, key) both:
                 # widened at the join; later layers get the layer's own widened bias back already

@@ -19,9 +19,10 @@ from ..backbones import Backbone
 from ..config import DType
 from ..data import NO_LABEL, encode
 from ..errors import XPromptError
-from ..evaluation import probabilities
+from ..evaluation import member_probabilities, probabilities
 from ..fileio import atomic_write, read_json
 from ..hardware import eval_batch_size
+from ..mixed import MixedModel
 from ..model import load_run_model
 from ..store import load_card, recorded_tasks_dir
 from ..tasks import DEFAULT_TASKS_DIR, TaskSpec, load_task
@@ -164,10 +165,7 @@ class Predictor:
             data = Dataset.from_dict({**{name: [rows[i][name] for i in index] for name in self.task.fields},
                                       "label": [NO_LABEL] * len(index)})
             encoded = encode(data, self.template(lang), self.backbone.tokenizer, self.max_length)
-            each = []
-            for model in self.models:
-                model.verbalizer.use_language(lang or self.card.get("train_language"))
-                each.append(probabilities(model, encoded, self.batch_size, pad, self.dtype, self.int8))
+            each = self._probabilities(encoded, lang or self.card.get("train_language"), pad)
             mean = np.mean(each, axis=0)
             for k, i in enumerate(index):
                 result = {"label": self.labels[int(mean[k].argmax())],
@@ -179,6 +177,17 @@ class Predictor:
                                       for run, p in zip(self.run_dirs, each)}
                 out[i] = result
         return out  # type: ignore[return-value]
+
+
+    def _probabilities(self, encoded, lang: str, pad: int) -> list[np.ndarray]:
+        """Each run's probabilities of the rows; several runs score them in one mixed pass per batch."""
+        if len(self.models) == 1:
+            self.models[0].verbalizer.use_language(lang)
+            return [probabilities(self.models[0], encoded, self.batch_size, pad, self.dtype, self.int8)]
+        mixed = MixedModel(self.models)
+        mixed.use_language(lang)
+        each = member_probabilities(mixed, encoded, self.batch_size * len(self.models), pad, self.dtype, int8=self.int8)
+        return [each[i] for i in range(len(self.models))]
 
 
 def count_rows(path: Path) -> int:
