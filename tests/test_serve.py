@@ -278,3 +278,28 @@ def test_the_batcher_takes_whole_requests_in_arrival_order_up_to_max_batch():
     assert seen == [[("A", 4), ("B", 1)], [("B", 2)], [("A", 7)]]  # same-run requests merged; never split
     assert answers[:4] == [["A0", "A1"], ["B2"], ["A3", "A4"], ["B5", "B6"]] and answers[4][-1] == "A13"
     assert stats["batches"] == 3 and stats["mixed_batches"] == 1 and stats["largest_batch"] == 7
+
+
+def test_predict_mixed_scores_every_run_s_rows_in_shared_passes(runs, expected, monkeypatch):
+    """The server's scorer: three runs' rows (two tasks, an agnostic and a native template, three languages)
+    in mixed batches give each run's own ``predict`` (labels, probabilities within 1e-5); the label-vector
+    run with the agnostic template shares passes with the others across languages."""
+    import xprompt
+    from xprompt.mixed import MixedModel
+    from xprompt.workflows.predict import predict_mixed
+
+    loaded = {name: xprompt.load(runs / name, dtype="fp32") for name in ("A", "N", "P")}
+    loaded["N"].backbone = loaded["P"].backbone = loaded["A"].backbone  # the server opens a backbone once
+    for name in ("N", "P"):
+        loaded[name].models[0].backbone = loaded["A"].models[0].backbone
+    members = []
+    real = MixedModel.scores
+    monkeypatch.setattr(MixedModel, "scores", lambda self, batch, member: members.append(
+        sorted(set(member.tolist()))) or real(self, batch, member))
+    rows = {"A": expected["mixed"], "N": expected["mixed"], "P": pawsx_rows("de") + pawsx_rows("en")}
+    got = predict_mixed([(loaded[name], rows[name]) for name in ("A", "N", "P")])
+    for name, answer in zip(("A", "N", "P"), got):
+        for mine, theirs in zip(answer, expected[name]):
+            assert mine["label"] == theirs["label"]
+            assert all(abs(mine["probabilities"][k] - v) < 1e-5 for k, v in theirs["probabilities"].items())
+    assert any(len(present) >= 2 for present in members)  # rows of several runs in one pass

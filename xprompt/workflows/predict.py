@@ -17,11 +17,11 @@ from datasets import Dataset
 
 from ..backbones import Backbone
 from ..config import DType
-from ..data import NO_LABEL, encode
+from ..data import NO_LABEL, batches, encode
 from ..errors import XPromptError
 from ..evaluation import member_probabilities, probabilities
 from ..fileio import atomic_write, read_json
-from ..hardware import eval_batch_size
+from ..hardware import compute, eval_batch_size
 from ..mixed import MixedModel
 from ..model import load_run_model
 from ..store import load_card, recorded_tasks_dir
@@ -231,3 +231,52 @@ def predict_file(predictor: Predictor, source: Path, out: Path, mapping: dict[st
 
     atomic_write(out, write)
     return written
+
+
+def predict_mixed(requests: list[tuple["Predictor", list[dict]]]) -> list[list[dict]]:
+    """Rows for several one-run ``Predictor``s at once, each row scored by its own run's prompt in mixed
+    batches (``mixed.MixedModel``): the runs on one backbone share every pass of it. Rows go together
+    by language only where a run scores label words of the language (label vectors read none). Per
+    request, per row: ``{"label", "probabilities"}``, as each ``Predictor.predict`` gives them."""
+    import torch
+    from datasets import concatenate_datasets
+
+    out: list[list] = [[None] * len(rows) for _, rows in requests]
+    passes: dict[tuple, list[tuple[int, int, str]]] = {}
+    for g, (predictor, rows) in enumerate(requests):
+        words = predictor.models[0].verbalizer.kind not in ("soft", "centered") or \
+            predictor.card.get("template_style") == "native"
+        for r, row in enumerate(rows):
+            lang = str(row.get("lang") or predictor.card.get("train_language") or "")
+            passes.setdefault((id(predictor.backbone), lang if words else ""), []).append((g, r, lang))
+    for (_, lang), items in passes.items():
+        order = list(dict.fromkeys(g for g, _, _ in items))  # the requests in this pass, each a member
+        lead = requests[order[0]][0]
+        mixed = MixedModel([requests[g][0].models[0] for g in order])
+        if lang:
+            mixed.use_language(lang)
+        parts, where = [], []
+        for k, g in enumerate(order):
+            predictor, rows = requests[g]
+            mine = [(r, row_lang) for gg, r, row_lang in items if gg == g]
+            data = Dataset.from_dict({**{f: [rows[r][f] for r, _ in mine] for f in predictor.task.fields},
+                                      "label": [NO_LABEL] * len(mine)})
+            encoded = encode(data, predictor.template(lang or mine[0][1]), predictor.backbone.tokenizer,
+                             predictor.max_length)
+            parts.append(encoded.select_columns(["input_ids", "mask_pos", "label", "length"]))
+            where += [(g, r, k) for r, _ in mine]
+        encoded, member_of = concatenate_datasets(parts), torch.tensor([k for *_, k in where])
+        device = next(mixed.parameters()).device
+        mixed.eval()
+        with torch.inference_mode(), compute(mixed, lead.dtype, device.type, lead.int8):
+            for batch in batches(encoded, lead.batch_size, lead.backbone.tokenizer.pad_token_id):
+                index = batch["index"]
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "mask_pos")}
+                for rows_at, i, logits in mixed.scores(inputs, member_of[index].to(device)):
+                    probs = torch.softmax(logits, dim=-1).cpu().numpy()
+                    labels = requests[order[i]][0].labels
+                    for at, p in zip(rows_at.cpu().tolist(), probs):
+                        g, r, _ = where[int(index[at])]
+                        out[g][r] = {"label": labels[int(p.argmax())],
+                                     "probabilities": {label: round(float(x), 6) for label, x in zip(labels, p)}}
+    return out

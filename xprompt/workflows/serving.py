@@ -137,7 +137,15 @@ def score_by_run(groups: Groups) -> list[list[dict]]:
     return [served.predictor.predict(rows) for served, rows in groups]
 
 
-SCORE: Callable[[Groups], list[list[dict]]] = score_by_run  # the scorer the batcher calls (swap for mixed batches)
+def score_mixed(groups: Groups) -> list[list[dict]]:
+    """Score a batch in mixed-prompt batches: every group's rows through one pass per backbone (and
+    language, where a run scores label words), each row with its own run's prompt (``predict_mixed``)."""
+    from .predict import predict_mixed
+
+    return predict_mixed([(served.predictor, rows) for served, rows in groups])
+
+
+SCORE: Callable[[Groups], list[list[dict]]] = score_mixed  # the scorer the batcher calls (score_by_run: one run at a time)
 
 
 # ---- requests ------------------------------------------------------------------------------------
