@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="The most rows per request (each: 1..this).")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--scorer", default="mixed", help="the server's --scorer: mixed or by-run")
     parser.add_argument("--threads", type=int, help="The server's torch threads (default: its own).")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--time-limit", type=float, default=300.0, help="Seconds per phase; then it stops.")
@@ -214,7 +215,7 @@ def main() -> None:
         runs = [Path(r) for r in args.run.split(",")] if args.run else train_default_runs(args.runs_dir, args.train_steps)
         port = free_port()
         command = xprompt_command("serve", "--run", ",".join(map(str, runs)), "--port", port, "--max-batch", args.max_batch,
-                          "--max-wait-ms", args.max_wait_ms, "--dtype", args.dtype, "--log-level", "warning",
+                          "--max-wait-ms", args.max_wait_ms, "--scorer", args.scorer, "--dtype", args.dtype, "--log-level", "warning",
                           *(["--threads", args.threads] if args.threads else []))
         child = subprocess.Popen(command, cwd=ROOT)
         pid, url = child.pid, f"http://127.0.0.1:{port}"

@@ -24,6 +24,7 @@ def serve_cmd(
     max_rows: Annotated[int, typer.Option(help="The most rows one request may send (more: 413).")] = 256,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per forward pass within a batch (default: 32 on a CPU, 64 on a GPU).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads for scoring (default: torch's, one per core).")] = None,
+    scorer: Annotated[str, typer.Option(help="mixed (the default: rows of every served run on one backbone share each pass, each row with its own prompt) or by-run (each run's rows in passes of their own: the reference).")] = "mixed",
     log_level: Annotated[str, typer.Option(help=f"uvicorn's log level: {', '.join(LOG_LEVELS)}.")] = "info",
     dtype: DTypeOption = DType.AUTO,
     device: DeviceOption = Device.CPU,
@@ -35,6 +36,8 @@ def serve_cmd(
     Concurrent requests, for any of the runs, are scored together in batches."""
     numbers = {"--max-batch": max_batch, "--max-rows": max_rows, "--batch-size": batch_size or 1, "--threads": threads or 1}
     small = [flag for flag, value in numbers.items() if value < 1]
+    if scorer not in ("mixed", "by-run"):
+        raise typer.BadParameter(f"--scorer takes mixed or by-run, got {scorer!r}")
     if small or max_wait_ms < 0 or not 0 <= port <= 65535 or log_level not in LOG_LEVELS:
         raise typer.BadParameter(f"{small[0]} must be at least 1" if small else "--max-wait-ms must be 0 or more"
                                  if max_wait_ms < 0 else f"--port must be 0-65535, got {port}" if not 0 <= port <= 65535
@@ -58,4 +61,7 @@ def serve_cmd(
     err_console.print(f"serving {', '.join(f'{s.name} ({s.predictor.task.name})' for s in served)} on "
                       f"{host}:{port or 'a free port'} (batches of up to {max_batch} rows, {max_wait_ms:g} ms wait; "
                       f"{torch.get_num_threads()} torch threads)", highlight=False, soft_wrap=True)
-    serve(make_app(served, max_batch, max_wait_ms, max_rows), host, port, log_level)
+    from ..workflows.serving import score_by_run, score_mixed
+
+    score = score_mixed if scorer == "mixed" else score_by_run
+    serve(make_app(served, max_batch, max_wait_ms, max_rows, score=score), host, port, log_level)
