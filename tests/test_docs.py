@@ -20,8 +20,14 @@ def test_cli_reference_is_generated_from_the_commands():
         "docs/cli.md is stale: python -m xprompt.cli.reference > docs/cli.md"
 
 
+def script_options() -> set[str]:
+    """The options scripts/*.py declare (argparse), which the docs may name beside a script."""
+    return {flag for path in (ROOT / "scripts").glob("*.py")
+            for flag in re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9_-]*)\"", path.read_text())}
+
+
 def test_every_option_the_docs_name_exists():
-    known = set().union(*reference.options().values()) | FOREIGN
+    known = set().union(*reference.options().values()) | FOREIGN | script_options()
     pages = {"README.md": README, **{f"docs/{p.name}": p.read_text() for p in (ROOT / "docs").glob("*.md")}}
     spans = [(page, line) for page, text in pages.items() for block in re.findall(r"```(.*?)```|`([^`]*)`", text, re.S)
              for line in "".join(block).splitlines() if "scripts/" not in line]  # a script's options are its own
