@@ -153,9 +153,9 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         **({"restarts": fits[0].restarts} if fits[0].restarts else {}),
         "train_seconds": round(seconds, 1),  # the loop's wall time, its selection passes included
         "train_examples": seen,
-        "step_seconds": round(step_seconds, 2),  # the training steps alone
+        "step_seconds": round(step_seconds, 4),  # the training steps alone
         "train_examples_per_s": round(seen / step_seconds, 2) if step_seconds > 0 else None,  # steps only
-        "select_seconds": round(select_seconds, 2),  # every selection pass, step 0's included
+        "select_seconds": round(select_seconds, 4),  # every selection pass, step 0's included
         "select_passes": select_passes,
         "select_rows": len(data.select),
         "trainable_parameters": done.trainable_parameters,
