@@ -44,19 +44,14 @@ class Fit:
     select_passes: int = 0
     step_seconds: float | None = None  # the training steps alone: ``seconds`` less the selection passes in it
 
-    @property
-    def examples_per_s(self) -> float:
-        """Training examples per second of training steps (selection passes not counted)."""
-        steps = self.step_seconds if self.step_seconds is not None else self.seconds
-        return self.seen / steps if steps > 0 else 0.0
-
 
 class Restart(Exception):
-    """The safety net fired: the English held-out accuracy had not left the majority-class level."""
+    """The safety net fired: the English held-out accuracy had not left the majority-class level.
+    ``record`` is what the run records; ``restarts`` the earlier ones, ``initial`` the start's tensors."""
 
-    def __init__(self, record: dict):
+    def __init__(self, record: dict, restarts: list, initial: dict):
         super().__init__(record["why"])
-        self.record = record
+        self.record, self.restarts, self.initial = record, restarts, initial
 
 
 RESTART_MARGIN = 0.02  # within 2 points of the majority class: not learning
@@ -150,9 +145,7 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
                              check, restarts, initial, lr)
                 break
             except Restart as restart:
-                restarts, initial = restart.record.pop("restarts"), restart.record.pop("initial")
-                lr = restart.record["new_lr"]
-                restarts.append(restart.record)
+                restarts, initial, lr = [*restart.restarts, restart.record], restart.initial, restart.record["new_lr"]
                 model.prompt.load_state_tensors(initial, "the run's start")
                 model.verbalizer.load_tensors(initial, "the run's start")
                 if main:  # the failed attempt's log is kept beside; the new one starts with the restart
@@ -221,7 +214,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                 why = (f"English held-out accuracy {acc:.3f} at step {step} is within {RESTART_MARGIN:.2f} of the "
                        f"majority class ({check[1] - RESTART_MARGIN:.3f})")
                 raise Restart({"step": step, "why": why, "select_accuracy": acc, "lr": lr,
-                               "new_lr": lr * RESTART_LR_FACTOR, "restarts": restarts, "initial": initial})
+                               "new_lr": lr * RESTART_LR_FACTOR}, restarts, initial)
         if acc > best["accuracy"]:
             best = {"step": step, "accuracy": acc, "tensors": snapshot(model)}
         if cfg.average_checkpoints > 0:

@@ -168,13 +168,9 @@ class Predictor:
             each = self._probabilities(encoded, lang or self.card.get("train_language"), pad)
             mean = np.mean(each, axis=0)
             for k, i in enumerate(index):
-                result = {"label": self.labels[int(mean[k].argmax())],
-                          "probabilities": {label: round(float(p), 6) for label, p in zip(self.labels, mean[k])}}
+                result = labelled(self.labels, mean[k])
                 if len(self.models) > 1:
-                    result["runs"] = {run.name: {"label": self.labels[int(p[k].argmax())],
-                                                 "probabilities": {label: round(float(x), 6)
-                                                                   for label, x in zip(self.labels, p[k])}}
-                                      for run, p in zip(self.run_dirs, each)}
+                    result["runs"] = {run.name: labelled(self.labels, p[k]) for run, p in zip(self.run_dirs, each)}
                 out[i] = result
         return out  # type: ignore[return-value]
 
@@ -188,6 +184,11 @@ class Predictor:
         mixed.use_language(lang)
         each = member_probabilities(mixed, encoded, self.batch_size * len(self.models), pad, self.dtype, int8=self.int8)
         return [each[i] for i in range(len(self.models))]
+
+
+def labelled(labels: list[str], probs) -> dict:
+    """One row's answer: the most probable label and every label's probability (6 decimals)."""
+    return {"label": labels[int(probs.argmax())], "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs)}}
 
 
 def count_rows(path: Path) -> int:
@@ -277,6 +278,5 @@ def predict_mixed(requests: list[tuple["Predictor", list[dict]]]) -> list[list[d
                     labels = requests[order[i]][0].labels
                     for at, p in zip(rows_at.cpu().tolist(), probs):
                         g, r, _ = where[int(index[at])]
-                        out[g][r] = {"label": labels[int(p.argmax())],
-                                     "probabilities": {label: round(float(x), 6) for label, x in zip(labels, p)}}
+                        out[g][r] = labelled(labels, p)
     return out
