@@ -340,6 +340,24 @@ def test_checkpoint_averaging_saves_the_mean_of_the_last_selection_points(backbo
     assert any(r.get("average_of_steps") == [6, 8] for r in log)
 
 
+def test_checkpoint_average_scored_beside_an_unchanged_run(backbone, xnli, uninterrupted, tmp_path):
+    """--average-keep best scores the mean of the last selection points on the held-out rows and
+    records it, but saves exactly the prompt of a run without averaging (a measurement, not a change);
+    every step record carries the collapse diagnostics (gradient, prompt and label-vector norms)."""
+    run = tmp_path / "avg-best"
+    summary = train(_cfg(average_checkpoints=2, average_keep="best"), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    plain = uninterrupted("deep")
+    for name, value in plain["prompt"].items():
+        assert torch.equal(_prompt(run)[name], value), name
+    average = summary["checkpoint_average"]
+    assert average["kept"] == "best" and average["steps"] == [6, 8]
+    assert summary["select_accuracy"] == round(plain["record"]["best"][1], 4)
+    assert average["best_single"]["select_accuracy"] == summary["select_accuracy"]
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps and all(r["grad_norm"] > 0 and r["grad_norm_max"] >= r["grad_norm"] for r in steps)
+    assert all(r["prompt_norm"] > 0 and r["label_norm"] > 0 for r in steps)
+
+
 def test_checkpoint_averaging_resumes_exactly(backbone, xnli, tmp_path):
     """Interrupted after the selection of step 6, the resumed run keeps the tensors of step 6 for the
     average: the same saved prompt as an uninterrupted averaging run."""

@@ -115,6 +115,8 @@ class TrainConfig:
     average_checkpoints: int = _f(0, "Save the mean of the prompt and label vectors over the last N selection points "
                                      "(checkpoint averaging, Schmidt et al. 2023) instead of the best one; the held-out "
                                      "accuracies of both are recorded. 0: keep the best (the default).")
+    average_keep: str = _f("average", "With --average-checkpoints: average (keep the mean) or best (score and record the "
+                                      "mean beside the best single checkpoint, keep the best: the run is unchanged).")
     init_examples: int = _f(256, "Training rows (stratified) whose class-mean states start the label vectors.")
     dtype: DType = _f(DType.AUTO, "Backbone compute dtype: auto (bf16 where the hardware runs it natively: GPUs with "
                                   "bf16, CPUs with AVX512_BF16 or AMX; else fp32), bf16 (autocast) or fp32.")
@@ -184,7 +186,7 @@ class TrainConfig:
                               ("verbalizer", VERBALIZERS), ("label_reduce", LABEL_REDUCES),
                               ("prompt_position", tuple(POSITIONS)), ("reparam", REPARAMS), ("init", INITS),
                               ("template", TEMPLATES), ("readout", ("auto", *READOUTS)), ("protocol", PROTOCOLS),
-                              ("self_train_keep", SELF_TRAIN_KEEPS)):
+                              ("self_train_keep", SELF_TRAIN_KEEPS), ("average_keep", ("average", "best"))):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")

@@ -184,6 +184,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     # selection time, kept apart so that examples/s counts training steps only (older checkpoints: none)
     timing = {k: progress.get(k, 0) for k in ("select_seconds", "select_passes", "loop_select_seconds")}
     window_loss, window_n = progress.get("window_loss", 0.0), progress.get("window_n", 0)
+    grad_norms: list = []  # this log window's gradient norms (a diagnostic only)
     last_accuracy = None
     restarts, lr, checked = progress.get("restarts", []), progress.get("lr", lr), progress.get("checked", False)
     position = progress["batch"]
@@ -254,6 +255,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                             f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
                             f"or use --dtype fp32 (now {cfg.dtype.value})"
                         )
+                    grad_norms.append(_norm([p.grad for p in params if p.grad is not None]))
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -265,8 +267,9 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                     rate = seen / max(1e-9, time.perf_counter() - started - timing["loop_select_seconds"])
                     if step % 20 == 0 or step == total:
                         log({"step": step, "loss": round(window_loss / window_n, 5),
-                             "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2)})
-                        window_loss, window_n = 0.0, 0
+                             "lr": scheduler.get_last_lr()[0], "examples_per_s": round(rate, 2),
+                             **trajectory(model, grad_norms)})
+                        window_loss, window_n, grad_norms = 0.0, 0, []
                     if due:
                         select()
                     if on_step:
@@ -287,25 +290,53 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     seconds = time.perf_counter() - started
     average = None
     if recent and step >= total:
-        best, average = averaged(model, recent, best, select_accuracy, log, step)
+        best, average = averaged(model, recent, best, select_accuracy, log, step, keep=cfg.average_keep)
     return Fit(best=best, steps=total, seconds=seconds, seen=seen, trainable_parameters=sum(p.numel() for p in params),
                last_accuracy=last_accuracy if step >= total else None, average=average, restarts=restarts or None,
                select_seconds=timing["select_seconds"], select_passes=timing["select_passes"],
                step_seconds=seconds - timing["loop_select_seconds"])
 
 
-def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log, step: int) -> tuple[dict, dict]:
+def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log, step: int,
+             keep: str = "average") -> tuple[dict, dict]:
     """Checkpoint averaging (Schmidt et al. 2023): the element-wise mean of the tensors kept at the
-    last selection points, scored on the same held-out source rows. It becomes the loop's result;
-    the best single checkpoint's step and accuracy are returned beside it."""
+    last selection points, scored on the same held-out source rows. With ``keep="average"`` it becomes
+    the loop's result; with ``keep="best"`` it is only scored and recorded (a measurement beside an
+    unchanged run). The best single checkpoint's step and accuracy are returned beside it."""
     mean = {name: torch.stack([kept[name].float() for _, kept in recent]).mean(0).to(tensor.dtype)
             for name, tensor in recent[-1][1].items()}
     restore(model, mean)
     accuracy = select_accuracy()
     log({"step": step, "average_of_steps": [s for s, _ in recent], "select_accuracy_average": accuracy})
-    note = {"steps": [s for s, _ in recent], "select_accuracy": round(accuracy, 4),
+    note = {"steps": [s for s, _ in recent], "select_accuracy": round(accuracy, 4), "kept": keep,
             "best_single": {"step": best["step"], "select_accuracy": round(best["accuracy"], 4)}}
+    if keep == "best":
+        restore(model, best["tensors"])
+        return best, note
     return {"step": step, "accuracy": accuracy, "tensors": snapshot(model)}, note
+
+
+def _norm(tensors) -> float:
+    """The L2 norm of several tensors taken together (0 for none)."""
+    norms = [t.detach().float().norm() for t in tensors if t is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def trajectory(model: PromptModel, grad_norms: list) -> dict:
+    """What a step record carries to diagnose a collapsing run (issue 31): the window's mean and
+    largest gradient norm, the prompt's norm, the label vectors' norm and, for a centered verbalizer,
+    its centre's norm and the label vectors' mean distance from it."""
+    verbal = model.verbalizer.tensors()
+    out = {"grad_norm": round(sum(grad_norms) / len(grad_norms), 5) if grad_norms else None,
+           "grad_norm_max": round(max(grad_norms), 5) if grad_norms else None,
+           "prompt_norm": round(_norm(model.prompt.state_tensors().values()), 4),
+           "label_norm": round(_norm([v for k, v in verbal.items() if not k.endswith("center")]), 4)}
+    center = verbal.get("verbalizer.center")
+    weight = verbal.get("verbalizer.weight")
+    if center is not None and weight is not None:
+        out["center_norm"] = round(float(center.float().norm()), 4)
+        out["label_spread"] = round(float((weight.float() - center.float()).norm(dim=-1).mean()), 4)
+    return out
 
 
 def _drop_selection_line(log_path: Path, step: int) -> None:
