@@ -358,6 +358,25 @@ def test_checkpoint_average_scored_beside_an_unchanged_run(backbone, xnli, unint
     assert all(r["prompt_norm"] > 0 and r["label_norm"] > 0 for r in steps)
 
 
+def test_gradient_clipping_acts_only_above_its_norm(backbone, xnli, uninterrupted, tmp_path):
+    """--max-grad-norm above every gradient's norm leaves the run bit-identical to no clipping; one below
+    the norms changes the prompt, and the log still records the norms as they were before clipping."""
+    from xprompt.training import clipped
+
+    high = tmp_path / "clip-high"
+    train(_cfg(max_grad_norm=1e6), copy.deepcopy(backbone), xnli, high, [TEST_DATA])
+    for name, value in uninterrupted("deep")["prompt"].items():
+        assert torch.equal(_prompt(high)[name], value), name
+    low = tmp_path / "clip-low"
+    train(_cfg(max_grad_norm=1e-4), copy.deepcopy(backbone), xnli, low, [TEST_DATA])
+    assert any(not torch.equal(_prompt(low)[n], v) for n, v in uninterrupted("deep")["prompt"].items())
+    steps = [json.loads(line) for line in (low / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(r["grad_norm"] > 1e-4 for r in steps)  # the norm before clipping
+    weights = torch.nn.Parameter(torch.ones(4))
+    weights.grad = torch.full((4,), 3.0)
+    assert clipped([weights], 2.0) == pytest.approx(6.0) and float(weights.grad.norm()) == pytest.approx(2.0, rel=1e-5)
+
+
 def test_checkpoint_averaging_resumes_exactly(backbone, xnli, tmp_path):
     """Interrupted after the selection of step 6, the resumed run keeps the tensors of step 6 for the
     average: the same saved prompt as an uninterrupted averaging run."""

@@ -104,6 +104,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "Micro-batches per step: the same result with less memory.")
     warmup_ratio: float = _f(0.06, "Linear warm-up share of the steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(0.0, "Clip the gradient of what trains to this total L2 norm before each step (0: never). "
+                                   "Runs whose gradients stay below it are unchanged by it.")
     max_length: int = _f(128, "Max tokens per example (before the prompt).")
     select_size: int = _f(500, "Source-language rows held out for model selection (the default: at most a fifth of the "
                                  "pool; another value is taken as is, the rest of the pool trains).")

@@ -255,7 +255,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                             f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
                             f"or use --dtype fp32 (now {cfg.dtype.value})"
                         )
-                    grad_norms.append(_norm([p.grad for p in params if p.grad is not None]))
+                    grad_norms.append(clipped(params, cfg.max_grad_norm))
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -314,6 +314,15 @@ def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log,
         restore(model, best["tensors"])
         return best, note
     return {"step": step, "accuracy": accuracy, "tensors": snapshot(model)}, note
+
+
+def clipped(params, max_norm: float) -> float:
+    """The gradients' total L2 norm before clipping; with ``max_norm`` > 0 they are scaled down to it
+    where they exceed it (``torch.nn.utils.clip_grad_norm_``; a norm below it leaves them untouched)."""
+    grads = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return _norm([p.grad for p in grads])
 
 
 def _norm(tensors) -> float:

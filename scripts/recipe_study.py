@@ -1,0 +1,229 @@
+"""Does every seed learn? The default recipe over many seeds, its safety net, checkpoint averaging and
+bf16 against fp32, read from stored run records and training logs (issue 31).
+
+It reads the bundles that ``scripts/close_gap.py`` writes (one record per run: seed, per-language dev
+results, the train summary with the held-out selection, the restarts and the checkpoint average) and,
+where the run folder is still there, its ``log.jsonl`` (the step records carry the loss, the gradient
+norm, the prompt's and label vectors' norms, the verbalizer centre; the selection records the English
+held-out accuracy). What it takes from a log is kept in ``--out``'s JSON, so the page survives the run
+folders. Every figure reads English held-out rows or the dev split; nothing here chooses anything on a
+target language.
+
+    python scripts/recipe_study.py --bundle xnli=docs/seeds_xnli.json --bundle pawsx=docs/seeds_pawsx.json \\
+        --bundle xnli=docs/seeds_augment_xnli.json --fp32 xnli=docs/seeds_fp32_xnli.json \\
+        --runs-dir runs/seeds --runs-dir runs/seeds-fp32 --trajectory xnli-augment-s21 --out docs/recipe.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHANCE_MARGIN = 0.05  # "at chance": English held-out within 5 points of the majority class (issue 31)
+TRACE = ("step", "loss", "select_accuracy", "grad_norm", "grad_norm_max", "prompt_norm", "label_norm", "center_norm",
+         "label_spread", "lr")
+
+
+def majority_share(task_name: str, seed: int, select_size: int | None) -> float:
+    """The majority class's share of the run's English held-out rows (drawn by its seed, as train draws them)."""
+    import numpy as np
+
+    from xprompt.config import TrainConfig
+    from xprompt.data import holdout_split, load_split, select_count
+    from xprompt.tasks import load_task
+
+    task = load_task(task_name)
+    pool = load_split(task, task.source_language, "train", None)
+    size = select_size if select_size is not None else TrainConfig.select_size
+    _, select = holdout_split(pool, select_count(size, len(pool)), seed)
+    counts = np.bincount(np.asarray(select["label"], dtype=np.int64))
+    return float(counts.max() / counts.sum())
+
+
+def read_log(folder: Path) -> dict | None:
+    """What a run's logs say: the selection curve, the step records, the restarts (each failed attempt's log)."""
+    log = folder / "log.jsonl"
+    if not log.is_file():
+        return None
+
+    def records(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    attempts = [records(p) for p in sorted(folder.glob("log.restart-*.jsonl"))] + [records(log)]
+    return {"attempts": [[{k: r[k] for k in TRACE if k in r} for r in attempt
+                          if "loss" in r or "select_accuracy" in r] for attempt in attempts]}
+
+
+def run_rows(task_name: str, lever: str, records: list[dict], runs_dirs: list[Path], cached: dict) -> list[dict]:
+    from xprompt.tasks import load_task
+
+    task = load_task(task_name)
+    source, targets = task.source_language, [lang for lang in task.official_languages if lang != task.source_language]
+    rows = []
+    for record in records:
+        name, train = record["run"], record.get("train", {})
+        previous = cached.get(name, {})
+        folder = next((d / name for d in runs_dirs if (d / name / "log.jsonl").is_file()), None)
+        log = read_log(folder) if folder else previous.get("log")
+        majority = previous.get("majority") or majority_share(task_name, record["seed"], None)
+        average = train.get("checkpoint_average") or {}
+        rows.append({
+            "run": name, "task": task_name, "lever": lever, "seed": record["seed"], "dtype": train.get("dtype"),
+            "cpu": record.get("compute", {}).get("cpu_bf16_reason") or record.get("compute", {}).get("cpu_capability"),
+            "majority": majority, "best_step": train.get("best_step"), "held_out": train.get("select_accuracy"),
+            "average_held_out": average.get("select_accuracy") if average else None,
+            "average_steps": average.get("steps") if average else None,
+            "restarts": train.get("restarts") or [], "train_seconds": train.get("train_seconds"),
+            "en": record["dev"][source]["accuracy"],
+            "targets": statistics.fmean(record["dev"][lang]["accuracy"] for lang in targets),
+            "n_targets": len(targets), "log": log,
+            "correct": {lang: record["dev"][lang].get("correct") for lang in targets},
+        })
+    return rows
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else _pct(values[0])
+
+
+def paired(diffs: list[float]) -> str:
+    """Mean of paired differences ± its standard error (sample std / sqrt(n)), in points."""
+    if len(diffs) < 2:
+        return "-" if not diffs else f"{100 * diffs[0]:+.2f}"
+    return f"{100 * statistics.fmean(diffs):+.2f} ± {100 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}"
+
+
+def first_at(log: dict | None, key: str, threshold: float) -> int | None:
+    """The first step of the kept attempt whose ``key`` passes ``threshold``."""
+    if not log:
+        return None
+    return next((r["step"] for r in log["attempts"][-1] if r.get(key) is not None and r[key] > threshold), None)
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    lines = ["| run | seed | dtype | majority share | held-out at step 0 | best step | best held-out | margin over majority "
+             "| mean of last 3 checkpoints, held-out | restarts | largest gradient norm | en dev | target average (dev) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        attempts = (r["log"] or {}).get("attempts") or [[]]
+        start = next((x["select_accuracy"] for x in attempts[0] if "select_accuracy" in x and x["step"] == 0), None)
+        grad = max((x["grad_norm_max"] for a in attempts for x in a if x.get("grad_norm_max") is not None), default=None)
+        restarts = "; ".join(f"step {x['step']}: held-out {_pct(x['select_accuracy'])}, lr {x['lr']:.3g} -> {x['new_lr']:.3g}"
+                             for x in r["restarts"]) or "none"
+        lines.append(f"| {r['run']} | {r['seed']} | {r['dtype']} | {_pct(r['majority'])} | {_pct(start)} | {r['best_step']} | "
+                     f"{_pct(r['held_out'])} | {100 * (r['held_out'] - r['majority']):+.1f} | {_pct(r['average_held_out'])} | "
+                     f"{restarts} | {'-' if grad is None else f'{grad:.3f}'} | {_pct(r['en'])} | {_pct(r['targets'])} |")
+    return lines
+
+
+def summary(rows: list[dict]) -> list[str]:
+    at_chance = [r["run"] for r in rows if r["held_out"] - r["majority"] < CHANCE_MARGIN]
+    averaged = [r["average_held_out"] - r["held_out"] for r in rows if r["average_held_out"] is not None]
+    return [f"- {len(rows)} seeds ({', '.join(str(r['seed']) for r in rows)}); target average (dev, {rows[0]['n_targets']} "
+            f"official targets) **{_spread([r['targets'] for r in rows])}** (mean ± sample std), English dev "
+            f"{_spread([r['en'] for r in rows])}; lowest seed {_pct(min(r['targets'] for r in rows))}.",
+            f"- At chance (best English held-out within {100 * CHANCE_MARGIN:.0f} points of the majority class): "
+            f"{', '.join(at_chance) if at_chance else 'none'}. Restarted by the safety net: "
+            f"{', '.join(r['run'] for r in rows if r['restarts']) or 'none'}.",
+            f"- Checkpoint averaging (mean of the last 3 selection points, scored on the same English held-out rows) "
+            f"against the best single checkpoint: {paired(averaged)} points held-out (paired mean ± standard error over "
+            f"{len(averaged)} seeds)."]
+
+
+def dtype_table(bf16: list[dict], fp32: list[dict]) -> list[str]:
+    by_seed = {r["seed"]: r for r in bf16}
+    pairs = [(by_seed[r["seed"]], r) for r in fp32 if r["seed"] in by_seed]
+    if not pairs:
+        return []
+    lines = ["| seed | bf16: best step, held-out | fp32: best step, held-out | bf16 target average | fp32 target average "
+             "| difference (bf16 - fp32) | target rows decided differently |", "|---|---|---|---|---|---|---|"]
+    for b, f in pairs:
+        flips = [sum(x != y for x, y in zip(b["correct"][lang], f["correct"][lang])) / len(b["correct"][lang])
+                 for lang in b["correct"] if b["correct"][lang] and f["correct"].get(lang)]
+        lines.append(f"| {b['seed']} | {b['best_step']}, {_pct(b['held_out'])} | {f['best_step']}, {_pct(f['held_out'])} | "
+                     f"{_pct(b['targets'])} | {_pct(f['targets'])} | {100 * (b['targets'] - f['targets']):+.1f} | "
+                     f"{_pct(statistics.fmean(flips)) + '% (of correct/incorrect outcomes)' if flips else '-'} |")
+    diffs = [abs(b["targets"] - f["targets"]) for b, f in pairs]
+    lines += ["", f"Largest per-seed difference of the target average: {100 * max(diffs):.1f} points "
+              f"(goal ≤ 1.0); mean absolute difference {100 * statistics.fmean(diffs):.1f}."]
+    return lines
+
+
+def trajectory(row: dict, every: int = 100) -> list[str]:
+    log = row["log"]
+    if not log:
+        return [f"(no log kept for {row['run']})"]
+    lines = []
+    for number, attempt in enumerate(log["attempts"]):
+        label = "kept attempt" if number == len(log["attempts"]) - 1 else f"attempt {number + 1}, restarted"
+        lines += ["", f"**{row['run']}, {label}** (step records are means over the 20 steps before the step; "
+                  "held-out: English held-out accuracy)", "",
+                  "| step | loss | held-out | grad norm (mean / max) | prompt norm | label-vector norm | centre norm | label spread | lr |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        steps = {}
+        for record in attempt:
+            steps.setdefault(record["step"], {}).update(record)
+        for step, r in sorted(steps.items()):
+            if step % every and step != max(steps):
+                continue
+            lines.append(f"| {step} | {r.get('loss', '-')} | {_pct(r.get('select_accuracy'))} | "
+                         f"{r.get('grad_norm', '-')} / {r.get('grad_norm_max', '-')} | {r.get('prompt_norm', '-')} | "
+                         f"{r.get('label_norm', '-')} | {r.get('center_norm', '-')} | {r.get('label_spread', '-')} | "
+                         f"{'-' if r.get('lr') is None else format(r['lr'], '.3g')} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", action="append", default=[], help="task=path of a close_gap.py JSON (bf16 runs)")
+    parser.add_argument("--fp32", action="append", default=[], help="task=path of a close_gap.py JSON of the fp32 runs")
+    parser.add_argument("--runs-dir", action="append", type=Path, default=[], help="where the run folders (logs) are")
+    parser.add_argument("--trajectory", action="append", default=[], help="a run whose curves to print")
+    parser.add_argument("--out", type=Path, default=Path("docs/recipe.md"))
+    args = parser.parse_args()
+    store = args.out.with_suffix(".json")
+    cached = {r["run"]: r for r in json.loads(store.read_text())["runs"]} if store.is_file() else {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for kind, specs in (("bf16", args.bundle), ("fp32", args.fp32)):
+        for spec in specs:
+            task_name, path = spec.split("=", 1)
+            for lever, records in json.loads(Path(path).read_text())[task_name].items():
+                if lever.startswith("ensemble"):
+                    continue
+                groups.setdefault((task_name, lever, kind), []).extend(run_rows(task_name, lever, records, args.runs_dir, cached))
+    text = ["# Does every seed learn? The default recipe over seeds, its safety net, averaging, bf16 and fp32", "",
+            "Rendered by `python scripts/recipe_study.py` (its docstring has the command) from the run records "
+            "that `scripts/close_gap.py` stored and the runs' training logs. Dev split, full, every official "
+            "language; every choice inside a run on the 500 English held-out rows. Accuracy × 100."]
+    for (task_name, lever, kind), rows in groups.items():
+        text += ["", f"## {task_name}, {lever}, {kind}", "", *summary(rows), "", *seed_table(rows)]
+    for (task_name, lever, kind), rows in groups.items():
+        if kind == "fp32":
+            lines = dtype_table(groups.get((task_name, lever, "bf16"), []), rows)
+            if lines:
+                text += ["", f"## {task_name}, {lever}: bf16 against fp32, the same seeds", "", *lines]
+    everything = [r for rows in groups.values() for r in rows]
+    for name in args.trajectory:
+        row = next((r for r in everything if r["run"] == name), None)
+        if row:
+            text += ["", f"## Trajectory of {name}", *trajectory(row)]
+    args.out.write_text("\n".join(text) + "\n")
+    store.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "correct"} for r in everything]}, indent=1) + "\n")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
