@@ -10,8 +10,9 @@ folders. Every figure reads English held-out rows or the dev split; nothing here
 target language.
 
     python scripts/recipe_study.py --bundle xnli=docs/seeds_xnli.json --bundle pawsx=docs/seeds_pawsx.json \\
-        --bundle xnli=docs/seeds_augment_xnli.json --fp32 xnli=docs/seeds_fp32_xnli.json \\
-        --runs-dir runs/seeds --runs-dir runs/seeds-fp32 --trajectory xnli-augment-s21 --out docs/recipe.md
+        --bundle xnli=docs/seeds_augment_xnli.json --bundle xnli=docs/dtype_bf16_xnli.json@one-machine \\
+        --fp32 xnli=docs/dtype_fp32_xnli.json@one-machine --runs-dir runs/seeds --runs-dir runs/diag \\
+        --trajectory xnli-augment-s21 --out docs/recipe.md
 """
 
 from __future__ import annotations
@@ -143,20 +144,22 @@ def summary(rows: list[dict]) -> list[str]:
             f"{len(averaged)} seeds)."]
 
 
-def dtype_table(bf16: list[dict], fp32: list[dict]) -> list[str]:
+def dtype_table(bf16: list[dict], fp32: list[dict], names: tuple[str, str] = ("bf16", "fp32")) -> list[str]:
+    """The same seeds side by side: two dtypes on one machine, or one dtype on two machines (``names``)."""
+    a, b = names
     by_seed = {r["seed"]: r for r in bf16}
     pairs = [(by_seed[r["seed"]], r) for r in fp32 if r["seed"] in by_seed]
     if not pairs:
         return []
-    lines = ["| seed | bf16: best step, held-out | fp32: best step, held-out | bf16 target average | fp32 target average "
-             "| difference (bf16 - fp32) | target rows decided differently |", "|---|---|---|---|---|---|---|"]
-    for b, f in pairs:
-        flips = [sum(x != y for x, y in zip(b["correct"][lang], f["correct"][lang])) / len(b["correct"][lang])
-                 for lang in b["correct"] if b["correct"][lang] and f["correct"].get(lang)]
-        lines.append(f"| {b['seed']} | {b['best_step']}, {_pct(b['held_out'])} | {f['best_step']}, {_pct(f['held_out'])} | "
-                     f"{_pct(b['targets'])} | {_pct(f['targets'])} | {100 * (b['targets'] - f['targets']):+.1f} | "
+    lines = [f"| seed | {a}: best step, held-out | {b}: best step, held-out | {a} target average | {b} target average "
+             f"| difference ({a} - {b}) | target rows decided differently |", "|---|---|---|---|---|---|---|"]
+    for x, y in pairs:
+        flips = [sum(p != q for p, q in zip(x["correct"][lang], y["correct"][lang])) / len(x["correct"][lang])
+                 for lang in x["correct"] if x["correct"][lang] and y["correct"].get(lang)]
+        lines.append(f"| {x['seed']} | {x['best_step']}, {_pct(x['held_out'])} | {y['best_step']}, {_pct(y['held_out'])} | "
+                     f"{_pct(x['targets'])} | {_pct(y['targets'])} | {100 * (x['targets'] - y['targets']):+.1f} | "
                      f"{_pct(statistics.fmean(flips)) + '% (of correct/incorrect outcomes)' if flips else '-'} |")
-    diffs = [abs(b["targets"] - f["targets"]) for b, f in pairs]
+    diffs = [abs(x["targets"] - y["targets"]) for x, y in pairs]
     lines += ["", f"Largest per-seed difference of the target average: {100 * max(diffs):.1f} points "
               f"(goal ≤ 1.0); mean absolute difference {100 * statistics.fmean(diffs):.1f}."]
     return lines
@@ -188,8 +191,10 @@ def trajectory(row: dict, every: int = 100) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", action="append", default=[], help="task=path of a close_gap.py JSON (bf16 runs)")
-    parser.add_argument("--fp32", action="append", default=[], help="task=path of a close_gap.py JSON of the fp32 runs")
+    parser.add_argument("--bundle", action="append", default=[],
+                        help="task=path[@label] of a close_gap.py JSON (bf16 runs); a label keeps bundles apart "
+                             "(e.g. two machines), and an --fp32 bundle is compared with the bf16 one of its label")
+    parser.add_argument("--fp32", action="append", default=[], help="task=path[@label] of a close_gap.py JSON of the fp32 runs")
     parser.add_argument("--runs-dir", action="append", type=Path, default=[], help="where the run folders (logs) are")
     parser.add_argument("--trajectory", action="append", default=[], help="a run whose curves to print")
     parser.add_argument("--out", type=Path, default=Path("docs/recipe.md"))
@@ -197,9 +202,11 @@ def main() -> None:
     store = args.out.with_suffix(".json")
     cached = {r["run"]: r for r in json.loads(store.read_text())["runs"]} if store.is_file() else {}
     groups: dict[tuple[str, str, str], list[dict]] = {}
-    for kind, specs in (("bf16", args.bundle), ("fp32", args.fp32)):
+    for dtype, specs in (("bf16", args.bundle), ("fp32", args.fp32)):
         for spec in specs:
             task_name, path = spec.split("=", 1)
+            path, _, label = path.partition("@")
+            kind = f"{dtype}, {label}" if label else dtype
             for lever, records in json.loads(Path(path).read_text())[task_name].items():
                 if lever.startswith("ensemble"):
                     continue
@@ -211,17 +218,30 @@ def main() -> None:
     for (task_name, lever, kind), rows in groups.items():
         text += ["", f"## {task_name}, {lever}, {kind}", "", *summary(rows), "", *seed_table(rows)]
     for (task_name, lever, kind), rows in groups.items():
-        if kind == "fp32":
-            lines = dtype_table(groups.get((task_name, lever, "bf16"), []), rows)
+        if kind.startswith("fp32"):
+            lines = dtype_table(groups.get((task_name, lever, kind.replace("fp32", "bf16", 1)), []), rows)
             if lines:
-                text += ["", f"## {task_name}, {lever}: bf16 against fp32, the same seeds", "", *lines]
+                text += ["", f"## {task_name}, {lever}: bf16 against fp32, the same seeds ({kind})", "", *lines]
+        elif kind.startswith("bf16, "):  # a labelled bf16 bundle against the unlabelled one: two machines, one dtype
+            machine = lambda rows: (rows[0].get("cpu") or "?") if rows else "?"  # noqa: E731
+            plain = groups.get((task_name, lever, "bf16"), [])
+            lines = dtype_table(rows, plain, (kind.split(", ", 1)[1], "sweep"))
+            if lines:
+                text += ["", f"## {task_name}, {lever}: the same seeds in bf16 on two machines", "",
+                         f"{kind.split(', ', 1)[1]}: {machine(rows)}; sweep: {machine(plain)}.", "", *lines]
     everything = [r for rows in groups.values() for r in rows]
+    traced = []  # runs outside every bundle (a diagnosis run), kept by their log alone
     for name in args.trajectory:
         row = next((r for r in everything if r["run"] == name), None)
-        if row:
-            text += ["", f"## Trajectory of {name}", *trajectory(row)]
+        if row is None:
+            folder = next((d / name for d in args.runs_dir if (d / name / "log.jsonl").is_file()), None)
+            log = read_log(folder) if folder else cached.get(name, {}).get("log")
+            row = {"run": name, "log": log, "trace_only": True}
+            traced.append(row)
+        text += ["", f"## Trajectory of {name}", *trajectory(row)]
     args.out.write_text("\n".join(text) + "\n")
-    store.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "correct"} for r in everything]}, indent=1) + "\n")
+    store.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "correct"} for r in everything + traced]},
+                                indent=1) + "\n")
     print("\n".join(text))
 
 
