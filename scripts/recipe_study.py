@@ -122,8 +122,9 @@ def seed_table(rows: list[dict]) -> list[str]:
         attempts = (r["log"] or {}).get("attempts") or [[]]
         start = next((x["select_accuracy"] for x in attempts[0] if "select_accuracy" in x and x["step"] == 0), None)
         grad = max((x["grad_norm_max"] for a in attempts for x in a if x.get("grad_norm_max") is not None), default=None)
-        restarts = "; ".join(f"step {x['step']}: held-out {_pct(x['select_accuracy'])}, lr {x['lr']:.3g} -> {x['new_lr']:.3g}"
-                             for x in r["restarts"]) or "none"
+        restarts = "; ".join(f"step {x['step']}: held-out {_pct(x['select_accuracy'])}, "
+                             f"{'back to step ' + str(x['rolled_back_to']) + ', ' if 'rolled_back_to' in x else ''}"
+                             f"lr {x['lr']:.3g} -> {x['new_lr']:.3g}" for x in r["restarts"]) or "none"
         lines.append(f"| {r['run']} | {r['seed']} | {r['dtype']} | {_pct(r['majority'])} | {_pct(start)} | {r['best_step']} | "
                      f"{_pct(r['held_out'])} | {100 * (r['held_out'] - r['majority']):+.1f} | {_pct(r['average_held_out'])} | "
                      f"{restarts} | {'-' if grad is None else f'{grad:.3f}'} | {_pct(r['en'])} | {_pct(r['targets'])} |")

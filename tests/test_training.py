@@ -443,3 +443,79 @@ def test_a_restarted_run_resumes_exactly(backbone, xnli, tmp_path, monkeypatch):
     assert len(summary["restarts"]) == 2
     a, b = _prompt(whole), _prompt(parts)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _scripted_selection(monkeypatch, accuracies: dict, majority: float = 0.34):
+    """Held-out accuracies by selection step (the real pass still runs, its value is replaced), majority 0.34."""
+    import xprompt.workflows.runs as runs_module
+
+    monkeypatch.setattr(runs_module, "majority_share", lambda rows: majority)
+    real_fit = runs_module.fit
+
+    def fit(model, train_rows, select_accuracy, cfg, run_dir, *args, **kwargs):
+        state = Path(run_dir) / "checkpoint" / "state.json"  # a resumed run has made its earlier selections
+        passes = [1] * (json.loads(state.read_text())["step"] // cfg.eval_every + 1 if state.is_file() else 0)
+
+        def scripted() -> float:
+            select_accuracy()
+            passes.append(1)
+            return accuracies[(len(passes) - 1) * cfg.eval_every]
+
+        return real_fit(model, train_rows, scripted, cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "fit", fit)
+
+
+def test_a_collapse_after_learning_rolls_back_to_the_best_tensors(backbone, xnli, tmp_path, monkeypatch):
+    """Held-out 0.60 at step 2, then 0.33 (the majority class is 0.34) at step 4: the run goes back to step 2's
+    tensors, clears the optimizer's moments, goes on at a third of the rate, and says so; a run interrupted
+    after the roll-back resumes it exactly. A run that never falls back is untouched (no record)."""
+    _scripted_selection(monkeypatch, {0: 0.30, 2: 0.60, 4: 0.33, 6: 0.50, 8: 0.65})
+    seen = {}
+
+    def watch(step, total, loss, rate):
+        if step in (2, 4):  # after that step's selection (and roll-back)
+            seen[step] = {k: v.clone() for k, v in model_ref["model"].prompt.tensors().items()}
+
+    import xprompt.workflows.runs as runs_module
+
+    model_ref = {}
+    real_fit = runs_module.fit
+    monkeypatch.setattr(runs_module, "fit", lambda model, *a, **k: model_ref.update(model=model) or real_fit(model, *a, **k))
+    whole = tmp_path / "whole"
+    summary = train(_cfg(eval_every=2, lr=0.09), copy.deepcopy(backbone), xnli, whole, [TEST_DATA], on_step=watch)
+    (record,) = summary["restarts"]
+    assert (record["step"], record["rolled_back_to"], record["lr"]) == (4, 2, 0.09)
+    assert record["new_lr"] == pytest.approx(0.03) and "fell back" in record["why"]
+    assert all(torch.equal(seen[2][k], seen[4][k]) for k in seen[2])  # step 4 ends with step 2's tensors
+    log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    assert [r["rollback"]["rolled_back_to"] for r in log if "rollback" in r] == [2]
+    assert summary["best_step"] == 8
+    state = json.loads((whole / "checkpoint" / "state.json").read_text())
+    assert state["lr"] == pytest.approx(0.03) and len(state["restarts"]) == 1
+    full_rates = [group.get("lr", 0.09) for group in model_ref["model"].param_groups(0.09)]
+    assert state["scheduler"]["base_lrs"] == pytest.approx([rate / 3 for rate in full_rates])  # the rest of the schedule
+
+    parts = tmp_path / "parts"
+
+    def interrupt(step, total, loss, rate):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(eval_every=2, lr=0.09), copy.deepcopy(backbone), xnli, parts, [TEST_DATA], on_step=interrupt)
+    train(_cfg(eval_every=2, lr=0.09), copy.deepcopy(backbone), xnli, parts, [TEST_DATA])
+    a, b = _prompt(whole), _prompt(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_stays_above_the_majority_class_is_not_rolled_back(backbone, xnli, tmp_path, monkeypatch):
+    """The same run with held-out 0.37 at step 4 (just above 0.34 + 0.02): no roll-back, and its prompt is the
+    prompt of a run without the safety net."""
+    _scripted_selection(monkeypatch, {0: 0.30, 2: 0.60, 4: 0.37, 6: 0.50, 8: 0.65})
+    run, plain = tmp_path / "net", tmp_path / "plain"
+    summary = train(_cfg(eval_every=2, lr=0.09), copy.deepcopy(backbone), xnli, run, [TEST_DATA])
+    assert "restarts" not in summary or not summary["restarts"]
+    train(_cfg(eval_every=2, lr=0.09, restart_check=0), copy.deepcopy(backbone), xnli, plain, [TEST_DATA])
+    a, b = _prompt(run), _prompt(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -112,8 +112,10 @@ class TrainConfig:
     eval_every: int = _f(200, "Steps between model-selection evaluations.")
     restart_check: float = _f(0.25, "Safety net: at the first selection point past this share of the steps, a run whose "
                                     "English held-out accuracy is within 2 points of the majority class restarts from "
-                                    "its start at a third of the rate (at most twice; recorded in metrics.json and the "
-                                    "log; off with fewer than 200 held-out rows). 0: never.")
+                                    "its start at a third of the rate; one that had left that level and falls back to "
+                                    "it later rolls back to its best tensors at a third of the rate (each at most "
+                                    "twice; recorded in metrics.json and the log; off with fewer than 200 held-out "
+                                    "rows). 0: never.")
     average_checkpoints: int = _f(0, "Save the mean of the prompt and label vectors over the last N selection points "
                                      "(checkpoint averaging, Schmidt et al. 2023) instead of the best one; the held-out "
                                      "accuracies of both are recorded. 0: keep the best (the default).")

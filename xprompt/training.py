@@ -54,6 +54,7 @@ class Restart(Exception):
         self.record, self.restarts, self.initial = record, restarts, initial
 
 
+ROLLBACK = "rolled_back_to"  # a restart record with this key is a roll-back to that step (a collapse after learning)
 RESTART_MARGIN = 0.02  # within 2 points of the majority class: not learning
 MAX_RESTARTS = 2
 RESTART_LR_FACTOR = 1 / 3
@@ -117,7 +118,10 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
     rows): at the first selection point past that share of the steps, a held-out accuracy within
     ``RESTART_MARGIN`` of ``majority`` restarts the loop from the start's tensors with a fresh optimizer
     at a third of the rate (at most ``MAX_RESTARTS`` times). The failed attempt's log is kept as
-    ``log.restart-N.jsonl``; the restarts go into the log, the checkpoint and the result.
+    ``log.restart-N.jsonl``; the restarts go into the log, the checkpoint and the result. A run that had
+    left that level and falls back to it at a later selection point (a collapse after learning) rolls back
+    instead: its best tensors, cleared optimizer moments, a third of the rate from there on (at most
+    ``MAX_RESTARTS`` times; recorded beside the restarts with ``rolled_back_to``).
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this loop: each computes the
     gradients of its share of every global batch, one all_reduce sums them (the prompt's only),
@@ -197,19 +201,30 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
     def save_progress() -> None:
         progress.update(step=step, epoch=epoch, batch=position, seen=seen, seconds=time.perf_counter() - started,
                         window_loss=window_loss, window_n=window_n, selection_owed=phase == "owed", checked=checked,
-                        **timing)
+                        restarts=restarts, lr=lr, **timing)
         if main:
             save_checkpoint(run_dir, model, optimizer, scheduler, progress, best, recent, initial)
 
     def select() -> None:
-        nonlocal best, last_accuracy, phase, recent, checked
+        nonlocal best, last_accuracy, phase, recent, checked, restarts, lr
         clock = time.perf_counter()
         acc = last_accuracy = select_accuracy()
         took = time.perf_counter() - clock
         timing.update(select_seconds=timing["select_seconds"] + took, select_passes=timing["select_passes"] + 1,
                       loop_select_seconds=timing["loop_select_seconds"] + took)
         log({"step": step, "select_accuracy": acc})
-        if check is not None and not checked and step >= check[0] and len(restarts) < MAX_RESTARTS:
+        collapsed = check is not None and step >= check[0] and acc <= check[1]
+        if collapsed and best["accuracy"] > check[1] and sum(ROLLBACK in r for r in restarts) < MAX_RESTARTS:
+            # it had learned and fell back to the majority class (a collapse): back to its best tensors
+            why = (f"English held-out accuracy {acc:.3f} at step {step} fell back to within {RESTART_MARGIN:.2f} of "
+                   f"the majority class ({check[1] - RESTART_MARGIN:.3f}) after {best['accuracy']:.3f} at step {best['step']}")
+            record = {"step": step, ROLLBACK: best["step"], "select_accuracy": acc, "lr": lr,
+                      "new_lr": lr * RESTART_LR_FACTOR, "why": why}
+            roll_back(model, optimizer, scheduler, best["tensors"], RESTART_LR_FACTOR)
+            restarts, lr, recent, checked = [*restarts, record], record["new_lr"], [], True
+            log({"step": step, "rollback": record})
+        elif (check is not None and not checked and step >= check[0]
+              and sum(ROLLBACK not in r for r in restarts) < MAX_RESTARTS):
             checked = True
             if acc <= check[1]:
                 why = (f"English held-out accuracy {acc:.3f} at step {step} is within {RESTART_MARGIN:.2f} of the "
@@ -314,6 +329,17 @@ def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log,
         restore(model, best["tensors"])
         return best, note
     return {"step": step, "accuracy": accuracy, "tensors": snapshot(model)}, note
+
+
+def roll_back(model: PromptModel, optimizer, scheduler, tensors: dict, factor: float) -> None:
+    """The safety net's answer to a collapse after learning: the best tensors back, the optimizer's moments
+    cleared and the schedule's rate (now and to come) times ``factor``. All of it lives in the optimizer's
+    and scheduler's state, so a checkpoint written after it resumes it exactly."""
+    restore(model, tensors)
+    optimizer.state.clear()
+    scheduler.base_lrs = [rate * factor for rate in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def clipped(params, max_norm: float) -> float:
