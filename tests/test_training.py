@@ -519,3 +519,11 @@ def test_a_run_that_stays_above_the_majority_class_is_not_rolled_back(backbone, 
     train(_cfg(eval_every=2, lr=0.09, restart_check=0), copy.deepcopy(backbone), xnli, plain, [TEST_DATA])
     a, b = _prompt(run), _prompt(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_whose_best_is_its_start_restarts_rather_than_rolls_back(backbone, xnli, tmp_path, monkeypatch):
+    """Held-out 0.45 at step 0 (the class-mean start is above the majority class) and 0.33 at step 2, the check:
+    training never lifted it, so the run restarts from its start (not a roll-back to step 0's tensors)."""
+    _scripted_selection(monkeypatch, {0: 0.45, 2: 0.33, 4: 0.50, 6: 0.50, 8: 0.50})
+    summary = train(_cfg(eval_every=2, lr=0.09, max_steps=4), copy.deepcopy(backbone), xnli, tmp_path / "r", [TEST_DATA])
+    assert [("rolled_back_to" in r, r["step"]) for r in summary["restarts"]] == [(False, 2)]

@@ -214,8 +214,9 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
                       loop_select_seconds=timing["loop_select_seconds"] + took)
         log({"step": step, "select_accuracy": acc})
         collapsed = check is not None and step >= check[0] and acc <= check[1]
-        if collapsed and best["accuracy"] > check[1] and sum(ROLLBACK in r for r in restarts) < MAX_RESTARTS:
-            # it had learned and fell back to the majority class (a collapse): back to its best tensors
+        learned = best["step"] > 0 and best["accuracy"] > check[1] if check is not None else False
+        if collapsed and learned and sum(ROLLBACK in r for r in restarts) < MAX_RESTARTS:
+            # training had lifted it above the majority class and it fell back (a collapse): to its best tensors
             why = (f"English held-out accuracy {acc:.3f} at step {step} fell back to within {RESTART_MARGIN:.2f} of "
                    f"the majority class ({check[1] - RESTART_MARGIN:.3f}) after {best['accuracy']:.3f} at step {best['step']}")
             record = {"step": step, ROLLBACK: best["step"], "select_accuracy": acc, "lr": lr,
