@@ -107,15 +107,16 @@ def _select_accuracy(model, cfg, backbone, task) -> float:
     return float((preds == np.asarray(data.select["label"])).mean())
 
 
-@pytest.mark.parametrize("mode", ["full", "bitfit", "lora", "head"])
-def test_a_loaded_run_is_the_trained_model(backbone, xnli, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,method", [("full", "soft"), ("bitfit", "soft"), ("lora", "soft"), ("head", "deep"),
+                                         ("lora", "unified"), ("full", "unified")])
+def test_a_loaded_run_is_the_trained_model(backbone, xnli, tmp_path, monkeypatch, mode, method):
     """Loading a tuned run (eval, predict) applies its stored weights to a copy of the base backbone: the
     kept step's tensors bit for bit, and the held-out accuracy the run recorded for it."""
     from xprompt.model import load_run_model
 
     fresh = copy.deepcopy(backbone)
     base = _state(fresh)
-    cfg = _cfg(tune=mode, lr=0.05, backbone_lr=1e-3, method="deep" if mode == "head" else "soft")
+    cfg = _cfg(tune=mode, lr=0.05, backbone_lr=1e-3, method=method)
     summary, tuning = _trained(cfg, backbone, xnli, tmp_path / "run", monkeypatch)
     model, card = load_run_model(tmp_path / "run", fresh)
     assert _changed(base, fresh) == set() and model.own_backbone == mode

@@ -264,11 +264,13 @@ def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
     tuned = tune_of(card) in CHANGES_BACKBONE
     if tuned:
-        from .tuning import tuned_backbone
+        from .tuning import apply_stored, own_copy
 
-        backbone = tuned_backbone(backbone, Path(where), card)
+        backbone = own_copy(backbone)
     model = model_from_card(card, backbone)
-    model.own_backbone = tune_of(card) if tuned else None
+    if tuned:  # onto the model's own copy, once it is built (as in training)
+        apply_stored(backbone, Path(where), card)
+        model.own_backbone = tune_of(card)
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

@@ -13,8 +13,8 @@ stores only what changed, in the run's ``prompt/``:
   ``PeftModel.from_pretrained(base, run/prompt/adapter)`` loads it onto ``AutoModel`` of the backbone
   (``AutoModelForSeq2SeqLM`` for an encoder-decoder).
 
-``tuned_backbone`` puts a saved run's tensors onto a copy of the base backbone, for ``eval`` and
-``predict``. The prompt-only default builds none of this: its code path is the one before ``--tune``.
+``apply_stored`` puts a saved run's tensors onto a copy of the base backbone (``own_copy``), for
+``eval`` and ``predict``. The prompt-only default builds none of this: its code path is the one before ``--tune``.
 """
 
 from __future__ import annotations
@@ -211,11 +211,11 @@ def _names(targets) -> list[str]:
     return [targets] if isinstance(targets, str) else sorted(targets)
 
 
-def tuned_backbone(base: Backbone, folder: Path, card: dict) -> Backbone:
-    """A copy of ``base`` with what a tuned run stored in ``folder`` (its ``prompt/``) applied: the
-    changed tensors, or PEFT's adapter (loaded with ``PeftModel.from_pretrained``, for inference)."""
+def apply_stored(backbone: Backbone, folder: Path, card: dict) -> None:
+    """Put what a tuned run stored in ``folder`` (its ``prompt/``) onto ``backbone`` (a copy: ``own_copy``),
+    in place: the changed tensors, or PEFT's adapter (``PeftModel.from_pretrained``, for inference). Applied
+    after the model is built on it, as in training (a unified prompt's tower copies the layers without it)."""
     info = card.get("tune") or {}
-    backbone = own_copy(base)
     folder = Path(folder)
     if info.get("mode") == "lora":
         from peft import PeftModel
@@ -227,7 +227,7 @@ def tuned_backbone(base: Backbone, folder: Path, card: dict) -> Backbone:
             warnings.simplefilter("ignore", FutureWarning)
             PeftModel.from_pretrained(root, str(folder / ADAPTER_DIR))  # the adapters go into ``root`` itself
         root.eval()
-        return backbone
+        return
     path = folder / BACKBONE_FILE
     try:
         tensors = load_file(str(path))
@@ -239,9 +239,8 @@ def tuned_backbone(base: Backbone, folder: Path, card: dict) -> Backbone:
         for name, value in tensors.items():
             param = params.get(name)
             if param is None or param.shape != value.shape:
-                raise XPromptError(f"{path}: tensor '{name}' does not fit backbone '{base.name}'")
+                raise XPromptError(f"{path}: tensor '{name}' does not fit backbone '{backbone.name}'")
             param.copy_(value.to(param.dtype))
-    return backbone
 
 
 def stored_bytes(folder: Path) -> int:
@@ -249,4 +248,4 @@ def stored_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-__all__ = ["BackboneTuning", "tuned_backbone", "stored_bytes", "tune_of", "BACKBONE_FILE", "ADAPTER_DIR"]
+__all__ = ["BackboneTuning", "apply_stored", "own_copy", "stored_bytes", "tune_of", "BACKBONE_FILE", "ADAPTER_DIR"]
