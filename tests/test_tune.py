@@ -325,3 +325,22 @@ def test_the_uniprompt_table_flags_train(tiny_bert_dir, tmp_path):
         if "--backbone-lr" in flags:
             assert config["backbone_lr"] == float(flags[flags.index("--backbone-lr") + 1])
     assert set(table.METHODS) == {p.name for p in runs.iterdir() if p.is_dir()}
+
+
+def test_the_safety_net_restarts_a_tuned_backbone_from_its_start(backbone, xnli, tmp_path, monkeypatch):
+    """A restart puts the backbone back to the base as it puts the prompt back, and scales its rate as the
+    prompt's: twice restarted, a bitfit run ends where one trained from the start at a ninth of both rates does."""
+    from test_training import _forced_net
+
+    _forced_net(monkeypatch)
+    cfg = dict(tune="bitfit", max_steps=8, eval_every=3)
+    summary = train(_cfg(lr=0.09, backbone_lr=9e-3, **cfg), copy.deepcopy(backbone), xnli, tmp_path, [TEST_DATA])
+    assert [(r["lr"], r["new_lr"]) for r in summary["restarts"]] == [(0.09, pytest.approx(0.03)),
+                                                                      (pytest.approx(0.03), pytest.approx(0.01))]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    train(_cfg(lr=0.01, backbone_lr=1e-3, restart_check=0, **cfg), copy.deepcopy(backbone), xnli, plain, [TEST_DATA])
+    for name in ("prompt.safetensors", BACKBONE_FILE):
+        a, b = load_file(str(tmp_path / "prompt" / name)), load_file(str(plain / "prompt" / name))
+        assert a.keys() == b.keys() and len(a) > 0
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
