@@ -70,7 +70,7 @@ CASES = [
     ("unknown-train-language", lambda t, c: ["train", "--lang", "zh"], 1, "train split of xnli: zh; known: en"),
     ("unknown-method", lambda t, c: ["train", "--method", "lora"], 2, "Invalid value for '--method'"),
     ("prompt-length-zero", lambda t, c: ["train", "--prompt-length", "0"], 2, "prompt_length must be >= 1"),
-    ("bad-readout", lambda t, c: ["train", "--readout", "cls"], 2, "readout must be auto, mask, mean or both, got 'cls'"),
+    ("bad-readout", lambda t, c: ["train", "--readout", "cls"], 2, "readout must be auto, mask, mean, both or first, got 'cls'"),
     ("zero-lr", lambda t, c: ["train", "--lr", "0"], 2, "lr must be > 0"),
     ("backbone-folder-without-config", lambda t, c: (t / "empty").mkdir() or ["train", "--backbone", str(t / "empty")], 1, "has no config.json"),
     ("backbone-unknown-offline", lambda t, c: ["train", "--backbone", "no-org/no-model"], 1, "cannot load backbone 'no-org/no-model'"),

@@ -15,7 +15,7 @@ FLOORS = [
     ("store/IO", ["__init__", "errors", "config", "fileio", "hardware", "distributed", "tasks", "attention", "fused", "phases", "lineage", "checks", "store",
                   "registry"]),
     ("model parts", ["backbones", "data", "prompts", "verbalizers", "generation", "peft_io", "pretraining"]),
-    ("model", ["model", "mixed", "similarity", "augment"]),
+    ("model", ["model", "mixed", "similarity", "augment", "tuning"]),
     ("loops", ["start", "evaluation", "checkpoints", "reports", "report_page", "training"]),
     ("library", ["library"]),
     ("transfer", ["transfer", "selftrain"]),

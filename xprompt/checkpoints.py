@@ -27,7 +27,8 @@ def save_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler, pro
     start's (``initial``, for a restart),
     AdamW moments and torch's generators (safetensors), and step, data position, scheduler, best
     score and Python's and numpy's generators (JSON)."""
-    tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors()}.items()}
+    tensors = {f"model.{k}": v.clone() for k, v in {**model.prompt.state_tensors(), **model.verbalizer.tensors(),
+                                                   **model.backbone_tensors()}.items()}  # (a tuned backbone's too)
     tensors.update({f"best.{k}": v for k, v in best["tensors"].items()})
     tensors.update({f"recent.{i}.{k}": v for i, (_, kept) in enumerate(recent or []) for k, v in kept.items()})
     tensors.update({f"initial.{k}": v for k, v in (initial or {}).items()})
@@ -73,6 +74,7 @@ def load_checkpoint(run_dir: Path, model: PromptModel, optimizer, scheduler) -> 
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     model.prompt.load_state_tensors(pick("model."), where)
     model.verbalizer.load_tensors(pick("model."), where)
+    model.load_backbone_tensors(pick("model."), where)
     state: dict[int, dict] = {}
     for key, value in pick("optim.").items():
         index, name = key.split(".", 1)

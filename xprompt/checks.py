@@ -4,6 +4,7 @@ imports; ``train_run`` calls them again for every other caller)."""
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -11,6 +12,41 @@ from .config import LIBRARY
 from .errors import XPromptError
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
+CHANGES_BACKBONE = ("full", "bitfit", "lora", "head")  # the --tune modes whose runs bring their own backbone weights
+
+
+def tune_of(card: dict) -> str:
+    """The --tune mode a saved prompt's card records ('prompt': a run before --tune, or without it)."""
+    return (card.get("tune") or {}).get("mode", "prompt")
+
+
+def refuse_tuned(cards: dict, use: str) -> None:
+    """Refuse runs (``{name: card}``) that tuned their backbone where ``use`` runs the base backbone (or
+    one backbone for several runs): their prompt without their weights would silently be another model."""
+    for name, card in cards.items():
+        if tune_of(card) in CHANGES_BACKBONE:
+            raise XPromptError(f"{name} was trained with --tune {tune_of(card)}: its prompt needs that run's own "
+                               f"backbone weights, which {use} does not apply")
+
+
+def _card(run: Path) -> dict:
+    try:
+        return json.loads((Path(run) / "prompt" / "xprompt.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def check_tune(cfg) -> None:
+    """What --tune cannot be combined with: LoRA under a prefix prompt (its keys and values overwrite the
+    projections' outputs, which LoRA would then shift again), and, for a run that trains its backbone,
+    the library's trials and self-training (their short trainings and restores handle the prompt only)."""
+    if cfg.tune == "lora" and cfg.method == "prefix":
+        raise XPromptError("--tune lora cannot be combined with --method prefix (its keys and values replace the "
+                           "projections LoRA adapts); use --method deep, soft or unified")
+    if cfg.tune in CHANGES_BACKBONE and (cfg.init_from == LIBRARY or cfg.unlabeled):
+        raise XPromptError(f"--tune {cfg.tune} cannot be combined with "
+                           f"{'--init-from library' if cfg.init_from == LIBRARY else '--unlabeled (self-training)'}: "
+                           "they train and restore the prompt alone")
 
 
 def is_adapter(folder: Path) -> bool:
@@ -56,10 +92,12 @@ def check_run(cfg, task) -> None:
             if not ((folder / "prompt" / "prompt.safetensors").is_file() or is_adapter(folder)):
                 raise XPromptError(f"--init-from {path}: not a finished run folder (no prompt/prompt.safetensors) "
                                    "nor a PEFT adapter folder")
+            refuse_tuned({f"--init-from {path}": _card(folder)}, "a new run (it starts from the prompt alone)")
     if cfg.init_from == LIBRARY and cfg.library and not Path(cfg.library).is_dir():
         raise XPromptError(f"--library {cfg.library} is not a folder")
     if cfg.unlabeled:
         check_unlabeled(cfg, task)
+    check_tune(cfg)
 
 
 def check_runs(configs: list, task) -> None:

@@ -31,11 +31,12 @@ METHODS = {
     "prefix": "trainable keys and values in every layer (P-tuning v2, PEFT PrefixTuning)",
     "unified": "UniPrompt's two towers (the prompt through trained copies of the lower layers, joining the frozen "
                "upper layers)",
+    "none": "no prompt (--tune head or probe: a linear head reads the backbone's states)",
 }
-VERBALIZERS = ("auto", "soft", "centered", "hard", "soft-words")
+VERBALIZERS = ("auto", "soft", "centered", "hard", "soft-words", "linear")
 WORD_VERBALIZERS = ("hard", "soft-words")  # they score label words (read <mask>, native templates)
 LABEL_REDUCES = ("mean", "first", "max")
-READOUTS = ("mask", "mean", "both")
+READOUTS = ("mask", "mean", "both", "first")
 TEMPLATES = ("auto", "agnostic", "native")
 INITS = ("vocab", "random", "text", "label-words")
 POSITIONS = {"after-bos": 1, "first": 0}  # --prompt-position -> the prompt's index ("first": PEFT's place)
@@ -51,6 +52,10 @@ SELF_TRAIN_KEEPS = ("best", "last")  # which step a self-training round hands on
 # (which every score of the run leaves out); transductive: read the very rows it is scored on
 PROTOCOLS = ("zero-shot", "few-shot-target", "transductive")
 LIBRARY = "library"  # --init-from library
+# --tune: what trains beside the prompt and verbalizer, with the backbone's default peak rate (None: frozen)
+TUNES = {"prompt": None, "full": 1e-5, "bitfit": 1e-4, "lora": 5e-4, "head": 1e-5, "probe": None}
+HEAD_TUNES = ("head", "probe")  # no prompt (method none), a linear head
+TUNE_FIELDS = ("tune", "backbone_lr", "lora_rank", "lora_alpha", "lora_targets")  # left out of a prompt run's JSON
 
 
 def _f(default, help: str, **kw):
@@ -68,13 +73,28 @@ class TrainConfig:
                                         "torch.load(weights_only=True) (tensors only, never arbitrary unpickling). "
                                         "Off: safetensors only.")
     method: str = _f("deep", "The prompt method.")
+    tune: str = _f("prompt", "What trains: prompt (the prompt alone on the frozen backbone), full (every backbone weight "
+                             "as well: prompt-based fine-tuning), bitfit (the backbone's biases as well), lora (PEFT "
+                             "LoRA adapters on --lora-targets as well), head (vanilla fine-tuning: no prompt, a linear "
+                             "head on the first token's state, every backbone weight) or probe (no prompt, the linear "
+                             "head alone on the frozen backbone). head and probe set --method none and --verbalizer "
+                             "linear. A tuned run stores only what it changed, in prompt/.")
+    backbone_lr: float | None = _f(None, "With --tune full, bitfit, lora or head: the backbone's peak learning rate "
+                                         "(default: 1e-5 for full and head, 1e-4 for bitfit, 5e-4 for lora); the prompt "
+                                         "and the head keep --lr.")
+    lora_rank: int = _f(8, "With --tune lora: the rank r of PEFT's LoraConfig.")
+    lora_alpha: int = _f(16, "With --tune lora: PEFT's lora_alpha (the update is scaled by alpha / rank).")
+    lora_targets: str | None = _f(None, "With --tune lora: comma-separated names of the modules PEFT adapts (default: the "
+                                        "attention's query and value projections: query,value on XLM-R, BERT and e5; "
+                                        "q,v on mT5).")
     prompt_length: int = _f(8, "Prompt vectors (per layer for deep and prefix).")
     verbalizer: str = _f("auto", "auto (hard on a masked-LM backbone such as XLM-R or a seq2seq one such as mT5, else "
                                  "centered), soft (trained label vectors from class means, scored by distance), centered "
                                  "(the same vectors scored around the centre of the class means, so states drawn to the "
                                  "middle keep their ranking), hard (the task card's label words of each language under "
-                                 "the frozen LM head or decoder) or soft-words (trained label vectors in the LM head's "
-                                 "output space, started from the label words' output embeddings).")
+                                 "the frozen LM head or decoder), soft-words (trained label vectors in the LM head's "
+                                 "output space, started from the label words' output embeddings) or linear (a "
+                                 "classification head: a trained weight and bias per label, from zero).")
     label_reduce: str = _f("mean", "With a hard verbalizer: score a label word of several pieces by the mean, first or "
                                    "max of their log-probabilities.")
     prompt_position: str = _f("after-bos", "after-bos (after <s>) or first (before <s>, where PEFT puts it: the "
@@ -94,7 +114,8 @@ class TrainConfig:
                                "own cloze template from the card) or auto (native when label words are scored: an LM "
                                "head or a decoder; else agnostic).")
     readout: str = _f("auto", "State the verbalizer reads: mask (the <mask> state), mean (the mean of the input "
-                              "tokens), both (their average) or auto (mask for label words, else mean).")
+                              "tokens), both (their average), first (the first token's: <s> or [CLS]) or auto (mask "
+                              "for label words, first for a linear head, else mean).")
     shots: int | None = _f(None, "K training examples per class (default: the whole pool).")
     seed: int = _f(42, "Seed for init, sampling and data order.")
     max_steps: int | None = _f(1200, "Optimizer steps; 0 means use --epochs.")
@@ -211,6 +232,31 @@ class TrainConfig:
             raise ValueError("init='text' needs init_text (--init-text)")
         if self.init_text and self.init != "text":
             raise ValueError("init_text is only used with init='text' (--init text)")
+        self._check_tune()
+
+    def _check_tune(self) -> None:
+        """--tune and its options: head and probe train no prompt (method none) and read a linear head;
+        the backbone's rate defaults by mode; LoRA's options only with lora."""
+        if self.tune not in TUNES:
+            raise ValueError(f"tune must be {', '.join(list(TUNES)[:-1])} or {list(TUNES)[-1]}, got {self.tune!r}")
+        if self.tune in HEAD_TUNES:
+            if self.method not in ("deep", "none"):  # deep: the default, not a choice
+                raise ValueError(f"tune={self.tune!r} trains no prompt (method 'none'), got method={self.method!r}")
+            self.method = "none"
+            self.verbalizer = "linear" if self.verbalizer == "auto" else self.verbalizer
+        if self.method == "none" and self.tune == "prompt":
+            raise ValueError("method='none' trains no prompt: use tune='probe' (a linear head on the frozen backbone), "
+                             "'head' or another tune that trains the backbone")
+        if self.backbone_lr is None:
+            self.backbone_lr = TUNES[self.tune]
+        elif TUNES[self.tune] is None:
+            raise ValueError(f"backbone_lr needs tune full, bitfit, lora or head; tune={self.tune!r} keeps the backbone frozen")
+        if self.backbone_lr is not None and self.backbone_lr <= 0:
+            raise ValueError(f"backbone_lr must be > 0, got {self.backbone_lr}")
+        if self.tune != "lora" and (self.lora_rank != 8 or self.lora_alpha != 16 or self.lora_targets):
+            raise ValueError(f"lora_rank, lora_alpha and lora_targets need tune='lora', got tune={self.tune!r}")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}")
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -218,7 +264,10 @@ class TrainConfig:
         return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
     def to_dict(self) -> dict:
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+        """Every field; a prompt run (--tune prompt, its options at their defaults) leaves the --tune fields
+        out, so its config reads as before they existed (the same file, the same run to continue)."""
+        out = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+        return {k: v for k, v in out.items() if k not in TUNE_FIELDS} if self.tune == "prompt" else out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import CHANGES_BACKBONE, refuse_tuned, tune_of
 from .data import encode, sequence_ends
 from .errors import XPromptError
 from .evaluation import member_probabilities
@@ -55,6 +56,8 @@ def library_prompts(library: Path, sha256: str, shapes: list[tuple] | None = Non
         tensors, card = load_prompt(run)
         if card.get("backbone_sha256") != sha256 or (shapes is not None and prompt_shapes(tensors) != shapes):
             continue
+        if tune_of(card) in CHANGES_BACKBONE or card.get("method") == "none":  # no prompt of the base backbone
+            continue
         if exclude_task is not None and card.get("task") == exclude_task:
             continue
         if method is not None and card.get("method") != method:
@@ -68,6 +71,7 @@ def similar_prompts(run: Path, backbone, library: Path, include_adapted: bool = 
     cosine to ``run``'s prompt (over what the method trains) and the overlap of the FFN neurons the
     two activate. Returns (rows, how many prompts of another backbone or shape were left out)."""
     tensors, card = load_prompt(run)
+    refuse_tuned({run.name: card}, "the library (it compares prompts on the base backbone)")
     ids = sequence_ends(backbone.tokenizer)
     model, _ = load_run_model(run, backbone)
     active = activated_neurons(model, *ids)

@@ -53,6 +53,10 @@ class MixedModel(nn.Module):
         super().__init__()
         if not members:
             raise XPromptError("a mixed batch needs at least one prompt model")
+        tuned = [m.own_backbone for m in members if getattr(m, "own_backbone", None)]
+        if tuned and len(members) > 1:
+            raise XPromptError(f"a run trained with --tune {tuned[0]} brings its own backbone weights: it cannot share "
+                               "a mixed batch (an ensemble, several runs in predict or serve) with other runs")
         if any(m.backbone is not members[0].backbone for m in members):
             raise XPromptError("the prompts of a mixed batch must share one backbone (the same loaded model)")
         self.members = nn.ModuleList(members)

@@ -1,8 +1,10 @@
 """PromptModel: frozen backbone + prompt + verbalizer; ``forward(batch) -> logits``.
 
 The prompt's vectors go in at the prompt's place through ``inputs_embeds``; the state read out is
-the final hidden state at ``<mask>`` (``readout="mask"``) or the mean over the input's tokens
-(``readout="mean"``, the e5 sentence-embedding convention). It never branches on the method.
+the final hidden state at ``<mask>`` (``readout="mask"``), the mean over the input's tokens
+(``readout="mean"``, the e5 sentence-embedding convention) or the first token's (``readout="first"``:
+[CLS] / <s>, a classification head's). It never branches on the method. A run that tunes its
+backbone hands the model its ``tuning`` (``xprompt.tuning``): its part of the optimizer and tensors.
 Here too: building a model, from options or from a saved prompt's card.
 """
 
@@ -15,14 +17,14 @@ from torch import nn
 
 from .attention import PREFIX, prefix_attention_modules
 from .backbones import Backbone
+from .checks import CHANGES_BACKBONE, tune_of
+from .config import READOUTS
 from .data import sequence_ends
 from .errors import XPromptError
 from .mixed import MixedModel
 from .prompts import PromptMethod, build_prompt
 from .store import load_prompt
 from .verbalizers import resolve_choices, verbalizer_from_card
-
-READOUTS = ("mask", "mean", "both")
 
 
 class PromptModel(nn.Module):
@@ -46,6 +48,8 @@ class PromptModel(nn.Module):
         # as a prefix: the readouts skip computing those positions' rows (``_token_states``)
         self._attentions = (prefix_attention_modules(self.backbone, self._layers)
                             if hasattr(prompt, "install_key_values") else None)
+        self.tuning = None  # a run that tunes its backbone: its ``tuning.BackboneTuning``
+        self.own_backbone = None  # the --tune mode of a model on its own (tuned) copy of the backbone
 
     def place(self, device) -> "PromptModel":
         """Move to ``device``; with a sharded backbone (device_map) only the prompt moves, to the
@@ -67,10 +71,20 @@ class PromptModel(nn.Module):
         return [p for group in self.param_groups(1.0) for p in group["params"]]
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Optimizer groups: the prompt's (a method may give a part its own rate) and the label vectors'."""
+        """Optimizer groups: the prompt's (a method may give a part its own rate), the label vectors'
+        and, where the run tunes it, the backbone's (at its own rate)."""
         groups = [*self.prompt.param_groups(lr),
-                  {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr}]
+                  {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr},
+                  *(self.tuning.param_groups(lr) if self.tuning is not None else [])]
         return [g for g in groups if g["params"]]
+
+    def backbone_tensors(self) -> dict[str, torch.Tensor]:
+        """The tuned backbone tensors (``backbone.*``) of a run that tunes it; none otherwise."""
+        return self.tuning.tensors() if self.tuning is not None else {}
+
+    def load_backbone_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        if self.tuning is not None:
+            self.tuning.load_tensors(tensors, where)
 
     def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
                      index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +131,8 @@ class PromptModel(nn.Module):
             hidden = self.sequence(batch["input_ids"], batch["attention_mask"], tables, index)[0]
             shift = self.prompt.length
         parts = []
+        if self.readout == "first":  # the input's first token: after a prompt placed before it
+            parts.append(hidden[:, 0 if self.prompt.offset > 0 else shift])
         if self.readout in ("mask", "both"):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             parts.append(hidden[rows, batch["mask_pos"] + shift])
@@ -239,13 +255,22 @@ def check_backbone(card: dict, backbone: Backbone, where: str) -> None:
 
 
 def load_run_model(run_dir: Path, backbone: Backbone) -> tuple[PromptModel, dict]:
-    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone."""
+    """Rebuild the PromptModel a run saved; refuses a prompt trained on another backbone. A run that
+    tuned its backbone runs on a copy of ``backbone`` with its stored weights applied."""
     tensors, card = load_prompt(run_dir)
     where = str(Path(run_dir) / "prompt")
     check_backbone(card, backbone, where)
     if not card.get("labels") and card.get("verbalizer") != "generate":
         raise XPromptError(f"{where}/xprompt.json: 'labels' is missing; the card is damaged")
+    tuned = tune_of(card) in CHANGES_BACKBONE
+    if tuned:
+        from .tuning import apply_stored, own_copy
+
+        backbone = own_copy(backbone)
     model = model_from_card(card, backbone)
+    if tuned:  # onto the model's own copy, once it is built (as in training)
+        apply_stored(backbone, Path(where), card)
+        model.own_backbone = tune_of(card)
     model.prompt.load_tensors(tensors, where)
     model.verbalizer.load_tensors(tensors, where)
     return model, card

@@ -82,13 +82,15 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
 
 
 def snapshot(model: PromptModel) -> dict[str, torch.Tensor]:
-    """The saved tensors of the prompt and verbalizer, copied."""
-    return {k: v.clone() for k, v in {**model.prompt.tensors(), **model.verbalizer.tensors()}.items()}
+    """The saved tensors of the prompt and verbalizer (and of a tuned backbone: ``backbone.*``), copied."""
+    return {k: v.clone() for k, v in {**model.prompt.tensors(), **model.verbalizer.tensors(),
+                                      **model.backbone_tensors()}.items()}
 
 
 def restore(model: PromptModel, state: dict[str, torch.Tensor]) -> None:
     model.prompt.load_tensors(state, "the saved start")
     model.verbalizer.load_tensors(state, "the saved start")
+    model.load_backbone_tensors(state, "the saved start")
 
 
 def prompt_card(cfg, task, backbone: Backbone, extra: dict, verbalizer_kind: str, prompt: PromptMethod) -> dict:

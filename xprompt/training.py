@@ -152,6 +152,8 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
                 restarts, initial, lr = [*restart.restarts, restart.record], restart.initial, restart.record["new_lr"]
                 model.prompt.load_state_tensors(initial, "the run's start")
                 model.verbalizer.load_tensors(initial, "the run's start")
+                if model.tuning is not None:  # a tuned backbone goes back to its start too
+                    model.tuning.reset()
                 if main:  # the failed attempt's log is kept beside; the new one starts with the restart
                     log_path.replace(log_path.with_name(f"log.restart-{len(restarts)}.jsonl"))
                     shutil.rmtree(Path(run_dir) / "checkpoint", ignore_errors=True)

@@ -126,6 +126,38 @@ class CenteredVerbalizer(SoftVerbalizer):
         self.center.copy_(value)
 
 
+class LinearVerbalizer(SoftVerbalizer):
+    """A classification head, as vanilla fine-tuning has: ``states @ weight.T + bias``, one trained
+    row and bias per label, both starting at zero (the first step's gradient moves the head; a
+    zero head sends none into the backbone). Reads any pooled state (``--readout first``: the
+    first token's, BERT's [CLS] / XLM-R's <s>)."""
+
+    kind = "linear"
+    needs_init = False
+
+    def __init__(self, num_labels: int, hidden: int):
+        super().__init__(num_labels, hidden)
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return states @ self.weight.to(states.device, states.dtype).T + self.bias.to(states.device, states.dtype)
+
+    def init_from_class_means(self, states: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().tensors(), "verbalizer.bias": self.bias.detach().contiguous()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        super().load_tensors(tensors, where)
+        value = tensors.get("verbalizer.bias")
+        if value is None or tuple(value.shape) != tuple(self.bias.shape):
+            raise XPromptError(f"{where}: 'verbalizer.bias' is missing or of another shape; was it trained with "
+                               "--verbalizer linear?")
+        with torch.no_grad():
+            self.bias.copy_(value)
+
+
 class WordVerbalizer(_FixedWords):
     """Hard verbalizer over a frozen LM head. ``pieces[lang][c]`` are the token ids of label c's
     word in language ``lang``; ``use_language`` picks the set (the training language's by default,
@@ -300,11 +332,12 @@ VECTOR_READOUT = "mean"  # what label vectors read by default (docs/compare_meth
 
 def resolve_choices(backbone, kind: str, readout: str) -> tuple[str, str]:
     """``--verbalizer auto``: hard when the backbone has an LM head or a decoder, else centered label
-    vectors; ``--readout auto``: the ``<mask>`` state for label words, else ``VECTOR_READOUT``."""
+    vectors; ``--readout auto``: the ``<mask>`` state for label words, the first token's for a linear
+    head, else ``VECTOR_READOUT``."""
     if kind == "auto":
         kind = "hard" if backbone.lm_head is not None or backbone.seq2seq is not None else "centered"
     if readout == "auto":
-        readout = "mask" if kind in WORD_VERBALIZERS else VECTOR_READOUT
+        readout = "mask" if kind in WORD_VERBALIZERS else "first" if kind == "linear" else VECTOR_READOUT
     return kind, readout
 
 
@@ -319,8 +352,10 @@ def resolve_template(style: str, kind: str) -> str:
 def make_verbalizer(backbone, kind: str, labels: list[str], words: dict[str, dict[str, str]], lang: str,
                     reduce: str = "mean", readout: str = "mask"):
     """``soft`` or ``centered`` (label vectors), ``hard`` (label words under the LM head or the
-    decoder), ``soft-words``, or ``auto`` (see ``resolve_choices``)."""
+    decoder), ``soft-words``, ``linear`` (a classification head) or ``auto`` (see ``resolve_choices``)."""
     kind, readout = resolve_choices(backbone, kind, readout)
+    if kind == "linear":
+        return LinearVerbalizer(len(labels), backbone.hidden_size)
     if kind == "soft":
         return SoftVerbalizer(len(labels), backbone.hidden_size)
     if kind == "centered":
@@ -349,8 +384,9 @@ def make_verbalizer(backbone, kind: str, labels: list[str], words: dict[str, dic
 
 
 def vector_verbalizer(card: dict, num_labels: int, hidden: int) -> SoftVerbalizer:
-    """An empty verbalizer of the label-vector kind a saved prompt was trained with (soft or centered)."""
-    return (CenteredVerbalizer if card.get("verbalizer") == "centered" else SoftVerbalizer)(num_labels, hidden)
+    """An empty verbalizer of the label-vector kind a saved prompt was trained with (soft, centered or linear)."""
+    kinds = {"centered": CenteredVerbalizer, "linear": LinearVerbalizer}
+    return kinds.get(card.get("verbalizer"), SoftVerbalizer)(num_labels, hidden)
 
 
 def task_label_words(task) -> dict[str, dict[str, str]]:

@@ -84,6 +84,11 @@ def train(
     lang: Annotated[str, opt("lang")] = "en",
     backbone: Annotated[str, opt("backbone")] = "e5-small",
     method: Annotated[Method, typer.Option(help=METHOD_HELP)] = Method("deep"),
+    tune: Annotated[str, opt("tune")] = TrainConfig.tune,
+    backbone_lr: Annotated[Optional[float], opt("backbone_lr")] = None,
+    lora_rank: Annotated[int, opt("lora_rank")] = TrainConfig.lora_rank,
+    lora_alpha: Annotated[int, opt("lora_alpha")] = TrainConfig.lora_alpha,
+    lora_targets: Annotated[Optional[str], opt("lora_targets")] = None,
     tower_layers: Annotated[Optional[int], opt("tower_layers")] = None,
     prompt_length: Annotated[int, opt("prompt_length")] = TrainConfig.prompt_length,
     verbalizer: Annotated[str, opt("verbalizer")] = TrainConfig.verbalizer,
@@ -173,7 +178,8 @@ def train(
                 unlabeled=unlabeled, unlabeled_split=unlabeled_split, unlabeled_file=unlabeled_file,
                 unlabeled_rows=unlabeled_rows, self_train_rounds=self_train_rounds, self_train_steps=self_train_steps,
                 self_train_keep=self_train_keep, pseudo_rule=pseudo_rule, pseudo_fraction=pseudo_fraction, pseudo_threshold=pseudo_threshold,
-                augment=augment, augment_rate=augment_rate, **options,
+                augment=augment, augment_rate=augment_rate, tune=tune, backbone_lr=backbone_lr, lora_rank=lora_rank,
+                lora_alpha=lora_alpha, lora_targets=lora_targets, **options,
             ) for one in (_numbers(seeds, int, "--seeds") or [seed])]
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -5,6 +5,7 @@ one line below."""
 from .base import PromptConfig, PromptMethod, widen_mask
 from .deep import DeepPrompt
 from .init import input_vectors, vocab_init
+from .none import NoneConfig, NonePrompt
 from .prefix import PrefixPrompt, kv_projections
 from .projection import LayerProjection, ProjectedConfig
 from .ptuning import PTuningConfig, PTuningPrompt
@@ -17,8 +18,9 @@ register_method("ptuning", PTuningConfig, PTuningPrompt)
 register_method("deep", ProjectedConfig, DeepPrompt)
 register_method("prefix", ProjectedConfig, PrefixPrompt)
 register_method("unified", UnifiedConfig, UnifiedPrompt)
+register_method("none", NoneConfig, NonePrompt)
 
 __all__ = ["PromptConfig", "PromptMethod", "SoftPrompt", "PTuningPrompt", "DeepPrompt",
-           "PrefixPrompt", "UnifiedPrompt", "LayerProjection", "build_prompt", "check_options", "input_vectors",
+           "PrefixPrompt", "UnifiedPrompt", "NonePrompt", "LayerProjection", "build_prompt", "check_options", "input_vectors",
            "kv_projections", "method_class", "method_for_peft", "method_help", "method_names", "register_method",
            "vocab_init", "widen_mask"]

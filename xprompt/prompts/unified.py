@@ -81,7 +81,9 @@ class UnifiedPrompt(PromptMethod):
         """(length x hidden): the prompt tower's output at the prompt positions for ``<s> prompt </s>``
         (``prompt </s>`` for models without ``<s>``)."""
         embeddings, words, bos, eos, relative = self._ends
-        key = (tuple(p._version for p in self.parameters()), torch.is_autocast_enabled("cpu"),
+        # (the backbone's embeddings count too: a run that tunes its backbone trains them)
+        read = [*self.parameters(), *(embeddings.parameters() if embeddings is not None else ()), words.weight]
+        key = (tuple(p._version for p in read), torch.is_autocast_enabled("cpu"),
                torch.is_autocast_enabled("cuda"), self.embeddings.device)
         if self.cache_enabled and not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
             return self._cache[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..backbones import Backbone
+from ..checks import refuse_tuned
 from ..config import DType, TrainConfig
 from ..errors import XPromptError
 from ..evaluation import evaluate_languages
@@ -20,6 +21,7 @@ from ..lineage import (excluded_ids, load_lineage, make_lineage, new_run_id, run
                        write_lineage)
 from ..registry import index_run
 from ..reports import summarize
+from ..store import load_card
 from ..tasks import TaskSpec
 from .runs import train_run
 
@@ -94,6 +96,7 @@ def evaluate_ensemble(run_dirs: list[Path], backbone: Backbone, task: TaskSpec, 
     from ..model import EnsembleModel
 
     run_dirs = [Path(r) for r in run_dirs]
+    refuse_tuned({run.name: load_card(run) for run in run_dirs}, "an ensemble of several runs")
     loaded = [load_run_model(run, backbone) for run in run_dirs]
     cards = [card for _, card in loaded]
     for what in ("task", "labels", "template_style"):
@@ -151,6 +154,7 @@ def adapt(run_dir: Path, model: PromptModel, card: dict, backbone: Backbone, tas
     language: n, both accuracies, the adapted run and where its rows came from."""
     if card["task"] != task.name:
         raise XPromptError(f"--shots adapts on the run's own task ({card['task']}); drop --task {task.name}")
+    refuse_tuned({Path(run_dir).name: card}, "few-shot adaptation (it continues the prompt alone)")
     base = read_json(Path(run_dir) / "config.json")["train"]
     shape = {k: base[k] for k in ADAPT_INHERITS if k in base}  # the prompt's shape; nothing of how it was trained
     style = card.get("template_style", "agnostic")

@@ -16,6 +16,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..backbones import Backbone
+from ..checks import refuse_tuned
 from ..config import DType
 from ..data import NO_LABEL, batches, encode
 from ..errors import XPromptError
@@ -124,6 +125,8 @@ class Predictor:
             if len({json.dumps(card.get(what)) for card in cards}) > 1:
                 raise XPromptError(f"runs predicted together must share their {what}: "
                                    + ", ".join(f"{run.name}: {card.get(what)}" for run, card in zip(run_dirs, cards)))
+        if len(run_dirs) > 1:
+            refuse_tuned({run.name: card for run, card in zip(run_dirs, cards)}, "an ensemble of several runs")
         task = load_task(cards[0]["task"], Path(tasks_dir or recorded_tasks_dir(run_dirs[0]) or DEFAULT_TASKS_DIR))
         if task.kind == "generation":
             raise XPromptError(f"{run_dirs[0]} writes text (a generation task); predict labels classes")
@@ -245,7 +248,7 @@ def predict_mixed(requests: list[tuple["Predictor", list[dict]]]) -> list[list[d
     out: list[list] = [[None] * len(rows) for _, rows in requests]
     passes: dict[tuple, list[tuple[int, int, str]]] = {}
     for g, (predictor, rows) in enumerate(requests):
-        words = predictor.models[0].verbalizer.kind not in ("soft", "centered") or \
+        words = predictor.models[0].verbalizer.kind not in ("soft", "centered", "linear") or \
             predictor.card.get("template_style") == "native"
         for r, row in enumerate(rows):
             lang = str(row.get("lang") or predictor.card.get("train_language") or "")

@@ -38,6 +38,7 @@ from ..start import init_prompt_and_verbalizer, init_sample, prompt_card, restor
 from ..store import default_run_name, new_run_dir, run_lock, save_prompt
 from ..tasks import TaskSpec
 from ..training import fit
+from ..tuning import PREFIX as TUNED, BackboneTuning, stored_bytes
 from ..transfer import CHOICE_FILE, LIBRARY, init_from_library, library_starts, start_from_runs
 from ..generation import generation_head
 from ..verbalizers import make_verbalizer, resolve_choices, resolve_template, task_label_words
@@ -82,6 +83,8 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
     where = distributed.local_device(device)
     seed_everything(cfg.seed)
     cfg = settle(cfg, backbone, where)
+    tuning = BackboneTuning.start(cfg, backbone)  # --tune full/bitfit/lora/head: trains its own copy of the backbone
+    backbone = tuning.backbone if tuning is not None else backbone
     data = prepare_data(cfg, task, backbone.tokenizer, data_dirs, cache_dir, phase)
     if task.kind == "generation":
         if cfg.shots:
@@ -92,6 +95,8 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
                                      cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
                         cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection).place(where)
+    if tuning is not None:
+        tuning.attach(model)
     if backbone.sharded:
         where = backbone.input_device()  # batches go where the input embeddings are
     missing = init_prompt_and_verbalizer(model, backbone, data.train, cfg, task, phase)
@@ -179,10 +184,20 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         card.update(protocol=lineage["protocol"], run_id=lineage["run_id"])
         write_json(Path(run_dir) / "metrics.json", {"train": summary})
         write_lineage(run_dir, lineage)
+        best = {k: v for k, v in done.best["tensors"].items() if not k.startswith(TUNED)}  # the prompt and head
+        if tuning is not None:  # what it changed of the backbone, beside the prompt
+            card["tune"] = tuning.save(Path(run_dir) / "prompt", done.best["tensors"])
+        elif cfg.tune != "prompt":
+            card["tune"] = {"mode": cfg.tune}
         config = backbone.model.config
-        write_adapter(Path(run_dir) / "prompt", done.best["tensors"], card, backbone.name,  # its name, never a cache path
-                      config.num_attention_heads, config.num_hidden_layers)  # PEFT's twin, where the method has one
-        save_prompt(run_dir, done.best["tensors"], card)  # last: a saved prompt marks a finished run
+        if tuning is None:  # a PEFT twin of the prompt alone would miss the tuned backbone
+            write_adapter(Path(run_dir) / "prompt", best, card, backbone.name,  # its name, never a cache path
+                          config.num_attention_heads, config.num_hidden_layers)  # where the method has one
+        save_prompt(run_dir, best, card)  # last: a saved prompt marks a finished run
+        summary["stored_bytes"] = stored_bytes(Path(run_dir) / "prompt")  # what it keeps to be applied again
+        if "tune" in card:
+            summary["tune"] = card["tune"]
+        write_json(Path(run_dir) / "metrics.json", {"train": summary})
     return summary
 
 

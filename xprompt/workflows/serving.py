@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from ..checks import refuse_tuned
 from ..errors import XPromptError
 from ..store import load_card
 from .batching import Batcher, Groups, RequestError
@@ -101,6 +102,7 @@ def check_runs(runs: list[Path]) -> list[dict]:
         raise XPromptError("--run names no run; give one or more run folders, comma-separated")
     cards = [load_card(run) for run in runs]
     names = [Path(run).name for run in runs]
+    refuse_tuned(dict(zip(names, cards)), "serve (its batches mix the runs' rows on one backbone)")
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise XPromptError(f"two served runs share the folder name {twice[0]!r}; requests name runs by it, so "
