@@ -37,7 +37,7 @@ VERBALIZERS = ("auto", "soft", "centered", "hard", "soft-words", "linear")
 WORD_VERBALIZERS = ("hard", "soft-words")  # they score label words (read <mask>, native templates)
 LABEL_REDUCES = ("mean", "first", "max")
 READOUTS = ("mask", "mean", "both", "first")
-TEMPLATES = ("auto", "agnostic", "native")
+TEMPLATES = ("auto", "agnostic", "native", "unmasked")
 INITS = ("vocab", "random", "text", "label-words")
 POSITIONS = {"after-bos": 1, "first": 0}  # --prompt-position -> the prompt's index ("first": PEFT's place)
 REPARAMS = ("mlp", "lstm")
@@ -101,6 +101,13 @@ class TrainConfig:
                                            "exported PEFT adapter then gives identical outputs).")
     tower_layers: int | None = _f(None, "With --method unified: layers in the prompt tower (default: half the "
                                         "backbone's).")
+    prompt_text: str = _f("", "With --method unified: a model-based prompt (UniPrompt's), e.g. \"It's <mask>.\": "
+                              "instead of free vectors the prompt tower reads <s> + these tokens + </s>, embedded by "
+                              "the backbone's frozen embedding module (what trains: the tower's layers and the label "
+                              "vectors), and all its positions go before the input (--prompt-position is then first; "
+                              "--prompt-length and --init are refused). A <mask> in it is what --readout auto then "
+                              "reads, and the input takes the card's template without its own (--template unmasked). "
+                              "Empty: free vectors.")
     reparam: str = _f("mlp", "With --method ptuning: the prompt encoder, mlp or lstm (a BiLSTM then the MLP).")
     prefix_projection: bool = _f(False, "With --method deep or prefix: P-tuning v2's reparameterisation (PEFT's "
                                         "prefix_projection): the per-layer vectors are free tables plus an MLP of the "
@@ -111,11 +118,14 @@ class TrainConfig:
     init_text: str | None = _f(None, "With --init text: the text whose word pieces start the prompt (repeated to the "
                                      "length).")
     template: str = _f("auto", "agnostic (the task card's one template for every language), native (each language's "
-                               "own cloze template from the card) or auto (native when label words are scored: an LM "
-                               "head or a decoder; else agnostic).")
-    readout: str = _f("auto", "State the verbalizer reads: mask (the <mask> state), mean (the mean of the input "
-                              "tokens), both (their average), first (the first token's: <s> or [CLS]) or auto (mask "
-                              "for label words, first for a linear head, else mean).")
+                               "own cloze template from the card), unmasked (the agnostic one without its <mask>: for a "
+                               "--prompt-text holding it, or with --readout mean) or auto (unmasked when --prompt-text "
+                               "holds <mask>; else native when label words are scored: an LM head or a decoder; else "
+                               "agnostic).")
+    readout: str = _f("auto", "State the verbalizer reads: mask (the <mask> state: the input's, or the prompt's with "
+                              "a --prompt-text holding it), mean (the mean of the input tokens), both (their average), "
+                              "first (the first token's: <s> or [CLS]) or auto (mask for label words or a --prompt-text "
+                              "holding <mask>, first for a linear head, else mean).")
     shots: int | None = _f(None, "K training examples per class (default: the whole pool).")
     seed: int = _f(42, "Seed for init, sampling and data order.")
     max_steps: int | None = _f(1200, "Optimizer steps; 0 means use --epochs.")

@@ -135,7 +135,8 @@ class PromptModel(nn.Module):
             parts.append(hidden[:, 0 if self.prompt.offset > 0 else shift])
         if self.readout in ("mask", "both"):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            parts.append(hidden[rows, batch["mask_pos"] + shift])
+            at = self.prompt.mask_index  # the prompt's own <mask> (``--prompt-text``), else the input's
+            parts.append(hidden[rows, batch["mask_pos"] + shift] if at is None else hidden[:, at])
         if self.readout in ("mean", "both"):
             # the input's own tokens after <s>, if any (the prompt sits before them, before or after <s>)
             tokens = hidden[:, self._skip + shift :]
@@ -219,7 +220,7 @@ class EnsembleModel(nn.Module):
 
 def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length: int, readout: str,
                 reparam: str | None = None, position: str = "after-bos", verbalizer=None,
-                tower_layers: int | None = None, projection: bool = False) -> PromptModel:
+                tower_layers: int | None = None, projection: bool = False, prompt_text: str = "") -> PromptModel:
     """A prompt model; ``verbalizer`` defaults to a soft one of ``num_labels`` label vectors."""
     from .verbalizers import SoftVerbalizer
 
@@ -227,7 +228,7 @@ def build_model(backbone: Backbone, num_labels: int, method: str, prompt_length:
         position = "first"  # (m)T5 inputs start without <s>: the prompt leads
     prompt = build_prompt(method, backbone.hidden_size, backbone.num_layers, prompt_length=prompt_length,
                           prompt_position=position, reparam=reparam, prefix_projection=projection,
-                          tower_layers=tower_layers)
+                          tower_layers=tower_layers, prompt_text=prompt_text)
     prompt.attach(backbone)
     verbalizer = verbalizer if verbalizer is not None else SoftVerbalizer(num_labels, backbone.hidden_size)
     readout = resolve_choices(backbone, verbalizer.kind, readout)[1]  # "auto" by the verbalizer's kind
@@ -241,7 +242,7 @@ def model_from_card(card: dict, backbone: Backbone, verbalizer=None) -> PromptMo
     return build_model(backbone, len(card["labels"]), card["method"], int(card["prompt_length"]),
                        card.get("readout", "mask"), reparam=card.get("reparam"),
                        position=card.get("position", "after-bos"), verbalizer=verbalizer,
-                       tower_layers=card.get("tower_layers"))
+                       tower_layers=card.get("tower_layers"), prompt_text=card.get("prompt_text", ""))
 
 
 def check_backbone(card: dict, backbone: Backbone, where: str) -> None:

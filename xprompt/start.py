@@ -71,7 +71,8 @@ def init_prompt_and_verbalizer(model: PromptModel, backbone: Backbone, train, cf
     all states). ``phase`` (``xprompt.phases``) hears the class-mean pass, with its row count."""
     from .phases import phase_or_silent
 
-    model.prompt.embeddings.copy_(initial_vectors(backbone, model.prompt.length, cfg, task))
+    if len(model.prompt.embeddings):  # free vectors (a ``--prompt-text`` prompt has none)
+        model.prompt.embeddings.copy_(initial_vectors(backbone, model.prompt.length, cfg, task))
     model.init_layer_prompts(*sequence_ends(backbone.tokenizer))
     if not model.verbalizer.needs_init:
         return []

@@ -84,11 +84,14 @@ class TaskSpec:
     def template_for(self, lang: str, style: str = "agnostic") -> str:
         """The template a language's rows are encoded with: the card's one language-agnostic
         ``template`` (``agnostic``), or the language's own cloze template (``native``; the
-        agnostic one for a language the card declares none for)."""
+        agnostic one for a language the card declares none for), or the agnostic one without its
+        ``<mask>`` (``unmasked``: a prompt that holds the ``<mask>`` itself, ``--prompt-text``)."""
         if style == "native" and lang in self.languages:
             return self.languages[lang].template
+        if style == "unmasked":
+            return unmasked(self.template)
         if style not in ("agnostic", "native"):
-            raise XPromptError(f"unknown template style {style!r}; use agnostic or native")
+            raise XPromptError(f"unknown template style {style!r}; use agnostic, native or unmasked")
         return self.template
 
     def split_languages(self, split: str) -> list[str]:
@@ -173,6 +176,11 @@ def template_parts(template: str) -> list[tuple[str, str]]:
                 raise ValueError(f"template field {{{name}}} must be a plain field name")
             parts.append(("field", name))
     return parts
+
+
+def unmasked(template: str) -> str:
+    """A template without its ``<mask>`` and the blanks around it: ``"{text} <mask>"`` -> ``"{text}"``."""
+    return re.sub(r"\s*" + re.escape(MASK) + r"\s*", " ", template).strip()
 
 
 def validate_template(template: str, fields: tuple[str, ...], where: str, masks_wanted: int = 1) -> None:

@@ -90,6 +90,7 @@ def train(
     lora_alpha: Annotated[int, opt("lora_alpha")] = TrainConfig.lora_alpha,
     lora_targets: Annotated[Optional[str], opt("lora_targets")] = None,
     tower_layers: Annotated[Optional[int], opt("tower_layers")] = None,
+    prompt_text: Annotated[str, opt("prompt_text")] = TrainConfig.prompt_text,
     prompt_length: Annotated[int, opt("prompt_length")] = TrainConfig.prompt_length,
     verbalizer: Annotated[str, opt("verbalizer")] = TrainConfig.verbalizer,
     label_reduce: Annotated[str, opt("label_reduce")] = TrainConfig.label_reduce,
@@ -165,7 +166,8 @@ def train(
             raise typer.BadParameter("--init-weights needs --init-from")
         lr = lr if lr is not None else float(_load_task(task, tasks_dir).train_defaults.get("lr", TrainConfig.lr))
         method = Method(method).value
-        options = dict(reparam=reparam, prefix_projection=prefix_projection, tower_layers=tower_layers)
+        options = dict(reparam=reparam, prefix_projection=prefix_projection, tower_layers=tower_layers,
+                       prompt_text=prompt_text)
         try:
             configs = [TrainConfig(
                 task=task, lang=lang, backbone=backbone, method=method, prompt_length=prompt_length, init=init,

@@ -142,7 +142,10 @@ def _pct(value) -> str:
 @contextmanager
 def _progress_bar(run_dir, cfg, world):
     """A run's header line and its progress bar (the workflow reports each step to ``_on_step``)."""
-    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method} prompt x{cfg.prompt_length}, "
+    from rich.markup import escape
+
+    shape = f"prompt {escape(repr(cfg.prompt_text))}" if cfg.prompt_text else f"prompt x{cfg.prompt_length}"
+    console.print(f"run [bold]{run_dir}[/bold]: {cfg.task}/{cfg.lang}, {cfg.method} {shape}, "
                   f"seed {cfg.seed}, {cfg.backbone}" + (f", {world} processes" if world > 1 else ""))
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),

@@ -17,7 +17,8 @@ the method.
   ``load_state_tensors`` everything a resumed run needs;
 - ``similarity_tensors(saved)`` are the tensors the method trains, for prompt similarity;
 - ``peft_type`` / ``to_peft`` / ``from_peft`` its PEFT twin (None: it has none);
-- ``card_fields()`` what its prompt card records to rebuild it.
+- ``card_fields()`` what its prompt card records to rebuild it;
+- ``mask_index``: where a prompt that holds the ``<mask>`` itself has it (else the input's is read).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class PromptMethod(nn.Module):
     config_class = PromptConfig
     peft_type: str | None = None  # the PEFT adapter type it is exported as
     peft_imports: tuple[str, ...] = ()  # PEFT adapter types it starts from
+    mask_index: int | None = None  # a <mask> the prompt holds itself: its index in the final states (the readout's)
 
     def __init__(self, config: PromptConfig, hidden: int, num_layers: int):
         super().__init__()

@@ -6,7 +6,13 @@ prompt's place, and the frozen upper layers read both. The prompt tower never se
 its states are computed once per forward pass in training and, at inference, once per run and
 reused (the cache is keyed by the parameters' versions, so a changed prompt is never read stale).
 BERT/XLM-R style layers (``layer(hidden, attention_mask)``) and T5/mT5 ones (with the relative
-position bias passed on; the prompt joins with zero bias). No PEFT twin."""
+position bias passed on; the prompt joins with zero bias). No PEFT twin.
+
+With ``prompt_text`` (``--prompt-text "It's <mask>."``) the prompt is *model-based*, as the authors'
+code has it: the tower reads that text's real tokens, ``[<s>] + tokens + [</s>]``, embedded by the
+backbone's own embedding module (frozen here: the tower's layers and the label vectors train), and
+every tower position joins, first: ``[<s> It's <mask> . </s> ; <s> text </s>]`` before the first
+upper layer. A ``<mask>`` in the text is where the readout looks (``mask_index``)."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from .base import PromptConfig, PromptMethod, member_rows, widen_mask
 @dataclass
 class UnifiedConfig(PromptConfig):
     tower_layers: int | None = None  # default: half the backbone's layers
+    prompt_text: str = ""  # a model-based prompt: its tokens through the tower (empty: free vectors)
 
 
 class UnifiedPrompt(PromptMethod):
@@ -41,6 +48,10 @@ class UnifiedPrompt(PromptMethod):
         self._ends: tuple = ()  # (embeddings module, word embeddings, bos, eos, relative): the backbone's
         self.cache_enabled = True
         self._cache: tuple | None = None
+        self.text, self.prompt_ids = config.prompt_text, None  # the text's ids: set by ``attach``
+        if self.text:  # no free vectors; the prompt leads the joint sequence
+            self.embeddings = nn.Parameter(torch.zeros(0, hidden), requires_grad=False)
+            self.position, self.offset = "first", 0
 
     def attach(self, backbone) -> None:
         from ..data import sequence_ends
@@ -60,6 +71,9 @@ class UnifiedPrompt(PromptMethod):
         if eos is None or (embeddings is None and not relative):
             raise XPromptError(f"--method unified supports BERT/XLM-R and T5/mT5 style models; '{backbone.name}' is neither")
         self._ends = (embeddings, backbone.input_embeddings(), bos, eos, relative)
+        if self.text:
+            self.prompt_ids, self.mask_index = text_ids(self.text, backbone.tokenizer, bos, eos)
+            self.length = len(self.prompt_ids)
 
     def insert(self, words: torch.Tensor, attention_mask: torch.Tensor, tables: dict | None = None,
                index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +83,7 @@ class UnifiedPrompt(PromptMethod):
         return {"tower": self.tower_states()}  # cached at inference, as in one prompt's pass
 
     def shape_key(self) -> tuple:
-        return (*super().shape_key(), self.split)
+        return (*super().shape_key(), self.split, self.mask_index)
 
     def joined_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask of the final states: the prompt positions joined at ``offset`` (after ``<s>``)."""
@@ -79,18 +93,24 @@ class UnifiedPrompt(PromptMethod):
 
     def tower_states(self) -> torch.Tensor:
         """(length x hidden): the prompt tower's output at the prompt positions for ``<s> prompt </s>``
-        (``prompt </s>`` for models without ``<s>``)."""
+        (``prompt </s>`` for models without ``<s>``); with ``prompt_text``, at every position of
+        ``<s> text </s>``. Cached at inference, keyed by the versions of the tower's and the
+        embedding module's parameters."""
         embeddings, words, bos, eos, relative = self._ends
         # (the backbone's embeddings count too: a run that tunes its backbone trains them)
-        read = [*self.parameters(), *(embeddings.parameters() if embeddings is not None else ()), words.weight]
+        read = (*self.parameters(), *words.parameters(), *(embeddings.parameters() if embeddings is not None else ()))
         key = (tuple(p._version for p in read), torch.is_autocast_enabled("cpu"),
                torch.is_autocast_enabled("cuda"), self.embeddings.device)
         if self.cache_enabled and not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        ids = [eos] if bos is None else [bos, eos]
-        ends = words(torch.tensor(ids, device=self.embeddings.device))
-        start = min(self.offset, len(ids) - 1)
-        x = torch.cat([ends[:start], self.embeddings.to(ends.dtype), ends[start:]]).unsqueeze(0)
+        if self.prompt_ids is not None:  # the text's own tokens, every position kept
+            x, start = words(torch.tensor(self.prompt_ids, device=self.embeddings.device)), 0
+        else:
+            ids = [eos] if bos is None else [bos, eos]
+            ends = words(torch.tensor(ids, device=self.embeddings.device))
+            start = min(self.offset, len(ids) - 1)
+            x = torch.cat([ends[:start], self.embeddings.to(ends.dtype), ends[start:]])
+        x = x.unsqueeze(0)
         hidden = embeddings(inputs_embeds=x) if embeddings is not None else x
         bias = None
         for layer in self.tower:
@@ -141,21 +161,52 @@ class UnifiedPrompt(PromptMethod):
         return self
 
     def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [self.embeddings], "lr": lr},
-                {"params": list(self.tower.parameters()), "lr": lr * self.TOWER_LR_SCALE}]
+        tower = {"params": list(self.tower.parameters()), "lr": lr * self.TOWER_LR_SCALE}
+        return [tower] if self.text else [{"params": [self.embeddings], "lr": lr}, tower]
 
     def named_tensor_params(self) -> dict[str, nn.Parameter]:
-        return {"prompt_embeddings": self.embeddings,
-                **{f"tower.{k}": v for k, v in self.tower.state_dict(keep_vars=True).items()}}
+        vectors = {} if self.text else {"prompt_embeddings": self.embeddings}  # a text prompt has no free vectors
+        return {**vectors, **{f"tower.{k}": v for k, v in self.tower.state_dict(keep_vars=True).items()}}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        tower = {f"tower.{k}": v.detach().contiguous() for k, v in self.tower.state_dict().items()}
-        return {"prompt_embeddings": self.embeddings.detach().contiguous(), **tower}
+        return {k: v.detach().contiguous() for k, v in self.named_tensor_params().items()}
 
     def card_fields(self) -> dict:
-        return {**super().card_fields(), "tower_layers": self.split}  # the depth it resolved to
+        fields = {**super().card_fields(), "tower_layers": self.split}  # the depth it resolved to
+        if not self.text:
+            del fields["prompt_text"]
+            return fields
+        return {**fields, "prompt_length": self.length, "prompt_position": "first"}  # its tokens' positions
 
     @classmethod
     def similarity_tensors(cls, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        # the input vectors and the tower: both are trained
-        return [tensors["prompt_embeddings"], *(tensors[k] for k in sorted(tensors) if k.startswith("tower."))]
+        # the input vectors (none for a text prompt) and the tower: both are trained
+        return [*(tensors[k] for k in ("prompt_embeddings",) if k in tensors),
+                *(tensors[k] for k in sorted(tensors) if k.startswith("tower."))]
+
+
+def text_ids(text: str, tokenizer, bos: int | None, eos: int) -> tuple[list[int], int | None]:
+    """``[bos] + text's tokens + [eos]`` (no ``bos`` for (m)T5), the text tokenised as a template's
+    literal text is (``data.TemplateEncoder``: the pieces around ``<mask>`` each on their own, ``<mask>``
+    one token, T5's ``<extra_id_0>`` where the tokenizer has no mask token); and the index of its
+    ``<mask>`` (None: it has none)."""
+    from ..data import mask_token_id
+    from ..tasks import template_parts
+
+    try:
+        parts = template_parts(text)
+    except ValueError as e:
+        raise XPromptError(f"--prompt-text {text!r}: {e}") from None
+    kinds = [kind for kind, _ in parts]
+    if "field" in kinds or kinds.count("mask") > 1:
+        raise XPromptError(f"--prompt-text {text!r} may hold one <mask> and no {{field}} (the input is read apart)")
+    ids, at = [] if bos is None else [bos], None
+    for kind, value in parts:
+        if kind == "mask":
+            at = len(ids)
+            ids.append(mask_token_id(tokenizer))
+        else:
+            ids.extend(tokenizer(value, add_special_tokens=False)["input_ids"])
+    if len(ids) == (0 if bos is None else 1):
+        raise XPromptError(f"--prompt-text {text!r} has no tokens")
+    return [*ids, eos], at

@@ -133,7 +133,7 @@ def json_key(value) -> str:
 # what an adaptation takes from its base run: the fields that shape the prompt and how it is read out, and
 # the base's rate and batch; self-training, augmentation, library and other starts are the base's own history
 ADAPT_INHERITS = ("task", "backbone", "revision", "allow_bin_weights", "method", "prompt_length", "verbalizer",
-                  "label_reduce", "prompt_position", "tower_layers", "reparam", "prefix_projection", "template",
+                  "label_reduce", "prompt_position", "tower_layers", "prompt_text", "reparam", "prefix_projection", "template",
                   "readout", "max_length", "lr", "batch_size", "grad_accum", "init_examples")
 
 

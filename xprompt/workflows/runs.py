@@ -41,7 +41,7 @@ from ..training import fit
 from ..tuning import PREFIX as TUNED, BackboneTuning, stored_bytes
 from ..transfer import CHOICE_FILE, LIBRARY, init_from_library, library_starts, start_from_runs
 from ..generation import generation_head
-from ..verbalizers import make_verbalizer, resolve_choices, resolve_template, task_label_words
+from ..verbalizers import make_verbalizer, resolve_choices, settle_readout_template, task_label_words
 
 
 def seed_everything(seed: int) -> None:
@@ -62,10 +62,12 @@ def repeatable() -> None:
 def settle(cfg: TrainConfig, backbone: Backbone, device) -> TrainConfig:
     """Every ``auto`` of a config settled for this backbone and device (the card says which)."""
     kind, readout = resolve_choices(backbone, cfg.verbalizer, cfg.readout)
+    readout, template = settle_readout_template(cfg, kind, readout)  # and --prompt-text's <mask>
     dtype, _ = resolve_dtype(cfg.dtype, device)
-    position = cfg.prompt_position if sequence_ends(backbone.tokenizer)[0] is not None else "first"  # (m)T5: no <s>
-    return dataclasses.replace(cfg, verbalizer=kind, readout=readout, template=resolve_template(cfg.template, kind),
-                               dtype=dtype, prompt_position=position)
+    # (m)T5 has no <s>, and a --prompt-text prompt leads: the prompt comes first
+    position = cfg.prompt_position if sequence_ends(backbone.tokenizer)[0] is not None and not cfg.prompt_text else "first"
+    return dataclasses.replace(cfg, verbalizer=kind, readout=readout, template=template, dtype=dtype,
+                               prompt_position=position)
 
 
 def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, data_dirs: list[Path] | None = None,
@@ -94,7 +96,8 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
         verbalizer = make_verbalizer(backbone, cfg.verbalizer, list(task.labels), task_label_words(task), cfg.lang,
                                      cfg.label_reduce, cfg.readout)
     model = build_model(backbone, len(task.labels), cfg.method, cfg.prompt_length, cfg.readout, cfg.reparam,
-                        cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection).place(where)
+                        cfg.prompt_position, verbalizer, cfg.tower_layers, cfg.prefix_projection,
+                        cfg.prompt_text).place(where)
     if tuning is not None:
         tuning.attach(model)
     if backbone.sharded:
