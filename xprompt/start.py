@@ -16,7 +16,8 @@ from .errors import XPromptError
 from .hardware import compute
 from .model import PromptModel
 from .prompts import PromptMethod, input_vectors
-from .verbalizers import resolve_template, task_label_words
+from .checks import resolve_template
+from .verbalizers import task_label_words
 
 
 def init_sample(train, examples: int, seed: int):

@@ -341,38 +341,6 @@ def resolve_choices(backbone, kind: str, readout: str) -> tuple[str, str]:
     return kind, readout
 
 
-def resolve_template(style: str, kind: str) -> str:
-    """``--template auto``: each language's own cloze template (``native``) when label words are
-    scored (an LM head or a decoder), else the language-agnostic one (``agnostic``)."""
-    if style == "auto":
-        return "native" if kind in WORD_VERBALIZERS else "agnostic"
-    return style
-
-
-def settle_readout_template(cfg, kind: str, readout: str) -> tuple[str, str]:
-    """The readout and template style (``resolve_template``) of a run with ``cfg.prompt_text`` taken
-    in: a prompt text holding ``<mask>`` is read there (``--readout auto``: mask) and the input takes
-    the card's template without its own (``--template auto``: unmasked). Refuses two ``<mask>``s, a
-    readout left without one, and the free vectors' options beside a prompt text."""
-    from .config import TrainConfig
-    from .tasks import MASK
-
-    text = cfg.prompt_text
-    held = MASK in text
-    if text and (cfg.init != "vocab" or cfg.init_text or cfg.prompt_length != TrainConfig.prompt_length):
-        raise XPromptError("--init, --init-text and --prompt-length set free prompt vectors; a --prompt-text prompt "
-                           "has none (its tokens are its positions)")
-    readout = "mask" if held and cfg.readout == "auto" else readout
-    template = "unmasked" if held and cfg.template == "auto" else resolve_template(cfg.template, kind)
-    if held and template != "unmasked":
-        raise XPromptError(f"--prompt-text {text!r} holds the <mask>, so the input takes the card's template without "
-                           f"its own: use --template auto or unmasked, not {template}")
-    if template == "unmasked" and not held and readout in ("mask", "both"):
-        raise XPromptError(f"--readout {readout} reads a <mask>, and neither the input (--template unmasked) nor "
-                           "--prompt-text holds one: put <mask> into --prompt-text or use --readout mean")
-    return readout, template
-
-
 def make_verbalizer(backbone, kind: str, labels: list[str], words: dict[str, dict[str, str]], lang: str,
                     reduce: str = "mean", readout: str = "mask"):
     """``soft`` or ``centered`` (label vectors), ``hard`` (label words under the LM head or the

@@ -29,7 +29,7 @@ from ..fileio import read_json, write_json
 from ..hardware import eval_batch_size, resolve_dtype
 from ..lineage import external, load_lineage, make_lineage, new_run_id, read_record, run_id, write_lineage
 from ..model import build_model
-from ..checks import check_run, is_adapter
+from ..checks import check_run, is_adapter, settle_readout_template
 from ..peft_io import write_adapter
 from ..pretraining import CORPUS_LANGUAGE
 from ..registry import index_run
@@ -41,7 +41,7 @@ from ..training import fit
 from ..tuning import PREFIX as TUNED, BackboneTuning, stored_bytes
 from ..transfer import CHOICE_FILE, LIBRARY, init_from_library, library_starts, start_from_runs
 from ..generation import generation_head
-from ..verbalizers import make_verbalizer, resolve_choices, settle_readout_template, task_label_words
+from ..verbalizers import make_verbalizer, resolve_choices, task_label_words
 
 
 def seed_everything(seed: int) -> None:
