@@ -344,3 +344,24 @@ def test_the_safety_net_restarts_a_tuned_backbone_from_its_start(backbone, xnli,
         a, b = load_file(str(tmp_path / "prompt" / name)), load_file(str(plain / "prompt" / name))
         assert a.keys() == b.keys() and len(a) > 0
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("mode,rate", [("full", 1e-3), ("lora", 0.05 * 3e-3), ("prompt", 0.05 * 3e-3)])
+def test_a_full_run_trains_the_unified_tower_at_the_backbone_rate(backbone, xnli, tmp_path, monkeypatch, mode, rate):
+    """UniPrompt's authors train the whole model at one rate: under --tune full the prompt tower (copies of
+    backbone layers) takes --backbone-lr; elsewhere it keeps --lr x 3e-3."""
+    from xprompt.training import fit as real_fit
+    import xprompt.workflows.runs as runs_module
+
+    seen = {}
+
+    def fit(model, *args, **kwargs):
+        tower = {id(p) for p in model.prompt.tower.parameters()}
+        seen["rates"] = {g["lr"] for g in model.param_groups(0.05) if {id(p) for p in g["params"]} & tower}
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "fit", fit)
+    extra = {"backbone_lr": 1e-3} if mode != "prompt" else {}
+    _trained(_cfg(tune=mode, method="unified", lr=0.05, max_steps=2, **extra), backbone, xnli, tmp_path / "run", monkeypatch)
+    (got,) = seen["rates"]
+    assert got == pytest.approx(rate)

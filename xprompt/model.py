@@ -73,9 +73,12 @@ class PromptModel(nn.Module):
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer groups: the prompt's (a method may give a part its own rate), the label vectors'
         and, where the run tunes it, the backbone's (at its own rate)."""
-        groups = [*self.prompt.param_groups(lr),
-                  {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr},
-                  *(self.tuning.param_groups(lr) if self.tuning is not None else [])]
+        backbone = self.tuning.param_groups(lr) if self.tuning is not None else []
+        prompt = self.prompt.param_groups(lr)
+        for group in prompt:  # a prompt's copies of backbone layers (unified's tower) learn as the backbone does
+            if group.pop("layers", False) and self.tuning is not None and self.tuning.mode == "full":
+                group["lr"] = backbone[0]["lr"]
+        groups = [*prompt, {"params": [p for p in self.verbalizer.parameters() if p.requires_grad], "lr": lr}, *backbone]
         return [g for g in groups if g["params"]]
 
     def backbone_tensors(self) -> dict[str, torch.Tensor]:

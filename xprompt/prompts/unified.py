@@ -161,7 +161,8 @@ class UnifiedPrompt(PromptMethod):
         return self
 
     def param_groups(self, lr: float) -> list[dict]:
-        tower = {"params": list(self.tower.parameters()), "lr": lr * self.TOWER_LR_SCALE}
+        # "layers": copies of backbone layers; a run that fine-tunes its backbone trains them at the backbone's rate
+        tower = {"params": list(self.tower.parameters()), "lr": lr * self.TOWER_LR_SCALE, "layers": True}
         return [tower] if self.text else [{"params": [self.embeddings], "lr": lr}, tower]
 
     def named_tensor_params(self) -> dict[str, nn.Parameter]:
