@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+NOTES = "## What the figures say"  # the hand-written reading: kept when the page is rendered again
 CHANCE_MARGIN = 0.05  # "at chance": English held-out within 5 points of the majority class (issue 31)
 TRACE = ("step", "loss", "select_accuracy", "grad_norm", "grad_norm_max", "prompt_norm", "label_norm", "center_norm",
          "label_spread", "lr")
@@ -240,7 +241,9 @@ def main() -> None:
             row = {"run": name, "log": log, "trace_only": True}
             traced.append(row)
         text += ["", f"## Trajectory of {name}", *trajectory(row)]
-    args.out.write_text("\n".join(text) + "\n")
+    notes = args.out.read_text() if args.out.is_file() else ""  # the hand-written reading below the tables stays
+    notes = notes[notes.find(NOTES):] if NOTES in notes else ""
+    args.out.write_text("\n".join(text) + "\n" + ("\n" + notes if notes else ""))
     store.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "correct"} for r in everything + traced]},
                                 indent=1) + "\n")
     print("\n".join(text))
