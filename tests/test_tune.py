@@ -227,7 +227,9 @@ def test_config_checks_of_tune():
     for bad, match in (({"tune": "partial"}, "tune must be"), ({"backbone_lr": 1e-4}, "backbone_lr needs"),
                        ({"tune": "probe", "backbone_lr": 1e-4}, "backbone_lr needs"),
                        ({"tune": "full", "lora_rank": 4}, "need tune='lora'"),
-                       ({"tune": "head", "method": "soft"}, "trains no prompt"), ({"method": "none"}, "trains no prompt")):
+                       ({"tune": "head", "method": "soft"}, "trains no prompt"), ({"method": "none"}, "trains no prompt"),
+                       ({"tune": "probe", "verbalizer": "hard"}, "has none"),
+                       ({"tune": "lora", "average_checkpoints": 3}, "apart")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
 
@@ -365,3 +367,18 @@ def test_a_full_run_trains_the_unified_tower_at_the_backbone_rate(backbone, xnli
     _trained(_cfg(tune=mode, method="unified", lr=0.05, max_steps=2, **extra), backbone, xnli, tmp_path / "run", monkeypatch)
     (got,) = seen["rates"]
     assert got == pytest.approx(rate)
+
+
+def test_a_run_config_written_before_new_fields_continues(tmp_path):
+    """The same command continues a run whose config.json an earlier version wrote: without the fields added
+    since (tune's, prompt_text) or with prompt_text written empty; another config is still refused."""
+    from xprompt.workflows.runs import plan_runs
+
+    cfg = TrainConfig(task="xnli", seed=5)
+    assert "prompt_text" not in cfg.to_dict() and "tune" not in cfg.to_dict()
+    for name, stored in (("old", cfg.to_dict()), ("empty", {**cfg.to_dict(), "prompt_text": ""})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"train": stored}))
+        assert plan_runs([cfg], tmp_path, name) == [(cfg, tmp_path / name)]
+    with pytest.raises(XPromptError, match="another config"):
+        plan_runs([TrainConfig(task="xnli", seed=5, lr=0.5)], tmp_path, "old")

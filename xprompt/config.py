@@ -81,7 +81,8 @@ class TrainConfig:
                              "linear. A tuned run stores only what it changed, in prompt/.")
     backbone_lr: float | None = _f(None, "With --tune full, bitfit, lora or head: the backbone's peak learning rate "
                                          "(default: 1e-5 for full and head, 1e-4 for bitfit, 5e-4 for lora); the prompt "
-                                         "and the head keep --lr.")
+                                         "and the head keep --lr (under full, unified's prompt tower, copies of backbone "
+                                         "layers, takes this rate too).")
     lora_rank: int = _f(8, "With --tune lora: the rank r of PEFT's LoraConfig.")
     lora_alpha: int = _f(16, "With --tune lora: PEFT's lora_alpha (the update is scaled by alpha / rank).")
     lora_targets: str | None = _f(None, "With --tune lora: comma-separated names of the modules PEFT adapts (default: the "
@@ -103,8 +104,9 @@ class TrainConfig:
                                         "backbone's).")
     prompt_text: str = _f("", "With --method unified: a model-based prompt (UniPrompt's), e.g. \"It's <mask>.\": "
                               "instead of free vectors the prompt tower reads <s> + these tokens + </s>, embedded by "
-                              "the backbone's frozen embedding module (what trains: the tower's layers and the label "
-                              "vectors), and all its positions go before the input (--prompt-position is then first; "
+                              "the backbone's embedding module (frozen unless --tune trains the backbone; what "
+                              "trains besides: the tower's layers and the label vectors), and all its positions go "
+                              "before the input (--prompt-position is then first; "
                               "--prompt-length and --init are refused). A <mask> in it is what --readout auto then "
                               "reads, and the input takes the card's template without its own (--template unmasked). "
                               "Empty: free vectors.")
@@ -254,9 +256,15 @@ class TrainConfig:
                 raise ValueError(f"tune={self.tune!r} trains no prompt (method 'none'), got method={self.method!r}")
             self.method = "none"
             self.verbalizer = "linear" if self.verbalizer == "auto" else self.verbalizer
+            if self.tune == "probe" and self.verbalizer == "hard":
+                raise ValueError("tune='probe' trains only its head, and verbalizer='hard' has none (label words under "
+                                 "a frozen LM head): use linear (the default), soft, centered or soft-words")
         if self.method == "none" and self.tune == "prompt":
             raise ValueError("method='none' trains no prompt: use tune='probe' (a linear head on the frozen backbone), "
                              "'head' or another tune that trains the backbone")
+        if self.tune == "lora" and self.average_checkpoints > 1 and self.average_keep == "average":
+            raise ValueError("average_keep='average' would average LoRA's factors A and B apart (the mean of B times "
+                             "the mean of A is not the mean update): use average_keep='best' with tune='lora'")
         if self.backbone_lr is None:
             self.backbone_lr = TUNES[self.tune]
         elif TUNES[self.tune] is None:
@@ -275,8 +283,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """Every field; a prompt run (--tune prompt, its options at their defaults) leaves the --tune fields
-        out, so its config reads as before they existed (the same file, the same run to continue)."""
+        out, and a run without --prompt-text that field, so its config reads as before they existed (the same
+        file, the same run to continue)."""
         out = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+        if not self.prompt_text:
+            out.pop("prompt_text")
         return {k: v for k, v in out.items() if k not in TUNE_FIELDS} if self.tune == "prompt" else out
 
     def to_json(self) -> str:

@@ -335,8 +335,10 @@ def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log,
 
 
 def roll_back(model: PromptModel, optimizer, scheduler, tensors: dict, factor: float) -> None:
-    """The safety net's answer to a collapse after learning: the best tensors back, the optimizer's moments
-    cleared and the schedule's rate (now and to come) times ``factor``. All of it lives in the optimizer's
+    """The safety net's answer to a collapse after learning: the best tensors back (the saved ones: a
+    reparameterised prompt, ptuning's encoder or a prefix projection, gets the best step's vectors with its
+    network restarted, as a loaded prompt does), the optimizer's moments cleared and the schedule's rate
+    (now and to come) times ``factor``. All of it lives in the optimizer's
     and scheduler's state, so a checkpoint written after it resumes it exactly."""
     restore(model, tensors)
     optimizer.state.clear()

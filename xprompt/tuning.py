@@ -132,7 +132,7 @@ class BackboneTuning:
         model.tuning, model.own_backbone = self, self.mode
 
     def _inject_lora(self) -> None:
-        from peft import LoraConfig, get_peft_model
+        LoraConfig, get_peft_model = _peft("LoraConfig", "get_peft_model")
 
         # the adapter's base: the encoder (AutoModel of the backbone) or the whole encoder-decoder
         # (AutoModelForSeq2SeqLM), whose decoder is adapted only where it reads the prompted states
@@ -218,8 +218,7 @@ def apply_stored(backbone: Backbone, folder: Path, card: dict) -> None:
     info = card.get("tune") or {}
     folder = Path(folder)
     if info.get("mode") == "lora":
-        from peft import PeftModel
-
+        (PeftModel,) = _peft("PeftModel")
         root = backbone.seq2seq if info.get("root") == "seq2seq" else backbone.model
         if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
             raise XPromptError(f"{folder / ADAPTER_DIR}: the run's LoRA adapter is missing")
@@ -240,7 +239,19 @@ def apply_stored(backbone: Backbone, folder: Path, card: dict) -> None:
             param = params.get(name)
             if param is None or param.shape != value.shape:
                 raise XPromptError(f"{path}: tensor '{name}' does not fit backbone '{backbone.name}'")
-            param.copy_(value.to(param.dtype))
+            if param.dtype == value.dtype:
+                param.copy_(value)
+            else:  # as trained: in fp32 (a GPU backbone held in bf16 would round the stored updates)
+                param.data = value.to(param.device)
+
+
+def _peft(*names: str) -> tuple:
+    """PEFT's own classes (a dependency; an install without it gets one line, not a traceback)."""
+    try:
+        import peft
+    except ImportError:
+        raise XPromptError("--tune lora needs PEFT: pip install 'peft>=0.21'") from None
+    return tuple(getattr(peft, name) for name in names)
 
 
 def stored_bytes(folder: Path) -> int:

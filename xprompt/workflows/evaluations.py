@@ -134,7 +134,7 @@ def json_key(value) -> str:
 # the base's rate and batch; self-training, augmentation, library and other starts are the base's own history
 ADAPT_INHERITS = ("task", "backbone", "revision", "allow_bin_weights", "method", "prompt_length", "verbalizer",
                   "label_reduce", "prompt_position", "tower_layers", "prompt_text", "reparam", "prefix_projection", "template",
-                  "readout", "max_length", "lr", "batch_size", "grad_accum", "init_examples")
+                  "readout", "max_length", "lr", "batch_size", "grad_accum", "init_examples", "tune")
 
 
 def adapted_name(run_dir: Path, lang: str, shots: int, steps: int, seed: int) -> str:

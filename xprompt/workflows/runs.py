@@ -279,7 +279,7 @@ def plan_runs(configs: list[TrainConfig], runs_dir: Path, run_name: str | None) 
         name = run_name and (f"{run_name}-s{cfg.seed}" if len(configs) > 1 else run_name)
         existing = Path(runs_dir) / name if name else None
         if existing is not None and (existing / "config.json").is_file():
-            if read_json(existing / "config.json").get("train") != cfg.to_dict():
+            if _as_written(read_json(existing / "config.json").get("train")) != cfg.to_dict():
                 raise XPromptError(f"run {existing} exists with another config; choose another --run-name or --resume it")
             plan.append((cfg, existing))
         else:
@@ -387,3 +387,12 @@ def train_runs(plan: list[tuple[TrainConfig, Path | str | None]], backbone: Back
     """Every planned run, one after the other (a seed sweep); returns [(run_dir, summary)]."""
     return [train_run(cfg, backbone, task, target, runs_dir, data_dirs, data_dir, device, cache_dir, tasks_dir,
                       compute, events) for cfg, target in plan]
+
+
+def _as_written(stored: dict | None) -> dict | None:
+    """A stored run config as this version writes it (a field added since, at its default, reads as absent;
+    one written empty by an earlier version reads the same), so the same command continues the same run."""
+    try:
+        return TrainConfig.from_dict(stored).to_dict() if stored else stored
+    except (TypeError, ValueError):
+        return stored
