@@ -10,9 +10,10 @@ folders. Every figure reads English held-out rows or the dev split; nothing here
 target language.
 
     python scripts/recipe_study.py --bundle xnli=docs/seeds_xnli.json --bundle pawsx=docs/seeds_pawsx.json \\
-        --bundle xnli=docs/seeds_augment_xnli.json --bundle xnli=docs/dtype_bf16_xnli.json@one-machine \\
-        --fp32 xnli=docs/dtype_fp32_xnli.json@one-machine --runs-dir runs/seeds --runs-dir runs/diag \\
-        --trajectory xnli-augment-s21 --out docs/recipe.md
+        --bundle xnli=docs/seeds_augment_xnli.json@epyc --bundle xnli=docs/dtype_bf16_xnli.json@epyc \\
+        --fp32 xnli=docs/dtype_fp32_xnli.json@epyc --runs-dir runs/augment --runs-dir runs/dtype-bf16 \\
+        --runs-dir runs/dtype-fp32 --runs-dir runs/diag --trajectory xnli-augment-s21 \\
+        --trajectory xnli-augment-s21-clip1 --trajectory xnli-lr0.1-s42 --out docs/recipe.md
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def render(records: list[dict]) -> str:
              "k-shot dev split; zero-shot to de es fr ja zh. Command: `python scripts/uniprompt_table.py` (its "
              "docstring). Train minutes and CPU kind per row; stored bytes: what the run keeps to be applied again.", "",
              "| method | K | seeds | " + " | ".join([source, *targets]) + " | target average | gap | train min | "
-             "trainable parameters | stored MB | CPU, dtype |", "|---|---|---|" + "---|" * (len(targets) + 8)]
+             "trainable parameters | stored MB | CPU, dtype |", "|---|---|---|" + "---|" * (len(targets) + 7)]
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], r["shots"]), []).append(r)

@@ -8,7 +8,7 @@ stores only what changed, in the run's ``prompt/``:
 - ``backbone.safetensors``: the backbone tensors whose values differ from the base's, by name
   (``model.``: the encoder the prompt runs through; ``lm_head.``: a masked LM's head, where label
   words are scored; ``seq2seq.``: the whole encoder-decoder, where its decoder scores or writes);
-  safetensors only, never a pickle;
+  safetensors only (no pickled weights);
 - ``adapter/``: LoRA as PEFT saves it (``adapter_config.json`` + ``adapter_model.safetensors``), so
   ``PeftModel.from_pretrained(base, run/prompt/adapter)`` loads it onto ``AutoModel`` of the backbone
   (``AutoModelForSeq2SeqLM`` for an encoder-decoder).
