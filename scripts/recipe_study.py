@@ -64,6 +64,17 @@ def read_log(folder: Path) -> dict | None:
                           if "loss" in r or "select_accuracy" in r] for attempt in attempts]}
 
 
+def log_matches(log: dict | None, train: dict) -> bool:
+    """Whether ``log`` is the training log of the run ``train`` describes: its kept attempt's best English
+    held-out accuracy and a step that reached it are the record's (best step, select accuracy)."""
+    points = [r for r in (log or {}).get("attempts", [[]])[-1] if r.get("select_accuracy") is not None]
+    if not points or train.get("select_accuracy") is None:
+        return False
+    best = max(r["select_accuracy"] for r in points)
+    return abs(best - train["select_accuracy"]) < 1e-9 and any(
+        r["step"] == train.get("best_step") and abs(r["select_accuracy"] - best) < 1e-9 for r in points)
+
+
 def run_rows(task_name: str, lever: str, records: list[dict], runs_dirs: list[Path], cached: dict) -> list[dict]:
     from xprompt.tasks import load_task
 
@@ -73,8 +84,10 @@ def run_rows(task_name: str, lever: str, records: list[dict], runs_dirs: list[Pa
     for record in records:
         name, train = record["run"], record.get("train", {})
         previous = cached.get(name, {})
-        folder = next((d / name for d in runs_dirs if (d / name / "log.jsonl").is_file()), None)
-        log = read_log(folder) if folder else previous.get("log")
+        # one name stands for several runs (two machines, two dtypes, a run now training in another runs dir):
+        # a log belongs to this record only if its best selection point is the record's
+        logs = [read_log(d / name) for d in runs_dirs if (d / name / "log.jsonl").is_file()] + [previous.get("log")]
+        log = next((lg for lg in logs if log_matches(lg, train)), None)
         majority = previous.get("majority") or majority_share(task_name, record["seed"], None)
         average = train.get("checkpoint_average") or {}
         rows.append({
