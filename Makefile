@@ -21,12 +21,14 @@ demo: $(STAMP)
 	$(BIN)/xprompt train --task xnli --lang en
 	$(BIN)/xprompt eval --task xnli --langs en,de,fr,es,ru,zh,ar,hi,sw
 
-# Unit tests on tiny models, then the integration tests on the real embedded backbone.
+# Unit tests on tiny models and the integration tests on the real embedded backbone, one pytest-xdist
+# worker per CPU core (each computing on one thread); TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -m 'not slow'
+	$(BIN)/python -m pytest -m 'not slow' -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m 'not slow and not integration'
+	$(BIN)/python -m pytest -m 'not slow and not integration' -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

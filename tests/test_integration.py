@@ -57,7 +57,7 @@ def test_conversion_that_loses_a_race_uses_the_winners_folder(cache_dir, tmp_pat
 
 def test_short_training_beats_chance_in_english_and_chinese(cache_dir, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--max-steps", "200", "--eval-every", "100", "--runs-dir", str(tmp_path),
+    result = runner.invoke(app, ["train", "--max-steps", "200", "--eval-every", "200", "--select-size", "200", "--runs-dir", str(tmp_path),
                                  "--cache-dir", str(cache_dir), "--run-name", "short"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", "--run", str(tmp_path / "short"), "--langs", "en,zh", "--limit", "300",

@@ -36,7 +36,7 @@ def runs_cmd(
         from ..workflows.catalogue import describe_lineage
 
         view = describe_lineage(lineage)
-        console.print(f"[bold]{view['run']}[/bold]: {view['protocol']}", highlight=False)
+        console.print(f"[bold]{view['run']}[/bold]: {view['protocol']}", highlight=False, soft_wrap=True)
         console.print("\n".join(view["tree"]), markup=False, highlight=False, soft_wrap=True)
         if view["scores"]:
             _table("its scores, protocol derived from the lineage", ["task", "split", "lang", "n", "rows left out",
