@@ -116,10 +116,11 @@ def render(records: list[dict]) -> str:
         kinds = sorted({f"{r['compute'].get('cpu_bf16_reason') or r['compute'].get('cpu_capability', '?')}, "
                         f"{r['train'].get('dtype', '?')}" for r in runs})
         params = sorted({r["train"].get("trainable_parameters") for r in runs} - {None})
-        stored = [r["stored_bytes"] / 2**20 for r in runs if not r.get("weights_dropped")]
+        stored = [r["stored_bytes"] / 2**20 for r in runs]  # what the run stored, also where its weights were dropped since
+        dropped = " (weights dropped after scoring)" if any(r.get("weights_dropped") for r in runs) else ""
         lines.append(f"| {METHODS[method][0]} | {shots} | {len(runs)} | " + " | ".join(cells) + f" | **{_cell(averages)}** | "
                      f"{_cell(gaps)} | {_cell([r['train'].get('train_seconds', 0) / 60 for r in runs])} | "
-                     f"{', '.join(f'{p:,}' for p in params) or '-'} | {_cell(stored) if stored else 'dropped'} | {'; '.join(kinds)} |")
+                     f"{', '.join(f'{p:,}' for p in params) or '-'} | {_cell(stored)}{dropped} | {'; '.join(kinds)} |")
     return "\n".join(lines) + "\n"
 
 
