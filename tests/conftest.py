@@ -12,13 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Under pytest-xdist (`make test` runs a worker per core) each worker, and every process a test starts,
 # computes on one thread: two workers of two threads each on two cores would fight over them.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("XPROMPT_TEST_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA = ROOT / "tests" / "data"

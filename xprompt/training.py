@@ -166,7 +166,7 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
 def adamw(model: PromptModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """The run's AdamW. A run that tunes backbone weights takes torch's fused kernel (one pass over the
     parameters instead of a dozen: measured 16x less optimizer time for e5-small's 117M parameters on one
-    CPU thread; the same update up to rounding); a prompt run keeps the single-tensor kernel, so the default's
+    thread of an AVX512_BF16 EPYC; the same update up to rounding); a prompt run keeps the single-tensor kernel, so the default's
     figures stay bit-identical."""
     fused = model.tuning is not None or None
     return torch.optim.AdamW(model.param_groups(lr), lr=lr, weight_decay=weight_decay, fused=fused)
