@@ -15,6 +15,30 @@ from pathlib import Path
 LANGS = ["en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur"]
 
 
+def xnli_dev(run, langs: list[str], rows: int):
+    """The run's model on the embedded backbone and, per language, its first ``rows`` XNLI dev rows encoded
+    with the run's template and their labels (shared by the int8 diagnostics beside this script)."""
+    import numpy as np
+
+    from xprompt.backbones import load_backbone
+    from xprompt.data import encode, load_split
+    from xprompt.model import load_run_model
+    from xprompt.store import default_cache_dir
+    from xprompt.tasks import load_task
+
+    cache = default_cache_dir()
+    bb = load_backbone("e5-small", cache)
+    model, card = load_run_model(run, bb)
+    task = load_task("xnli")
+    data = {}
+    for lang in langs:
+        ds = load_split(task, lang, "dev")
+        ds = ds.select(range(min(rows, len(ds))))
+        data[lang] = (encode(ds, task.template_for(lang, card.get("template_style", "agnostic")), bb.tokenizer, 128,
+                             cache / "encoded"), np.asarray(ds["label"]))
+    return bb, model, data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
@@ -23,39 +47,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    import numpy as np
-
-    from xprompt.backbones import load_backbone
-    from xprompt.data import encode, load_split
     from xprompt.evaluation import predict
     from xprompt.hardware import eval_batch_size
-    from xprompt.model import load_run_model
-    from xprompt.store import default_cache_dir
-    from xprompt.tasks import load_task
 
-    cache = default_cache_dir()
-    bb = load_backbone("e5-small", cache)
-    model, card = load_run_model(args.run, bb)
-    task = load_task("xnli")
+    bb, model, data = xnli_dev(args.run, args.langs.split(","), args.rows)
     rows, seconds = {}, {"fp32": 0.0, "int8": 0.0}
-    for lang in args.langs.split(","):
-        ds = load_split(task, lang, "dev")
-        ds = ds.select(range(min(args.rows, len(ds))))
-        encoded = encode(ds, task.template_for(lang, card.get("template_style", "agnostic")), bb.tokenizer, 128,
-                         cache / "encoded")
+    for lang, (encoded, labels) in data.items():
         model.verbalizer.use_language(lang)
-        labels = np.asarray(ds["label"])
         out = {}
         for name in ("fp32", "int8"):
             start = time.perf_counter()
             out[name] = predict(model, encoded, eval_batch_size("cpu"), bb.tokenizer.pad_token_id, "fp32",
                                 int8=name == "int8")
             seconds[name] += time.perf_counter() - start
-        rows[lang] = {"n": len(ds), "fp32": float((out["fp32"] == labels).mean()),
+        rows[lang] = {"n": len(labels), "fp32": float((out["fp32"] == labels).mean()),
                       "int8": float((out["int8"] == labels).mean()),
                       "agreement": float((out["fp32"] == out["int8"]).mean())}
         rows[lang]["difference"] = rows[lang]["int8"] - rows[lang]["fp32"]
-        print(f"{lang}: n {len(ds)}, fp32 {100 * rows[lang]['fp32']:.1f}, int8 {100 * rows[lang]['int8']:.1f}, "
+        print(f"{lang}: n {len(labels)}, fp32 {100 * rows[lang]['fp32']:.1f}, int8 {100 * rows[lang]['int8']:.1f}, "
               f"diff {100 * rows[lang]['difference']:+.1f}, same prediction {100 * rows[lang]['agreement']:.1f}%",
               flush=True)
     n = sum(r["n"] for r in rows.values())

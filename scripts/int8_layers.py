@@ -28,12 +28,8 @@ def main() -> None:
     import numpy as np
 
     import xprompt.fused as fused
-    from xprompt.backbones import load_backbone
-    from xprompt.data import encode, load_split
     from xprompt.evaluation import predict
-    from xprompt.model import load_run_model
-    from xprompt.store import default_cache_dir
-    from xprompt.tasks import load_task
+    from int8_accuracy import xnli_dev
 
     chosen, built, stats = set(ORDER), itertools.count(), {}
     init, call = fused._Projection.__init__, fused._Projection.__call__
@@ -50,15 +46,7 @@ def main() -> None:
         return call(self, x)
 
     fused._Projection.__init__ = init_some
-    cache = default_cache_dir()
-    bb = load_backbone("e5-small", cache)
-    model, card = load_run_model(args.run, bb)
-    task = load_task("xnli")
-    data = {}
-    for lang in args.langs.split(","):
-        ds = load_split(task, lang, "dev").select(range(args.rows))
-        data[lang] = (encode(ds, task.template_for(lang, card.get("template_style", "agnostic")), bb.tokenizer, 128,
-                             cache / "encoded"), np.asarray(ds["label"]))
+    bb, model, data = xnli_dev(args.run, args.langs.split(","), args.rows)
 
     def scores(lang, int8):
         encoded, labels = data[lang]

@@ -64,23 +64,12 @@ def main() -> None:
     import torch.nn.functional as F
 
     import xprompt.fused as fused
-    from xprompt.backbones import load_backbone
-    from xprompt.data import encode, load_split
     from xprompt.evaluation import predict
-    from xprompt.model import load_run_model
-    from xprompt.store import default_cache_dir
-    from xprompt.tasks import load_task
+    from int8_accuracy import xnli_dev
 
     patch(fused, F, torch)
-    cache = default_cache_dir()
-    bb = load_backbone("e5-small", cache)
-    model, card = load_run_model(args.run, bb)
-    task = load_task("xnli")
-    for lang in args.langs.split(","):
-        ds = load_split(task, lang, "dev").select(range(args.rows))
-        encoded = encode(ds, task.template_for(lang, card.get("template_style", "agnostic")), bb.tokenizer, 128,
-                         cache / "encoded")
-        labels = np.asarray(ds["label"])
+    bb, model, data = xnli_dev(args.run, args.langs.split(","), args.rows)
+    for lang, (encoded, labels) in data.items():
         model.verbalizer.use_language(lang)
 
         def scored(kind, dtype="fp32", int8=True):
