@@ -107,3 +107,41 @@ def test_a_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch)
     stat = os.stat(weights)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
     assert embedded.file_sha256(weights, memo=memo) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_start_up_runs_without_the_collector_and_the_command_gets_it_back(monkeypatch, tmp_path):
+    """Imports and loading make millions of objects and little garbage: ``command`` turns the collector
+    off until the backbone is open (then freezes what start-up made and turns it on), and gives the
+    caller the collector as it found it, nothing left frozen."""
+    import gc
+
+    import xprompt.backbones as backbones
+    from typer.testing import CliRunner
+
+    from xprompt.cli import app
+
+    seen = {}
+
+    def opened(*args, **kwargs):
+        seen["while loading"] = gc.isenabled()
+        raise KeyboardInterrupt  # stop after the load: the point after it is startup_over's
+
+    monkeypatch.setattr(backbones, "open_backbone", opened)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    out = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "1"])
+    assert out.exit_code == 130 and seen == {"while loading": False}
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+    from xprompt.cli.common import startup_over
+
+    gc.disable()
+    startup_over()
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    gc.unfreeze()
+
+
+def test_leaving_the_cli_freezes_the_heap_so_the_exit_does_not_collect_it():
+    probe = ("import gc, sys\nfrom xprompt.cli import main\nsys.argv = ['xprompt', 'tasks']\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    print('EXIT', e.code, 'FROZEN', gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "EXIT 0 FROZEN True", out.stdout + out.stderr

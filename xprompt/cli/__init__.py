@@ -7,6 +7,7 @@ fields and the method registry; every workflow lives in ``xprompt.workflows``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from contextlib import contextmanager
@@ -416,4 +417,7 @@ from . import records, serve  # noqa: E402,F401  (runs, report, serve: registere
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:  # leaving: the interpreter need not collect the module graph on its way out (a second here)
+        gc.freeze()
