@@ -350,7 +350,7 @@ import xprompt.evaluation as evaluation
 def stamped(*args, _batches=evaluation.batches, **kwargs):
     for i, batch in enumerate(_batches(*args, **kwargs)):
         if i == 0 and not os.path.exists(os.environ["XPROMPT_BENCH_STAMP"]):
-            open(os.environ["XPROMPT_BENCH_STAMP"], "w").write(str(time.time() - float(os.environ["XPROMPT_BENCH_T0"])))
+            open(os.environ["XPROMPT_BENCH_STAMP"], "w").write(f"{time.time() - float(os.environ['XPROMPT_BENCH_T0'])} {evaluation.__file__}")
         yield batch
 evaluation.batches = stamped
 from xprompt.cli import main
@@ -388,12 +388,15 @@ def whole(args, system: str, kind: str, dtype: str, run_copy: Path) -> dict:
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            **(AVX2_ENV if kind == "avx2" else {})}
-    if system == "xprompt-before":  # the same command on another checkout (the code before a change)
-        env["PYTHONPATH"] = str(args.before)
+    # the code timed: this checkout's, or for xprompt-before another checkout's. `python -c` puts the working
+    # folder first on sys.path, ahead of PYTHONPATH, so the process starts in the checkout it is to import
+    # (until 2026-12-07 it started here, and "before" timed this checkout's code: checked below now)
+    code = Path(args.before).resolve() if system == "xprompt-before" else Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(code)
     with tempfile.TemporaryDirectory() as tmp:
         env[STAMP_ENV], env[T0_ENV] = str(Path(tmp) / "stamp"), str(time.time())
         if system == "peft":
-            cmd = [sys.executable, __file__, "--worker", "whole", "--system", "peft", "--dtype", dtype,
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "whole", "--system", "peft", "--dtype", dtype,
                    "--whole-rows", str(args.whole_rows), "--prompt-length", str(args.prompt_length),
                    "--threads", str(args.threads)]
         else:
@@ -401,13 +404,16 @@ def whole(args, system: str, kind: str, dtype: str, run_copy: Path) -> dict:
                    str(args.whole_rows), "--json", "--dtype", dtype, *(["--int8"] if system == "xprompt-int8" else [])]
         env[T0_ENV] = str(time.time())
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=code)
         out, err = proc.communicate()
         wall = time.perf_counter() - start
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative: differenced by the caller
         if proc.returncode != 0:
             raise SystemExit(f"whole/{system}/{kind}/{dtype} failed:\n{err[-3000:]}")
-        first = float((Path(tmp) / "stamp").read_text())
+        first, _, imported = (Path(tmp) / "stamp").read_text().partition(" ")
+        first = float(first)
+        if system != "peft" and not Path(imported).resolve().is_relative_to(code):
+            raise SystemExit(f"whole/{system} imported {imported}, not the code under {code}")
     if system == "peft":
         result = json.loads(out.strip().splitlines()[-1])
         loop, pairs = result["loop_seconds"], result["pairs"]
