@@ -145,3 +145,51 @@ def test_leaving_the_cli_freezes_the_heap_so_the_exit_does_not_collect_it():
              "try:\n    main()\nexcept SystemExit as e:\n    print('EXIT', e.code, 'FROZEN', gc.get_freeze_count() > 0)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "EXIT 0 FROZEN True", out.stdout + out.stderr
+
+
+def test_the_embedded_tokenizer_is_read_only_when_a_split_needs_tokenising(tmp_path):
+    """``LazyTokenizer``: a split already in the cache is read with the special ids and the cache key
+    alone (remembered beside tokenizer.json's stamp), without reading the 12 MB file; tokenising
+    reads it and gives the tokenizer's own ids; a changed file is not taken for the old one."""
+    import os
+
+    import datasets
+
+    from xprompt.backbones.embedded import embedded_tokenizer, load_tokenizer
+    from xprompt.backbones.lazy import SPECIAL_IDS, LazyTokenizer
+    from xprompt.data import _tokenizer_key, encode
+
+    folder, memo, cache = tmp_path / "tok", tmp_path / "cache" / "sha256.json", tmp_path / "encoded"
+    embedded_tokenizer().save_pretrained(folder)
+    real = load_tokenizer(folder)
+    rows = datasets.Dataset.from_dict({"id": ["a", "b"], "premise": ["Der Hund läuft.", "今天天气很好"],
+                                       "hypothesis": ["Ein Tier.", "天气"], "label": [0, 2]})
+    template = "{premise} ? <mask> , {hypothesis}"
+    first = LazyTokenizer(folder, memo)  # memo empty: reads the file once to learn the key and ids
+    assert first._tokenizer is not None and memo.is_file()
+    assert first._xprompt_key == _tokenizer_key(real)
+    assert {n: getattr(first, n) for n in SPECIAL_IDS} == {n: getattr(real, n) for n in SPECIAL_IDS}
+    written = encode(rows, template, first, 32, cache)
+
+    lazy = LazyTokenizer(folder, memo)
+    again = encode(rows, template, lazy, 32, cache)
+    assert lazy._tokenizer is None and lazy.pad_token_id == real.pad_token_id == 1  # nothing read
+    assert again["input_ids"] == written["input_ids"] == encode(rows, template, real)["input_ids"]
+    assert lazy("Der Hund", add_special_tokens=False)["input_ids"] == real("Der Hund", add_special_tokens=False)["input_ids"]
+    assert lazy._tokenizer is not None and len(lazy) == len(real) == 250002
+
+    stat = os.stat(folder / "tokenizer.json")  # touched: the memo no longer answers for it
+    os.utime(folder / "tokenizer.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert LazyTokenizer(folder, memo)._tokenizer is not None
+
+
+def test_the_cli_sets_glibc_s_allocator_for_tensors():
+    """``roomy_malloc`` (called first by ``xprompt``): mallopt accepts both settings where the C
+    library is glibc."""
+    import platform
+
+    from xprompt.cli.common import roomy_malloc
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert roomy_malloc() is True

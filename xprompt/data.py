@@ -210,17 +210,16 @@ class TemplateEncoder:
         self.mask_id = mask_token_id(tokenizer) if any(kind == "mask" for kind, _ in self.parts) else None
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._literal = {
-            text: tokenizer(text, add_special_tokens=False)["input_ids"]
-            for kind, text in self.parts
-            if kind == "text"
-        }
-        fixed = 2 + 1 + sum(len(ids) for ids in self._literal.values())
-        if fixed >= max_length:
-            raise XPromptError(f"the template alone needs {fixed} tokens; raise --max-length")
+        self._literal = None  # the template's own text, tokenised at the first batch: a cached split needs none
 
     def __call__(self, batch: dict) -> dict:
         tok = self.tokenizer
+        if self._literal is None:
+            self._literal = {text: tok(text, add_special_tokens=False)["input_ids"] for kind, text in self.parts
+                             if kind == "text"}
+            fixed = 2 + 1 + sum(len(ids) for ids in self._literal.values())
+            if fixed >= self.max_length:
+                raise XPromptError(f"the template alone needs {fixed} tokens; raise --max-length")
         fields = [name for kind, name in self.parts if kind == "field"]
         encoded = {
             name: tok(batch[name], add_special_tokens=False)["input_ids"] for name in set(fields)

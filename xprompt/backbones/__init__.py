@@ -17,7 +17,8 @@ from ..attention import use_cpu_attention
 from ..config import DType
 from ..hardware import resolve_dtype
 from ..errors import XPromptError
-from .embedded import EMBEDDED_NAME, SHA_MEMO, embedded_folder, file_sha256, load_tokenizer
+from .embedded import EMBEDDED_NAME, SHA_MEMO, embedded_folder, file_sha256
+from .lazy import LazyTokenizer
 
 __all__ = ["Backbone", "load_backbone", "open_backbone", "EMBEDDED_NAME", "DEVICE_MAPS", "weights_sha256"]
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's device_map strategies
@@ -163,7 +164,7 @@ def load_backbone(
     weights.update({"use_safetensors": None, "weights_only": True} if allow_bin_weights else {"use_safetensors": True})
     try:
         config = AutoConfig.from_pretrained(folder, **hub)
-        tokenizer = (load_tokenizer(folder) if name == EMBEDDED_NAME  # the folder we wrote: read it directly
+        tokenizer = (LazyTokenizer(folder, Path(cache_dir) / SHA_MEMO) if name == EMBEDDED_NAME  # the folder we wrote
                      else AutoTokenizer.from_pretrained(folder, **hub))
         kind = _kind(config)
         auto = {"masked_lm": AutoModelForMaskedLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)

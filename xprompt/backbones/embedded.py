@@ -60,33 +60,46 @@ def file_sha256(path: Path, chunk: int = 1 << 22, memo: Path | None = None) -> s
     """The file's sha256. With ``memo`` (a JSON file under the cache folder), a file whose path,
     size, inode and modification time (ns) are those recorded there is not read again: hashing
     the embedded backbone's 470 MB of weights was most of a second of every command's start."""
+
+    def digest() -> str:
+        value = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                value.update(block)
+        return value.hexdigest()
+
+    return remembered(path, "sha256", digest, memo)
+
+
+def remembered(path: Path, field: str, compute, memo: Path | None = None):
+    """``compute()``, a fact about the file at ``path`` (JSON-able), kept in ``memo`` under ``field``
+    beside the file's path, size, inode and modification time (ns): while those stay the same,
+    the value is read from there. Without ``memo``, or on a read-only cache, it is computed."""
     import json
 
+    if memo is None:
+        return compute()
     stat, key, known = None, str(Path(path).resolve()), {}
-    if memo is not None:
-        try:
-            stat = os.stat(path)
-            known = json.loads(Path(memo).read_text())
-        except (OSError, ValueError):
-            known = known if isinstance(known, dict) else {}
-        seen = known.get(key) if isinstance(known, dict) else None
-        if stat is not None and isinstance(seen, dict) and seen.get("stamp") == [stat.st_size, stat.st_ino, stat.st_mtime_ns]:
-            return seen["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    value = digest.hexdigest()
-    if memo is not None and stat is not None:
+    try:
+        stat = os.stat(path)
+        known = json.loads(Path(memo).read_text())
+    except (OSError, ValueError):
+        pass
+    known = known if isinstance(known, dict) else {}
+    stamp = None if stat is None else [stat.st_size, stat.st_ino, stat.st_mtime_ns]
+    entry = known.get(key) if isinstance(known.get(key), dict) and known[key].get("stamp") == stamp else {}
+    if stamp is not None and field in entry:
+        return entry[field]
+    value = compute()
+    if stamp is not None:
         from ..fileio import atomic_write
 
-        known = known if isinstance(known, dict) else {}
-        known[key] = {"stamp": [stat.st_size, stat.st_ino, stat.st_mtime_ns], "sha256": value}
+        known[key] = {**entry, "stamp": stamp, field: value}
         try:
             Path(memo).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(memo), lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
         except (OSError, XPromptError):
-            pass  # a read-only cache: hash again next time
+            pass  # a read-only cache: computed again next time
     return value
 
 

@@ -7,7 +7,6 @@ fields and the method registry; every workflow lives in ``xprompt.workflows``.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from ..config import METHODS, Device, DType, TrainConfig
 from ..errors import XPromptError
 from .common import (ENCODED, _phases_on, _progress_bar, AllowBin, AsJson, CacheDir, DataDir, DeviceMap, DeviceOption, DTypeOption, Method,
                      Revision, RunsDir, TasksDir, TrustRemote, _data_dirs, _default_cache, _load_task, _numbers,
-                     _open_backbone, _pct, _state, _table, app, command, console, err_console, opt)
+                     _open_backbone, _pct, _state, _table, app, command, console, err_console, opt, run)
 from .library import library_app  # the library commands, registered on it
 from .taskcards import task_app  # task new
 
@@ -417,7 +416,4 @@ from . import records, serve  # noqa: E402,F401  (runs, report, serve: registere
 
 
 def main() -> None:
-    try:
-        app()
-    finally:  # leaving: the interpreter need not collect the module graph on its way out (a second here)
-        gc.freeze()
+    run()
