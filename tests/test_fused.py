@@ -245,3 +245,38 @@ def test_int8_products_stay_near_fp32_and_are_opt_in(which, backbone, tiny_xlmr_
     pad = bb.tokenizer.pad_token_id
     agree = np.mean(predict(model, ds, 8, pad, "fp32") == predict(model, ds, 8, pad, "fp32", int8=True))
     assert agree >= 0.8, agree
+
+
+@pytest.mark.parametrize("which", ["bert", "xlmr"])
+@pytest.mark.parametrize("method", ["deep", "soft"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_mask_readout_computes_the_last_layer_at_the_mask_alone(which, method, dtype, backbone, tiny_xlmr_mlm_dir,
+                                                                   tmp_path, xnli, monkeypatch):
+    """``kept_rows``: with the ``<mask>`` state read, the fused last layer computes each row's mask
+    position only (deep: the key/value prefix path; soft: the prompt rows in the sequence), and the
+    states are those of the whole layer, padded rows included."""
+    import contextlib
+
+    import xprompt.model as model_module
+
+    model, bb = _model(which, method, backbone, tiny_xlmr_mlm_dir, tmp_path, readout="mask")
+    batch = _batch(bb, xnli)
+    seen = []
+    call = FusedLayer.__call__
+
+    def watched(self, *args, **kwargs):
+        seen.append(self.keep is not None)
+        out = call(self, *args, **kwargs)
+        assert out.shape == args[0].shape
+        return out
+
+    monkeypatch.setattr(FusedLayer, "__call__", watched)
+    with torch.inference_mode(), compute(model, dtype):
+        got = model.states(batch).float()
+        assert seen == [False] * (len(model._layers) - 1) + [True]
+        assert model._layers[-1].__dict__["forward"].keep is None  # set for the one call only
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "kept_rows", lambda layers, positions: contextlib.nullcontext())
+            whole = model.states(batch).float()
+    assert seen[len(model._layers):] == [False] * len(model._layers)
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)

@@ -147,6 +147,7 @@ class FusedLayer:
                               act=None if exact else act, pack=pack, **extra)
         self.down = _Projection(cast(layer.output.dense.weight), cast(layer.output.dense.bias), pack=pack, **extra)
         self.norm1, self.norm2 = attention.output.LayerNorm, layer.output.LayerNorm
+        self.keep = None  # (batch,) positions: the only rows this layer's output is read at (``kept_rows``)
 
     def applies(self, encoder_hidden_states, cache) -> bool:
         return (not torch.is_grad_enabled() and not self.layer.training and encoder_hidden_states is None
@@ -162,11 +163,40 @@ class FusedLayer:
         residual = hidden_states.float()
         qkv = self.qkv(residual.to(self.dtype)).view(batch, length, 3, self.heads, self.head_size)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, length, head size)
-        context, _ = cpu_attention(self.attention, qkv[0], qkv[1], qkv[2], attention_mask, scaling=self.scaling)
-        hidden = residual + self.out(context.reshape(batch, length, width))  # float32, one pass
+        query, mask, keep = qkv[0], attention_mask, self.keep
+        if keep is not None:  # one query row per sequence: keys and values of every position, the rest for one
+            rows = torch.arange(batch, device=keep.device)
+            query, residual = query[rows, :, keep].unsqueeze(2), residual[rows, keep].unsqueeze(1)
+            if mask is not None and mask.shape[-2] == length:  # a mask with a row per query position
+                mask = mask.expand(batch, *mask.shape[1:])[rows, :, keep].unsqueeze(2)
+        context, _ = cpu_attention(self.attention, query, qkv[1], qkv[2], mask, scaling=self.scaling)
+        hidden = residual + self.out(context.reshape(batch, query.shape[2], width))  # float32, one pass
         hidden = F.layer_norm(hidden, (width,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
         out = hidden + self.down(self.up(hidden.to(self.dtype)))
-        return F.layer_norm(out, (width,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        out = F.layer_norm(out, (width,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        if keep is None:
+            return out
+        full = hidden_states.float().clone()  # rows never read keep the layer's input
+        full[rows, keep] = out[:, 0]
+        return full
+
+
+@contextlib.contextmanager
+def kept_rows(layers, positions: torch.Tensor | None):
+    """For the duration, the last of ``layers``, where it runs ``FusedLayer`` (``fused_layers``), computes
+    its output at ``positions`` alone, one per row: the caller reads nothing else of it (a ``<mask>``
+    readout). The other rows' queries, attention outputs and feed-forward blocks (three quarters of
+    the layer) are skipped, and those rows hold the layer's input. Nothing changes where the layer is
+    not fused or has a forward hook (which might read every row), or ``positions`` is None."""
+    fused = layers[-1].__dict__.get("forward") if len(layers) and positions is not None else None
+    if not isinstance(fused, FusedLayer) or layers[-1]._forward_hooks:
+        yield
+        return
+    fused.keep = positions
+    try:
+        yield
+    finally:
+        fused.keep = None
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from .checks import CHANGES_BACKBONE, tune_of
 from .config import READOUTS
 from .data import sequence_ends
 from .errors import XPromptError
+from .fused import kept_rows
 from .mixed import MixedModel
 from .prompts import PromptMethod, build_prompt
 from .store import load_prompt
@@ -128,11 +129,14 @@ class PromptModel(nn.Module):
 
     def states(self, batch: dict, tables: dict | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """The (batch, hidden) states that the verbalizer scores (``tables``/``index``: see ``sequence``)."""
-        if self._attentions is not None and self.skip_prompt_rows:
-            hidden, shift = self._token_states(batch["input_ids"], batch["attention_mask"], tables, index), 0
-        else:
-            hidden = self.sequence(batch["input_ids"], batch["attention_mask"], tables, index)[0]
-            shift = self.prompt.length
+        tokens = self._attentions is not None and self.skip_prompt_rows
+        shift = 0 if tokens else self.prompt.length
+        only_mask = self.readout == "mask" and self.prompt.mask_index is None  # one row of the last layer read
+        with kept_rows(self._layers, batch["mask_pos"] + shift if only_mask else None):
+            if tokens:
+                hidden = self._token_states(batch["input_ids"], batch["attention_mask"], tables, index)
+            else:
+                hidden = self.sequence(batch["input_ids"], batch["attention_mask"], tables, index)[0]
         parts = []
         if self.readout == "first":  # the input's first token: after a prompt placed before it
             parts.append(hidden[:, 0 if self.prompt.offset > 0 else shift])
