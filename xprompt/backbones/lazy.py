@@ -10,6 +10,7 @@ as ``embedded.load_tokenizer`` reads it) in every respect but ``isinstance``.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from .embedded import load_tokenizer, remembered
@@ -29,14 +30,15 @@ class LazyTokenizer:
     """The tokenizer of the converted folder ``folder``, read on first use (see the module)."""
 
     def __init__(self, folder: Path, memo: Path | None = None):
-        self.__dict__.update(_folder=Path(folder), _tokenizer=None)
+        self.__dict__.update(_folder=Path(folder), _tokenizer=None, _reading=threading.Lock())
         known = remembered(Path(folder) / "tokenizer.json", "tokenizer", lambda: facts(self.loaded()), memo)
         self.__dict__.update(_xprompt_key=known["key"], **known["ids"])
 
     def loaded(self):
         """The tokenizer itself, read now if it has not been."""
-        if self._tokenizer is None:
-            self.__dict__["_tokenizer"] = load_tokenizer(self._folder)
+        with self._reading:  # once, whichever thread (``serve``'s handlers) asks first
+            if self._tokenizer is None:
+                self.__dict__["_tokenizer"] = load_tokenizer(self._folder)
         return self._tokenizer
 
     def __getattr__(self, name: str):  # anything but the special ids and the key: the tokenizer's own
