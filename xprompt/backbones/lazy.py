@@ -42,7 +42,7 @@ class LazyTokenizer:
         return self._tokenizer
 
     def __getattr__(self, name: str):  # anything but the special ids and the key: the tokenizer's own
-        if name.startswith("__"):  # copy, pickle and friends probe these: not a reason to read the file
+        if name.startswith("__"):  # copying and serialising probe these: not a reason to read the file
             raise AttributeError(name)
         return getattr(self.loaded(), name)
 
