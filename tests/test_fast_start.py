@@ -109,10 +109,12 @@ def test_a_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch)
     assert embedded.file_sha256(weights, memo=memo) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
-def test_start_up_runs_without_the_collector_and_the_command_gets_it_back(monkeypatch, tmp_path):
+@pytest.mark.parametrize("caller", ["collecting", "not collecting", "with frozen objects"])
+def test_start_up_runs_without_the_collector_and_the_command_gives_it_back(caller, monkeypatch, tmp_path):
     """Imports and loading make millions of objects and little garbage: ``command`` turns the collector
-    off until the backbone is open (then freezes what start-up made and turns it on), and gives the
-    caller the collector as it found it, nothing left frozen."""
+    off until the backbone is open, then (``startup_over``) freezes what start-up made and turns it on;
+    at the end the caller gets the collector as it had it: on or off, and frozen only if it froze (a
+    caller with frozen objects of its own: neither frozen nor unfrozen by the command)."""
     import gc
 
     import xprompt.backbones as backbones
@@ -120,24 +122,36 @@ def test_start_up_runs_without_the_collector_and_the_command_gets_it_back(monkey
 
     from xprompt.cli import app
 
-    seen = {}
+    seen, calls = {}, []
+    freeze, unfreeze = gc.freeze, gc.unfreeze
+
+    class Opened:  # what open_backbone returns; reading its model (after startup_over) stops the command
+        @property
+        def model(self):
+            seen["after the load"] = gc.isenabled()
+            raise KeyboardInterrupt
 
     def opened(*args, **kwargs):
         seen["while loading"] = gc.isenabled()
-        raise KeyboardInterrupt  # stop after the load: the point after it is startup_over's
+        return Opened(), "fp32", {"where": "cpu", "reason": "test"}
 
     monkeypatch.setattr(backbones, "open_backbone", opened)
-    assert gc.isenabled() and gc.get_freeze_count() == 0
-    out = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "1"])
-    assert out.exit_code == 130 and seen == {"while loading": False}
-    assert gc.isenabled() and gc.get_freeze_count() == 0
-
-    from xprompt.cli.common import startup_over
-
-    gc.disable()
-    startup_over()
-    assert gc.isenabled() and gc.get_freeze_count() > 0
-    gc.unfreeze()
+    if caller == "with frozen objects":
+        freeze()
+    monkeypatch.setattr(gc, "freeze", lambda: (calls.append("freeze"), freeze())[1])
+    monkeypatch.setattr(gc, "unfreeze", lambda: (calls.append("unfreeze"), unfreeze())[1])
+    if caller == "not collecting":
+        gc.disable()
+    try:
+        out = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "1"])
+        after = gc.isenabled(), gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        unfreeze()
+    assert out.exit_code == 130, out.output
+    assert seen == {"while loading": False, "after the load": True}
+    assert calls == ([] if caller == "with frozen objects" else ["freeze", "unfreeze"])
+    assert after == (caller != "not collecting", caller == "with frozen objects")
 
 
 def test_leaving_the_cli_freezes_the_heap_so_the_exit_does_not_collect_it():
@@ -178,9 +192,11 @@ def test_the_embedded_tokenizer_is_read_only_when_a_split_needs_tokenising(tmp_p
     assert lazy("Der Hund", add_special_tokens=False)["input_ids"] == real("Der Hund", add_special_tokens=False)["input_ids"]
     assert lazy._tokenizer is not None and len(lazy) == len(real) == 250002
 
-    stat = os.stat(folder / "tokenizer.json")  # touched: the memo no longer answers for it
-    os.utime(folder / "tokenizer.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
-    assert LazyTokenizer(folder, memo)._tokenizer is not None
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # either touched: the memo no longer answers
+        assert LazyTokenizer(folder, memo)._tokenizer is None
+        stat = os.stat(folder / name)
+        os.utime(folder / name, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+        assert LazyTokenizer(folder, memo)._tokenizer is not None
 
 
 def test_the_cli_sets_glibc_s_allocator_for_tensors():

@@ -210,7 +210,7 @@ class TemplateEncoder:
         self.mask_id = mask_token_id(tokenizer) if any(kind == "mask" for kind, _ in self.parts) else None
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._literal = None  # the template's own text, tokenised at the first batch: a cached split needs none
+        self._literal = None  # the template's text: tokenised and checked at the first batch (not for a cached split)
 
     def __call__(self, batch: dict) -> dict:
         tok = self.tokenizer

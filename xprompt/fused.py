@@ -163,7 +163,8 @@ class FusedLayer:
         residual = hidden_states.float()
         qkv = self.qkv(residual.to(self.dtype)).view(batch, length, 3, self.heads, self.head_size)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, batch, heads, length, head size)
-        query, mask, keep = qkv[0], attention_mask, self.keep
+        query, mask = qkv[0], attention_mask
+        keep = self.keep if not self.layer._forward_hooks else None  # a hook after the layer may read any row
         if keep is not None:  # one query row per sequence: keys and values of every position, the rest for one
             rows = torch.arange(batch, device=keep.device)
             query, residual = query[rows, :, keep].unsqueeze(2), residual[rows, keep].unsqueeze(1)
@@ -189,7 +190,7 @@ def kept_rows(layers, positions: torch.Tensor | None):
     the layer) are skipped, and those rows hold the layer's input. Nothing changes where the layer is
     not fused or has a forward hook (which might read every row), or ``positions`` is None."""
     fused = layers[-1].__dict__.get("forward") if len(layers) and positions is not None else None
-    if not isinstance(fused, FusedLayer) or layers[-1]._forward_hooks:
+    if not isinstance(fused, FusedLayer):
         yield
         return
     fused.keep = positions

@@ -4,8 +4,15 @@ Reading its 12 MB ``tokenizer.json`` (250,002 pieces) takes about half a second,
 whose rows are already tokenised in the cache never tokenises: it needs the special ids and the
 tokenizer's cache key (``data.encoding_key``) alone. ``LazyTokenizer`` knows those from a memo under
 the cache folder, kept beside the file's size, inode and modification time, and reads the file the
-first time anything else is asked of it; after that it is the tokenizer (``PreTrainedTokenizerFast``,
-as ``embedded.load_tokenizer`` reads it) in every respect but ``isinstance``.
+first time anything else is asked of it, and hands every other attribute, call and ``len`` to the
+tokenizer then read (``PreTrainedTokenizerFast``, as ``embedded.load_tokenizer`` reads it).
+
+It is a stand-in, not the class: ``isinstance`` sees the stand-in, names starting with ``_`` are its
+own, a copy or a serialised form is the tokenizer read again from the file, and a vocabulary changed through a
+method (``add_tokens``) is not seen by the ids and key it remembers. xprompt does none of these; code
+that needs the tokenizer itself takes ``loaded()``. The memo's entry is kept per ``tokenizer_config.json``
+(where the special tokens are named) and per ``tokenizers`` / ``transformers`` version (which decide
+the serialised form the key hashes): a change to either is a new entry.
 """
 
 from __future__ import annotations
@@ -26,12 +33,22 @@ def facts(tokenizer) -> dict:
     return {"key": _tokenizer_key(tokenizer), "ids": {name: getattr(tokenizer, name) for name in SPECIAL_IDS}}
 
 
+def _memo_field(folder: Path) -> str:
+    """The memo entry's name: the special tokens' file's size and mtime, and the library versions."""
+    from importlib.metadata import version
+
+    config = (folder / "tokenizer_config.json").stat()
+    return (f"tokenizer {config.st_size}:{config.st_mtime_ns} tokenizers {version('tokenizers')} "
+            f"transformers {version('transformers')}")
+
+
 class LazyTokenizer:
     """The tokenizer of the converted folder ``folder``, read on first use (see the module)."""
 
     def __init__(self, folder: Path, memo: Path | None = None):
         self.__dict__.update(_folder=Path(folder), _tokenizer=None, _reading=threading.Lock())
-        known = remembered(Path(folder) / "tokenizer.json", "tokenizer", lambda: facts(self.loaded()), memo)
+        field = _memo_field(Path(folder))
+        known = remembered(Path(folder) / "tokenizer.json", field, lambda: facts(self.loaded()), memo)
         self.__dict__.update(_xprompt_key=known["key"], **known["ids"])
 
     def loaded(self):
@@ -59,6 +76,9 @@ class LazyTokenizer:
 
     def __len__(self) -> int:
         return len(self.loaded())
+
+    def __bool__(self) -> bool:  # a tokenizer is there: no reason to read it (``if tokenizer:``)
+        return True
 
     def __reduce__(self):  # pickled (datasets' fingerprints, worker processes) as the tokenizer it stands for
         return load_tokenizer, (self._folder,)
