@@ -199,13 +199,18 @@ def test_the_embedded_tokenizer_is_read_only_when_a_split_needs_tokenising(tmp_p
         assert LazyTokenizer(folder, memo)._tokenizer is not None
 
 
-def test_the_cli_sets_glibc_s_allocator_for_tensors():
+def test_the_cli_sets_glibc_s_allocator_for_tensors_unless_the_user_did(monkeypatch):
     """``roomy_malloc`` (called first by ``xprompt``): mallopt accepts both settings where the C
-    library is glibc."""
+    library is glibc; a user's own ``MALLOC_*`` variable leaves the allocator to them."""
+    import os
     import platform
 
     from xprompt.cli.common import roomy_malloc
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
     assert roomy_malloc() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert roomy_malloc() is False
