@@ -138,11 +138,11 @@ def fit(model: PromptModel, train_rows, select_accuracy, cfg: TrainConfig, run_d
     if cfg.restart_check > 0 and majority is not None:
         check = (max(1, math.ceil(cfg.restart_check * total)), majority + RESTART_MARGIN)
     lr, restarts, initial = cfg.lr, [], None
+    from transformers import get_linear_schedule_with_warmup  # here, not at the top: its module imports PEFT
+
     with deferred_signals() as stop:
         while True:
             optimizer = adamw(model, lr, cfg.weight_decay)
-            from transformers import get_linear_schedule_with_warmup  # imports peft (~1.5 s): training only
-
             scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
             try:
                 done = _loop(model, train_rows, select_accuracy, cfg, Path(run_dir), device, pad_id, on_step, transform,

@@ -1,6 +1,6 @@
 """The embedded backbone's tokenizer, read when first needed.
 
-Reading its 12 MB ``tokenizer.json`` (250,002 pieces) takes about half a second, and an evaluation
+Reading its 12 MB ``tokenizer.json`` (250,002 pieces) took 0.8 s here (scripts/startup.py), and an evaluation
 whose rows are already tokenised in the cache never tokenises: it needs the special ids and the
 tokenizer's cache key (``data.encoding_key``) alone. ``LazyTokenizer`` knows those from a memo under
 the cache folder, kept beside the file's size, inode and modification time, and reads the file the
@@ -8,9 +8,9 @@ first time anything else is asked of it, and hands every other attribute, call a
 tokenizer then read (``PreTrainedTokenizerFast``, as ``embedded.load_tokenizer`` reads it).
 
 It is a stand-in, not the class: ``isinstance`` sees the stand-in, names starting with ``_`` are its
-own, a copy or a serialised form is the tokenizer read again from the file, and a vocabulary changed through a
-method (``add_tokens``) is not seen by the ids and key it remembers. xprompt does none of these; code
-that needs the tokenizer itself takes ``loaded()``. The memo's entry is kept per ``tokenizer_config.json``
+own, a copy or a serialised form is the tokenizer read again from the file, and a vocabulary changed
+through a method (``add_tokens``) is not seen by the ids and key it remembers. xprompt does none of
+these; code that needs the tokenizer itself takes ``loaded()``. The memo's entry is kept per ``tokenizer_config.json``
 (where the special tokens are named) and per ``tokenizers`` / ``transformers`` version (which decide
 the serialised form the key hashes): a change to either is a new entry.
 """

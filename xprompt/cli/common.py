@@ -111,7 +111,7 @@ def _numbers(text: Optional[str], kind, flag: str) -> Optional[list]:
 def startup_over() -> None:
     """Start-up is over: collect garbage again. Imports and loading a backbone make millions of
     objects and almost no garbage, and with the collector on they took a second longer here
-    (torch, datasets and transformers' BERT: 3.4 s against 2.4 s; scripts/startup.py);
+    (torch, datasets and transformers' BERT: 3.4 s against 2.5 s; scripts/startup.py);
     so ``command`` turns it off and the first backbone loaded turns it back on, with what start-up
     made set aside (``gc.freeze``) so that later collections need not walk it (until the command ends;
     not when the caller had frozen objects of its own, which ``command`` leaves as they were)."""
