@@ -153,22 +153,32 @@ def test_without_onednn_the_plain_matmuls_give_the_same_states(backbone, xnli, m
     torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
 
 
-def test_float32_packs_only_on_avx512(backbone, xnli, monkeypatch):
-    """At torch capability AVX2 float32 runs MKL's plain matmuls (oneDNN's packed ones lost there),
-    with the same states."""
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT", "SVE256"])
+def test_float32_packs_at_avx2_and_avx512(backbone, xnli, monkeypatch, capability):
+    """float32 runs on weights packed for oneDNN at torch capability AVX2 and AVX512 (faster than
+    MKL's sgemm at both, scripts/pack_rule.py) and on MKL's plain matmuls elsewhere, with the same
+    states either way."""
     model = build_model(backbone, 3, "deep", 4, "mean").eval()
     batch = _batch(backbone, xnli)
-    native_bf16 = hardware.cpu_bf16()[0]  # oneDNN packs bf16 weights only where the CPU runs bf16 (not on AVX2)
-    monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
+    packs = capability in ("AVX2", "AVX512") and torch.backends.mkldnn.is_available()
     with torch.inference_mode():
         reference = model.states(batch)
         with compute(model, "fp32"):
-            assert all(layer.forward.down.packed is None for layer in model._layers)
+            assert all((layer.forward.down.packed is not None) == packs for layer in model._layers)
+            assert all((layer.forward.qkv.packed is not None) == packs for layer in model._layers)
             got = model.states(batch)
     torch.testing.assert_close(got, reference, atol=2e-5, rtol=1e-5)
-    if torch.backends.mkldnn.is_available() and native_bf16:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), fused_layers(model):
-            assert all(layer.forward.down.packed is not None for layer in model._layers)
+
+
+def test_bf16_always_packs(backbone):
+    """bf16 weights pack whatever the float32 rule, where the CPU runs bf16 (oneDNN packs no bf16
+    weight on an AVX2-only CPU)."""
+    model = build_model(backbone, 3, "deep", 4, "mean").eval()
+    if not (torch.backends.mkldnn.is_available() and hardware.cpu_bf16()[0]):
+        pytest.skip("no oneDNN or no native bf16 on this CPU")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), fused_layers(model, pack_float32=False):
+        assert all(layer.forward.down.packed is not None for layer in model._layers)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu_new", "gelu"])

@@ -132,9 +132,10 @@ def compute(model: torch.nn.Module, dtype: DType | str, device: str = "cpu", int
 
     if int8:
         dtype = DType.FP32
-    # oneDNN's packed float32 kernels lost to MKL's sgemm at torch capability AVX2 (fused 0.91x of
-    # transformers' layers there, 1.19x at AVX512): float32 packs only on AVX-512 CPUs
-    pack_float32 = cpu_capability().startswith("AVX512")
+    # float32 packs for oneDNN at capability AVX512 and AVX2, where its kernels beat MKL's sgemm at
+    # an encoder layer's shapes (native-bf16 EPYC: 2.19x at AVX512, 1.14x at imitated AVX2 with MKL held
+    # to AVX2 too; scripts/pack_rule.py, docs/pack_rule.json); elsewhere F.linear
+    pack_float32 = cpu_capability().startswith(("AVX512", "AVX2"))
     with (frozen_weights_in_bf16(model, dtype, device), autocast(dtype, device),
           fused_layers(model, device, pack_float32, int8)):
         yield
