@@ -329,6 +329,34 @@ def test_the_uniprompt_table_flags_train(tiny_bert_dir, tmp_path):
     assert set(table.METHODS) == {p.name for p in runs.iterdir() if p.is_dir()}
 
 
+def test_the_uniprompt_table_leaves_out_english_where_the_run_selected_on_it():
+    """marc/dev is the K = 256, seed 13 k-shot dev split: that run is scored on the targets alone, and the
+    table's English cell and gap average over the seeds that have an English figure."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("uniprompt_table", ROOT / "scripts" / "uniprompt_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    langs = ["de", "en", "es", "fr", "ja", "zh"]
+    assert table.scorable(langs, 256, 13) == ["de", "es", "fr", "ja", "zh"]
+    assert table.scorable(langs, 256, 42) == table.scorable(langs, 16, 13) == langs
+
+    def rec(seed, en, target):
+        dev = {lang: {"accuracy": target} for lang in ["de", "es", "fr", "ja", "zh"]}
+        if en is not None:
+            dev["en"] = {"accuracy": en}
+        return {"run": f"r{seed}", "method": "head", "shots": 256, "seed": seed, "dev": dev, "stored_bytes": 0,
+                "train": {"train_seconds": 60, "trainable_parameters": 5, "dtype": "bf16"}, "compute": {}}
+
+    row = [line for line in table.render([rec(42, 0.5, 0.4), rec(13, None, 0.3), rec(21, 0.7, 0.4)]).splitlines()
+           if line.startswith("| vanilla")][0].split(" | ")
+    assert row[2] == "3" and row[3].startswith("60.0 ± 14.1 (2 seeds")  # English over seeds 42 and 21
+    assert row[9] == "**36.7 ± 5.8**"  # the target average over all three
+    assert row[10] == "20.0 ± 14.1"  # gaps of seeds 42 (10) and 21 (30)
+
+
 def test_the_safety_net_restarts_a_tuned_backbone_from_its_start(backbone, xnli, tmp_path, monkeypatch):
     """A restart puts the backbone back to the base as it puts the prompt back, and scales its rate as the
     prompt's: twice restarted, a bitfit run ends where one trained from the start at a ninth of both rates does."""
