@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import TEST_DATA, save_backbone
@@ -165,6 +166,44 @@ def test_full_disk_leaves_the_old_file(tmp_path, monkeypatch):
         store.write_json(target, {"ok": 2})
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path, tiny_bert_dir, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError: the training command still
+    ends in one line naming the file, the checkpoint before stands, no temporary file is left, and the run
+    continues from it with --resume once there is room (the same prompt as a run never interrupted)."""
+    from safetensors import SafetensorError
+
+    from xprompt import checkpoints
+
+    real, calls = checkpoints.save_file, []
+
+    def fills_the_disk(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the checkpoint of step 2 is written, that of step 4 is not
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    runs = tmp_path / "runs"
+    cmd = ["train", "--max-steps", "4", "--eval-every", "2", "--prompt-length", "2", "--dtype", "fp32",
+           "--backbone", str(tiny_bert_dir), "--data-dir", str(TEST_DATA), "--runs-dir", str(runs)]
+    monkeypatch.setattr(checkpoints, "save_file", fills_the_disk)
+    result = runner.invoke(app, [*cmd, "--run-name", "full"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, (result.output, repr(result.exception))
+    assert "No space left on device" in lines[0] and "state-00000004.safetensors" in lines[0]
+    folder = runs / "full" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["state-00000002.safetensors", "state.json"]
+    monkeypatch.setattr(checkpoints, "save_file", real)
+    resumed = runner.invoke(app, ["train", "--resume", str(runs / "full")])
+    assert resumed.exit_code == 0, resumed.output
+    whole = runner.invoke(app, [*cmd, "--run-name", "whole"])
+    assert whole.exit_code == 0, whole.output
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(runs / n / "prompt" / "prompt.safetensors")) for n in ("full", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_locked_run_is_refused(finished, tmp_path, tiny_bert_dir):

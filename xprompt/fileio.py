@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import XPromptError
 
 _UMASK = os.umask(0)
@@ -25,9 +27,10 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not an OSError
         Path(tmp).unlink(missing_ok=True)
-        raise XPromptError(f"cannot write {path}: {e.strerror or e} (disk full or read-only?)") from None
+        reason = getattr(e, "strerror", None) or str(e).removeprefix("Error while serializing: ")
+        raise XPromptError(f"cannot write {path}: {reason} (disk full or read-only?)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
