@@ -21,9 +21,8 @@ from pathlib import Path
 from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from bench import AVX2_ENV  # noqa: E402  (the imitated AVX2-only CPU: one definition, bench.py's)
 # (name, in, out, GELU) of one layer of hidden 384 / intermediate 1536 (e5-small)
 SHAPES = [("qkv", 384, 1152, False), ("out", 384, 384, False), ("up+gelu", 384, 1536, True), ("down", 1536, 384, False)]
 
