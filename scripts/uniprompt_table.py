@@ -59,14 +59,16 @@ GRID = {name: ([4, 16, 64, 256] if name in ("default", "uniprompt", "head") else
 SEEDS = [13, 21, 42, 87, 100]
 
 
-# marc/dev of each language is the K = 256, seed 13 k-shot dev split less every k-shot train row (the data's
-# MANIFEST): the run of that K and seed selects on marc/dev en itself, so its English dev figure does not exist
-# (``xprompt eval`` refuses: every row was selected on) and the run is scored on the targets alone
-SELECTED_ON_DEV = {(256, 13): "en"}
+def scorable(folder: Path, task, langs: list[str]) -> list[str]:
+    """The languages of ``marc/dev`` with a row left to score for the run in ``folder``: its lineage's labelled
+    reads of ``marc/dev`` are never scored, and marc/dev of each language is the K = 256, seed 13 k-shot dev split
+    less every k-shot train row (the data's MANIFEST), so the run of that K and seed, which selects on marc/dev's
+    English rows, has no English figure (``xprompt eval`` refuses such a language) and is scored on the rest."""
+    from xprompt.data import load_split
+    from xprompt.lineage import excluded_ids, load_lineage
 
-
-def scorable(langs: list[str], shots: int, seed: int) -> list[str]:
-    return [lang for lang in langs if lang != SELECTED_ON_DEV.get((shots, seed))]
+    read = excluded_ids(load_lineage(folder), task.name, "dev")
+    return [lang for lang in langs if not read.get(lang) or set(load_split(task, lang, "dev")["id"]) - read[lang]]
 
 
 def run_name(method: str, shots: int, seed: int) -> str:
@@ -170,7 +172,7 @@ def main() -> None:
                 if not (folder / "prompt" / "prompt.safetensors").is_file():
                     call(["train", "--task", "marc", "--shots", str(shots), "--seed", str(seed), "--runs-dir",
                           str(args.runs_dir), "--run-name", name, *METHODS[method][1]])
-                scoring = scorable(langs, shots, seed)
+                scoring = scorable(folder, task, langs)
                 if not scored(folder, scoring):
                     call(["eval", "--run", str(folder), "--langs", "all" if scoring == langs else ",".join(scoring)])
                 kept[name] = record(folder, method, shots)
