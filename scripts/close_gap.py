@@ -316,10 +316,26 @@ def render(report: dict, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_z(mine: dict, theirs: dict, langs) -> float | None:
+    """The paired z of one run's per-row correctness against another's, pooled over ``langs`` of their dev
+    records (``{lang: {"correct": "0110...", "rows": <hash>}}``): (wins − losses) / √(wins + losses), a win a row
+    the first has right and the second wrong (McNemar's statistic, signed); |z| < 2 is row noise. None where a
+    language's per-row record is missing from either or the two read different rows."""
+    wins = losses = 0
+    for lang in langs:
+        a, b = mine.get(lang, {}), theirs.get(lang, {})
+        if "correct" not in a or "correct" not in b or a.get("rows") != b.get("rows"):
+            return None
+        wins += sum(x == "1" and y == "0" for x, y in zip(a["correct"], b["correct"]))
+        losses += sum(x == "0" and y == "1" for x, y in zip(a["correct"], b["correct"]))
+    return (wins - losses) / (wins + losses) ** 0.5 if wins + losses else 0.0
+
+
 def _paired(runs: list[dict], baselines: dict, first_seed: int, task) -> str:
     """Paired z of each run against the baseline of its seed (an ensemble: of its first member's seed, or
     the first seed's), pooled over the official targets' rows; '' where the baseline of that seed or the
     per-row record is missing."""
+    targets = [lang for lang in task.official_languages if lang != task.source_language]
     values = []
     for r in runs:
         seed = r.get("seed")
@@ -328,19 +344,9 @@ def _paired(runs: list[dict], baselines: dict, first_seed: int, task) -> str:
             seeds = sorted({int(m.rsplit("-s", 1)[1]) for m in members if m.rsplit("-s", 1)[-1].isdigit()})
             seed = first_seed if first_seed in seeds or not seeds else seeds[0]
         base = baselines.get(seed)
-        if base is None:
-            continue
-        wins = losses = 0
-        for lang in task.official_languages:
-            if lang == task.source_language:
-                continue
-            mine, theirs = r["dev"].get(lang, {}), base["dev"].get(lang, {})
-            if "correct" not in mine or "correct" not in theirs or mine.get("rows") != theirs.get("rows"):
-                break
-            wins += sum(a == "1" and b == "0" for a, b in zip(mine["correct"], theirs["correct"]))
-            losses += sum(a == "0" and b == "1" for a, b in zip(mine["correct"], theirs["correct"]))
-        else:
-            values.append(f"{(wins - losses) / (wins + losses) ** 0.5:+.1f}" if wins + losses else "0.0")
+        z = paired_z(r["dev"], base["dev"], targets) if base is not None else None
+        if z is not None:
+            values.append(f"{z:+.1f}" if z else "0.0")
     return " / ".join(values)
 
 

@@ -33,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from close_gap import paired_z  # noqa: E402  (one definition of the paired z, close_gap.py's)
+
 XPROMPT = [sys.executable, "-m", "xprompt"]
 
 # The paper's fine-tuning regime (mojave-pku/UniPrompt main_exp.sh): lr 1e-5, batch 2, 1,000 steps,
@@ -57,6 +60,10 @@ METHODS = {
 # prompt, UniPrompt and vanilla fine-tuning)
 GRID = {name: ([4, 16, 64, 256] if name in ("default", "uniprompt", "head") else [16, 256]) for name in METHODS}
 SEEDS = [13, 21, 42, 87, 100]
+# the comparisons the notes read, each as A:B (the method keys above): the paper's claims (UniPrompt against both
+# fine-tunings), Tu et al.'s (the frozen methods against fine-tuning) and the frozen methods against the default
+PAIRS = ["uniprompt:full", "uniprompt:head", "full:head", "uniprompt:default", "full:default", "default:head",
+         "soft:default", "unified:default", "lora:default", "soft:full", "unified:full", "lora:full", "unified:head"]
 
 
 def scorable(folder: Path, task, langs: list[str]) -> list[str]:
@@ -105,7 +112,35 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def render(records: list[dict]) -> str:
+def paired(records: list[dict], pairs: list[str], targets: list[str]) -> list[str]:
+    """A row per pair A:B and K where both have a seed in common: the paired z of A against B over the target
+    rows of each common seed (close_gap.paired_z), and on how many of them A is ahead."""
+    runs = {(r["method"], r["shots"], r["seed"]): r for r in records}
+    lines = ["## Paired z per seed", "",
+             "A against B on the same seed, pooled over the 5 target languages' `marc/dev` rows (about 6,220): "
+             "(wins − losses) / √(wins + losses), a win a row A has right and B wrong; |z| < 2 is row noise. "
+             "Rendered with the table (`--paired A:B,...`; the default is PAIRS in the script).", "",
+             "| A | B | K | z per seed | A ahead | mean target difference |", "|---|---|---|---|---|---|"]
+    for pair in pairs:
+        a, _, b = pair.partition(":")
+        if a not in METHODS or b not in METHODS:
+            raise SystemExit(f"uniprompt_table: --paired {pair!r} is not A:B of two methods of {', '.join(METHODS)}")
+        for shots in sorted({k for (m, k, _) in runs if m == a} & {k for (m, k, _) in runs if m == b}):
+            zs, diffs = [], []
+            for seed in [42, *(s for s in SEEDS if s != 42)]:  # seed 42 first, as the notes read them
+                mine, theirs = runs.get((a, shots, seed)), runs.get((b, shots, seed))
+                z = paired_z(mine["dev"], theirs["dev"], targets) if mine and theirs else None
+                if z is not None:
+                    zs.append((seed, z))
+                    diffs.append(100 * statistics.fmean(mine["dev"][t]["accuracy"] - theirs["dev"][t]["accuracy"]
+                                                        for t in targets))
+            if zs:
+                lines.append(f"| {a} | {b} | {shots} | " + ", ".join(f"{seed}: {z:+.1f}" for seed, z in zs) +
+                             f" | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_cell(diffs)} |")
+    return lines
+
+
+def render(records: list[dict], pairs: list[str] = PAIRS) -> str:
     from xprompt.tasks import load_task
 
     task = load_task("marc")
@@ -137,6 +172,8 @@ def render(records: list[dict]) -> str:
         lines.append(f"| {METHODS[method][0]} | {shots} | {len(runs)} | " + " | ".join(cells) + f" | **{_cell(averages)}** | "
                      f"{_cell(gaps)} | {_cell([r['train'].get('train_seconds', 0) / 60 for r in runs])} | "
                      f"{', '.join(f'{p:,}' for p in params) or '-'} | {_cell(stored)}{dropped} | {'; '.join(kinds)} |")
+    if pairs:
+        lines += ["", *paired(records, pairs, targets)]
     return "\n".join(lines) + "\n"
 
 
@@ -151,6 +188,9 @@ def main() -> None:
     parser.add_argument("--test-predictions", action="store_true",
                         help="also write every language's marc/test predictions of each run into --predictions-out/<run>/")
     parser.add_argument("--predictions-out", type=Path, default=Path("docs/predictions/marc"))
+    parser.add_argument("--paired", default=",".join(PAIRS),
+                        help="comma-separated A:B of methods: a table of A's paired z against B per seed and K "
+                             "(default: PAIRS in the script; '' for none)")
     parser.add_argument("--drop-weights", action="store_true",
                         help="delete a full/head run's backbone weights and resume checkpoint once its records are written (the record says so)")
     args = parser.parse_args()
@@ -192,7 +232,7 @@ def main() -> None:
                     kept[name]["weights_dropped"] = True
                 store.parent.mkdir(parents=True, exist_ok=True)
                 store.write_text(json.dumps({"runs": list(kept.values())}, indent=1) + "\n")  # after every run
-    table = render(list(kept.values()))
+    table = render(list(kept.values()), [p for p in args.paired.split(",") if p])
     notes = args.out.read_text() if args.out.is_file() else ""
     notes = notes[notes.find("## What the figures say"):] if "## What the figures say" in notes else ""
     args.out.write_text(table + ("\n" + notes if notes else ""))

@@ -427,3 +427,33 @@ def test_a_run_config_written_before_new_fields_continues(tmp_path):
         assert plan_runs([cfg], tmp_path, name) == [(cfg, tmp_path / name)]
     with pytest.raises(XPromptError, match="another config"):
         plan_runs([TrainConfig(task="xnli", seed=5, lr=0.5)], tmp_path, "old")
+
+
+def test_the_uniprompt_table_pairs_methods_seed_by_seed():
+    """--paired A:B renders A's paired z against B per common seed and K with close_gap's formula (wins − losses
+    over the target rows, English never counted), a seed one of them lacks left out, and an unknown method refused."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("uniprompt_table", ROOT / "scripts" / "uniprompt_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    targets = ["de", "es", "fr", "ja", "zh"]
+
+    def rec(method, seed, bits):
+        dev = {lang: {"accuracy": b.count("1") / len(b), "correct": b, "rows": f"h-{lang}"} for lang, b in bits.items()}
+        return {"run": f"{method}-{seed}", "method": method, "shots": 16, "seed": seed, "dev": dev, "stored_bytes": 0,
+                "train": {"train_seconds": 60, "trainable_parameters": 5, "dtype": "bf16"}, "compute": {}}
+
+    base = {lang: "1100" for lang in ["en", *targets]}
+    # seed 42: de 2 wins, es 1 loss, English 2 wins that must not count; seed 13: every target row lost where B won
+    records = [rec("head", 42, base), rec("uniprompt", 42, {**base, "de": "1111", "es": "0100", "en": "1111"}),
+               rec("head", 13, base), rec("uniprompt", 13, {**base, **{lang: "0000" for lang in targets}}),
+               rec("uniprompt", 21, base)]  # no vanilla run of seed 21: not paired
+    rows = [line for line in table.render(records, ["uniprompt:head"]).splitlines() if line.startswith("| uniprompt | head")]
+    assert rows == [f"| uniprompt | head | 16 | 42: {1 / 3 ** 0.5:+.1f}, 13: {-10 / 10 ** 0.5:+.1f} | 1 of 2 | "
+                    f"{(5 - 50) / 2:.1f} ± {((5 + 50) ** 2 / 2) ** 0.5:.1f} |"]
+    assert "Paired z" not in table.render(records, [])
+    with pytest.raises(SystemExit, match="lora:nosuch"):
+        table.render(records, ["lora:nosuch"])
