@@ -63,7 +63,8 @@ SEEDS = [13, 21, 42, 87, 100]
 # the comparisons the notes read, each as A:B (the method keys above): the paper's claims (UniPrompt against both
 # fine-tunings), Tu et al.'s (the frozen methods against fine-tuning) and the frozen methods against the default
 PAIRS = ["uniprompt:full", "uniprompt:head", "full:head", "uniprompt:default", "full:default", "default:head",
-         "soft:default", "unified:default", "lora:default", "soft:full", "unified:full", "lora:full", "unified:head"]
+         "soft:default", "unified:default", "lora:default", "soft:full", "unified:full", "lora:full", "soft:uniprompt",
+         "unified:uniprompt", "lora:uniprompt", "soft:head", "unified:head", "lora:head"]
 
 
 def scorable(folder: Path, task, langs: list[str]) -> list[str]:
