@@ -17,8 +17,9 @@ configuration reading the *dev* inputs instead and writes its test predictions (
 It resumes: a trained or scored run is not redone. The JSON beside ``--out`` records every run (its
 name, seed, per-language results and per-row correctness), so a run whose folder is gone (another
 machine, a cleaned runs dir) is tabulated from its record; seeds run elsewhere add to it by naming all
-seeds in a final ``--render-only``. Each lever row also carries the paired z against the baseline of
-the same seed, from the per-row correctness.
+seeds in a final ``--render-only``. Lanes may share one ``--out``: each merges its records into the
+JSON under a lock, and the records of runs it did not tabulate stay. Each lever row also carries the
+paired z against the baseline of the same seed, from the per-row correctness.
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def recorded_runs(path: Path) -> dict[str, dict]:
         return {}
     report = json.loads(path.read_text())
     return {r["run"]: r for levers in report.values() for runs in levers.values() for r in runs if "run" in r}
+
+
+def merged(stored: dict, report: dict) -> dict:
+    """The JSON store after this render: its records, each task's levers, and every record an earlier render
+    (or another lane sharing ``--out``) stored whose run this render did not tabulate; a record is keyed by
+    its run, so a run this render tabulates under a new label (an ensemble of more seeds) leaves its old
+    label."""
+    for task, levers in report.items():
+        fresh = {r.get("run") for runs in levers.values() for r in runs}
+        fresh.discard(None)
+        old = {lever: [r for r in runs if r.get("run") not in fresh and ("run" in r or lever not in levers)]
+               for lever, runs in stored.get(task, {}).items()}
+        stored[task] = {**{lever: runs for lever, runs in old.items() if runs and lever not in levers},
+                        **{lever: old.get(lever, []) + runs for lever, runs in levers.items()}}
+    return stored
 
 
 def main() -> None:
@@ -189,7 +205,8 @@ def main() -> None:
                 shutil.copyfile(folder / "predictions" / f"{task_name}.test.{lang}.tsv", out / f"{task_name}.test.{lang}.tsv")
             print(f"test predictions of {name}: {out}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    from xprompt.fileio import update_json
+    update_json(args.out.with_suffix(".json"), lambda stored: merged(stored, report))
     notes = args.out.read_text() if args.out.is_file() else ""  # the hand-written reading below the tables stays
     notes = notes[notes.find(NOTES):] if NOTES in notes else ""
     args.out.write_text(render(report, seeds) + ("\n" + notes if notes else ""))

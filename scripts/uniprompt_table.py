@@ -14,7 +14,8 @@ seeds, the training time, the trainable parameters and the bytes the run stores.
     python scripts/uniprompt_table.py --shots 16,256 --seeds 42 --test-predictions   # marc.test.<lang>.tsv per run
 
 It resumes: a trained or scored run is not redone. The JSON beside ``--out`` keeps every run's record
-(so a figure survives its run folder); ``--drop-weights`` deletes a full/head run's backbone weights
+(so a figure survives its run folder), and lanes may share one ``--out``: each merges its records into
+the JSON under a lock, and the table renders every stored run; ``--drop-weights`` deletes a full/head run's backbone weights
 once its records (and test predictions, when asked) are written, with its resume checkpoint, and the
 record says so.
 """
@@ -178,6 +179,13 @@ def render(records: list[dict], pairs: list[str] = PAIRS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stored_runs(runs: list[dict], mine: dict[str, dict]) -> list[dict]:
+    """The store's records with this process's runs put in: a stored run is replaced in place, a new one
+    appended, and the runs another lane stored meanwhile stay."""
+    names = {r["run"] for r in runs}
+    return [mine.get(r["run"], r) for r in runs] + [r for name, r in mine.items() if name not in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -195,12 +203,14 @@ def main() -> None:
     parser.add_argument("--drop-weights", action="store_true",
                         help="delete a full/head run's backbone weights and resume checkpoint once its records are written (the record says so)")
     args = parser.parse_args()
+    from xprompt.fileio import update_json
     from xprompt.tasks import load_task
 
     task = load_task("marc")
     langs, test_langs = list(task.split_languages("dev")), list(task.split_languages("test"))
     store = args.out.with_suffix(".json")
     kept = {r["run"]: r for r in json.loads(store.read_text())["runs"]} if store.is_file() else {}
+    mine: dict[str, dict] = {}
     wanted = [int(s) for s in args.shots.split(",")] if args.shots else None
     for method in args.methods.split(","):
         if method not in METHODS:
@@ -231,9 +241,11 @@ def main() -> None:
                     # e5-small), which nothing reads once the run is finished
                     shutil.rmtree(folder / "checkpoint", ignore_errors=True)
                     kept[name]["weights_dropped"] = True
-                store.parent.mkdir(parents=True, exist_ok=True)
-                store.write_text(json.dumps({"runs": list(kept.values())}, indent=1) + "\n")  # after every run
-    table = render(list(kept.values()), [p for p in args.paired.split(",") if p])
+                mine[name] = kept[name]  # stored after every run, merged with what other lanes stored
+                update_json(store, lambda data: {"runs": stored_runs(data.get("runs", []), mine)},
+                            dump=lambda data: json.dumps(data, indent=1) + "\n")
+    runs = json.loads(store.read_text())["runs"] if store.is_file() else []
+    table = render(runs, [p for p in args.paired.split(",") if p])
     notes = args.out.read_text() if args.out.is_file() else ""
     notes = notes[notes.find("## What the figures say"):] if "## What the figures say" in notes else ""
     args.out.write_text(table + ("\n" + notes if notes else ""))

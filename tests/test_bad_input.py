@@ -168,6 +168,30 @@ def test_full_disk_leaves_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_writers_sharing_one_store_lose_no_record(tmp_path):
+    """update_json reads, merges and writes under one lock: four writers adding records to one JSON store, each
+    slow between its read and its write (where an unlocked read-merge-write loses the others' records), keep all."""
+    import threading
+    import time
+
+    from xprompt.fileio import update_json
+
+    target = tmp_path / "store.json"
+
+    def add(data, name):
+        time.sleep(0.01)
+        return {"runs": [*data.get("runs", []), name]}
+
+    def writer(w):
+        for i in range(5):
+            update_json(target, lambda data: add(data, f"{w}-{i}"))
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(json.loads(target.read_text())["runs"]) == sorted(f"{w}-{i}" for w in range(4) for i in range(5))
+
+
 def test_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path, tiny_bert_dir, monkeypatch):
     """safetensors reports a full disk as its own SafetensorError, not an OSError: the training command still
     ends in one line naming the file, the checkpoint before stands, no temporary file is left, and the run

@@ -100,3 +100,29 @@ def test_the_ensemble_of_seeds_is_rendered_from_its_record_or_made_over_the_prom
     assert "**75.0**" in row and f"+{6 / 6 ** 0.5:.1f}" in row  # 3 of 4 per target; 6 wins over seed 13's baseline
     again = json.loads(out.with_suffix(".json").read_text())["pawsx"]
     assert again["ensemble of the baseline's seeds (13, 21)"][0]["run"] == ensemble["run"]
+    assert "old label" not in again  # the record moved to its new label, not copied
+
+
+def test_a_render_of_some_levers_keeps_the_stored_records_of_the_others(close_gap, tmp_path, monkeypatch):
+    # two lanes sharing one --out (or a later render of one lever) must not wipe each other's records
+    out = tmp_path / "gap.md"
+    base = record("pawsx-baseline-s42", 42, {lang: "1100" for lang in LANGS})
+    lever = record("pawsx-augment-s42", 42, {lang: "1110" for lang in LANGS})
+    other = record("xnli-baseline-s42", 42, {lang: "10" for lang in LANGS})
+    out.with_suffix(".json").write_text(json.dumps({"pawsx": {"baseline": [base], "augment": [lever]},
+                                                    "xnli": {"baseline": [other]}}))
+    monkeypatch.setattr(sys, "argv", ["close_gap.py", "--tasks", "pawsx", "--levers", "baseline", "--seeds", "42",
+                                      "--runs-dir", str(tmp_path / "gone"), "--render-only", "--out", str(out)])
+    close_gap.main()
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| augment")]
+    assert rows == []  # the table shows what this render tabulated ...
+    again = json.loads(out.with_suffix(".json").read_text())  # ... the store keeps every record, once
+    assert [r["run"] for r in again["pawsx"]["augment"]] == ["pawsx-augment-s42"]
+    assert [r["run"] for r in again["pawsx"]["baseline"]] == ["pawsx-baseline-s42"]
+    assert [r["run"] for r in again["xnli"]["baseline"]] == ["xnli-baseline-s42"]
+    # a new record of a stored run replaces it; a new seed joins the lever's list
+    fresh = dict(base, seed=42, train={"select_accuracy": 0.9, "train_seconds": 1.0})
+    seed13 = record("pawsx-baseline-s13", 13, {lang: "1100" for lang in LANGS})
+    stored = close_gap.merged(again, {"pawsx": {"baseline": [fresh, seed13]}})
+    assert [r["train"]["select_accuracy"] for r in stored["pawsx"]["baseline"]] == [0.9, 0.5]
+    assert list(stored["pawsx"]) == ["augment", "baseline"]

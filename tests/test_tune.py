@@ -457,3 +457,18 @@ def test_the_uniprompt_table_pairs_methods_seed_by_seed():
     assert "Paired z" not in table.render(records, [])
     with pytest.raises(SystemExit, match="lora:nosuch"):
         table.render(records, ["lora:nosuch"])
+
+
+def test_the_uniprompt_table_merges_its_runs_into_what_other_lanes_stored():
+    """Two lanes sharing one --out: a lane's store write keeps the runs the other stored meanwhile, replaces a
+    run it redid in place, and appends its new ones."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("uniprompt_table", ROOT / "scripts" / "uniprompt_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    stored = [{"run": "a", "v": 1}, {"run": "b", "v": 1}]  # b: written by the other lane after this one started
+    mine = {"a": {"run": "a", "v": 2}, "c": {"run": "c", "v": 2}}
+    assert table.stored_runs(stored, mine) == [{"run": "a", "v": 2}, {"run": "b", "v": 1}, {"run": "c", "v": 2}]

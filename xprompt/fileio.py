@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -51,6 +53,36 @@ def read_json(path: Path) -> dict:
         raise XPromptError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise XPromptError(f"{path}: not valid JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive advisory lock named after ``path`` (a file in the temporary folder, so no lock file
+    lands beside a store kept in git) while the block runs; other processes taking it wait. Without ``fcntl``
+    (Windows) it locks nothing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"xprompt-{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_json(path: Path, merge, dump=lambda data: json.dumps(data, indent=2) + "\n"):
+    """Read the JSON store at ``path`` ({} when there is none), write ``merge(data)`` back atomically, and
+    return it, all under ``locked(path)``: processes that share one store (two lanes of a table script)
+    each add their records to what the other wrote instead of writing over it."""
+    with locked(path):
+        data = read_json(path) if Path(path).is_file() else {}
+        merged = merge(data)
+        write_text(path, dump(merged))
+        return merged
 
 
 def append_jsonl(path: Path, record: dict) -> None:
