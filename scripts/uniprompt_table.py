@@ -14,10 +14,10 @@ seeds, the training time, the trainable parameters and the bytes the run stores.
     python scripts/uniprompt_table.py --shots 16,256 --seeds 42 --test-predictions   # marc.test.<lang>.tsv per run
 
 It resumes: a trained or scored run is not redone. The JSON beside ``--out`` keeps every run's record
-(so a figure survives its run folder), and lanes may share one ``--out``: each merges its records into
-the JSON under a lock, and the table renders every stored run; ``--drop-weights`` deletes a full/head run's backbone weights
-once its records (and test predictions, when asked) are written, with its resume checkpoint, and the
-record says so.
+(so a figure survives its run folder). Lanes may share one ``--out``: each merges its records into the
+JSON under a lock, and the table renders every stored run. ``--drop-weights`` deletes a full/head run's
+backbone weights once its records (and test predictions, when asked) are written, with its resume
+checkpoint, and the record says so.
 """
 
 from __future__ import annotations

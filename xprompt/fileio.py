@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -58,13 +59,8 @@ def read_json(path: Path) -> dict:
 @contextlib.contextmanager
 def locked(path: Path):
     """Hold an exclusive advisory lock named after ``path`` (a file in the temporary folder, so no lock file
-    lands beside a store kept in git) while the block runs; other processes taking it wait. Without ``fcntl``
-    (Windows) it locks nothing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    lands beside a store kept in git) while the block runs; other processes taking it wait (where
+    ``store.run_lock`` refuses a second trainer instead)."""
     key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"xprompt-{key}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
