@@ -83,12 +83,12 @@ def run_rows(task_name: str, lever: str, records: list[dict], runs_dirs: list[Pa
     rows = []
     for record in records:
         name, train = record["run"], record.get("train", {})
-        previous = cached.get(name, {})
+        previous = cached.get(name, [])
         # one name stands for several runs (two machines, two dtypes, a run now training in another runs dir):
         # a log belongs to this record only if its best selection point is the record's
-        logs = [read_log(d / name) for d in runs_dirs if (d / name / "log.jsonl").is_file()] + [previous.get("log")]
+        logs = [read_log(d / name) for d in runs_dirs if (d / name / "log.jsonl").is_file()] + [p.get("log") for p in previous]
         log = next((lg for lg in logs if log_matches(lg, train)), None)
-        majority = previous.get("majority") or majority_share(task_name, record["seed"], None)
+        majority = next((p["majority"] for p in previous if p.get("majority")), None) or majority_share(task_name, record["seed"], None)
         average = train.get("checkpoint_average") or {}
         rows.append({
             "run": name, "task": task_name, "lever": lever, "seed": record["seed"], "dtype": train.get("dtype"),
@@ -149,15 +149,17 @@ def seed_table(rows: list[dict]) -> list[str]:
 def summary(rows: list[dict]) -> list[str]:
     at_chance = [r["run"] for r in rows if r["held_out"] - r["majority"] < CHANCE_MARGIN]
     averaged = [r["average_held_out"] - r["held_out"] for r in rows if r["average_held_out"] is not None]
-    return [f"- {len(rows)} seeds ({', '.join(str(r['seed']) for r in rows)}); target average (dev, {rows[0]['n_targets']} "
+    lines = [f"- {len(rows)} seeds ({', '.join(str(r['seed']) for r in rows)}); target average (dev, {rows[0]['n_targets']} "
             f"official targets) **{_spread([r['targets'] for r in rows])}** (mean ± sample std), English dev "
             f"{_spread([r['en'] for r in rows])}; lowest seed {_pct(min(r['targets'] for r in rows))}.",
             f"- At chance (best English held-out within {100 * CHANCE_MARGIN:.0f} points of the majority class): "
             f"{', '.join(at_chance) if at_chance else 'none'}. Restarted by the safety net: "
-            f"{', '.join(r['run'] for r in rows if r['restarts']) or 'none'}.",
-            f"- Checkpoint averaging (mean of the last 3 selection points, scored on the same English held-out rows) "
-            f"against the best single checkpoint: {paired(averaged)} points held-out (paired mean ± standard error over "
-            f"{len(averaged)} seeds)."]
+            f"{', '.join(r['run'] for r in rows if r['restarts']) or 'none'}."]
+    if averaged:  # runs made without --average-checkpoints have nothing to compare
+        lines.append(f"- Checkpoint averaging (mean of the last 3 selection points, scored on the same English held-out rows) "
+                     f"against the best single checkpoint: {paired(averaged)} points held-out (paired mean ± standard "
+                     f"error over {len(averaged)} seeds).")
+    return lines
 
 
 def dtype_table(bf16: list[dict], fp32: list[dict], names: tuple[str, str] = ("bf16", "fp32")) -> list[str]:
@@ -216,7 +218,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/recipe.md"))
     args = parser.parse_args()
     store = args.out.with_suffix(".json")
-    cached = {r["run"]: r for r in json.loads(store.read_text())["runs"]} if store.is_file() else {}
+    cached: dict[str, list[dict]] = {}  # every stored row of a name: one name may stand for several runs
+    for r in json.loads(store.read_text())["runs"] if store.is_file() else []:
+        cached.setdefault(r["run"], []).append(r)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for dtype, specs in (("bf16", args.bundle), ("fp32", args.fp32)):
         for spec in specs:
@@ -251,7 +255,7 @@ def main() -> None:
         row = next((r for r in everything if r["run"] == name), None)
         if row is None:
             folder = next((d / name for d in args.runs_dir if (d / name / "log.jsonl").is_file()), None)
-            log = read_log(folder) if folder else cached.get(name, {}).get("log")
+            log = read_log(folder) if folder else next((p["log"] for p in cached.get(name, []) if p.get("log")), None)
             row = {"run": name, "log": log, "trace_only": True}
             traced.append(row)
         text += ["", f"## Trajectory of {name}", *trajectory(row)]

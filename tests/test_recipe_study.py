@@ -1,0 +1,49 @@
+"""scripts/recipe_study.py: what it read from a run's log survives the run folder, also when one run name
+stands for several runs (the same seed in bf16 and in fp32, on two machines)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LANGS = ("en", "de", "es", "fr", "ja", "ko", "zh")  # PAWS-X: English + its 6 official targets
+
+
+def record(dtype: str, held_out: float) -> dict:
+    dev = {lang: {"accuracy": 0.75, "correct": "1101"} for lang in LANGS}
+    return {"run": "pawsx-baseline-s42", "seed": 42, "dev": dev,
+            "train": {"select_accuracy": held_out, "best_step": 200, "dtype": dtype},
+            "compute": {"cpu_bf16_reason": "a test CPU"}}
+
+
+def render(tmp_path: Path, *runs_dir: str) -> str:
+    args = [sys.executable, str(ROOT / "scripts" / "recipe_study.py"), "--bundle", f"pawsx={tmp_path / 'bf16.json'}",
+            "--fp32", f"pawsx={tmp_path / 'fp32.json'}", "--out", str(tmp_path / "recipe.md")]
+    for folder in runs_dir:
+        args += ["--runs-dir", folder]
+    subprocess.run(args, check=True, capture_output=True, cwd=ROOT)
+    return (tmp_path / "recipe.md").read_text()
+
+
+def test_the_log_of_a_name_shared_by_two_runs_survives_its_folder(tmp_path):
+    (tmp_path / "bf16.json").write_text(json.dumps({"pawsx": {"baseline": [record("bf16", 0.8)]}}))
+    (tmp_path / "fp32.json").write_text(json.dumps({"pawsx": {"baseline": [record("fp32", 0.7)]}}))
+    folder = tmp_path / "runs" / "pawsx-baseline-s42"  # the bf16 run's folder: its log has the record's best point
+    folder.mkdir(parents=True)
+    steps = [{"select_accuracy": 0.512, "step": 0}, {"loss": 0.6, "grad_norm": 0.2, "grad_norm_max": 0.25, "step": 100},
+             {"select_accuracy": 0.8, "step": 200}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    bf16_row = "| pawsx-baseline-s42 | 42 | bf16 |"
+
+    first = render(tmp_path, str(tmp_path / "runs"))
+    row = next(line for line in first.splitlines() if line.startswith(bf16_row))
+    assert "| 51.2 | 200 | 80.0 |" in row and "| 0.250 |" in row  # held-out at step 0 and the gradient norm: the log
+    fp32_row = next(line for line in first.splitlines() if line.startswith("| pawsx-baseline-s42 | 42 | fp32 |"))
+    assert "| - | 200 | 70.0 |" in fp32_row  # the log's best point is not the fp32 record's: not its log
+
+    for path in folder.iterdir():  # the run folder is gone (another machine, a cleaned runs dir)
+        path.unlink()
+    folder.rmdir()
+    second = render(tmp_path)
+    assert second == first  # the stored log of the bf16 run is still found, though the fp32 row has the same name
