@@ -150,11 +150,11 @@ def summary(rows: list[dict]) -> list[str]:
     at_chance = [r["run"] for r in rows if r["held_out"] - r["majority"] < CHANCE_MARGIN]
     averaged = [r["average_held_out"] - r["held_out"] for r in rows if r["average_held_out"] is not None]
     lines = [f"- {len(rows)} seeds ({', '.join(str(r['seed']) for r in rows)}); target average (dev, {rows[0]['n_targets']} "
-            f"official targets) **{_spread([r['targets'] for r in rows])}** (mean ± sample std), English dev "
-            f"{_spread([r['en'] for r in rows])}; lowest seed {_pct(min(r['targets'] for r in rows))}.",
-            f"- At chance (best English held-out within {100 * CHANCE_MARGIN:.0f} points of the majority class): "
-            f"{', '.join(at_chance) if at_chance else 'none'}. Restarted by the safety net: "
-            f"{', '.join(r['run'] for r in rows if r['restarts']) or 'none'}."]
+             f"official targets) **{_spread([r['targets'] for r in rows])}** (mean ± sample std), English dev "
+             f"{_spread([r['en'] for r in rows])}; lowest seed {_pct(min(r['targets'] for r in rows))}.",
+             f"- At chance (best English held-out within {100 * CHANCE_MARGIN:.0f} points of the majority class): "
+             f"{', '.join(at_chance) if at_chance else 'none'}. Restarted by the safety net: "
+             f"{', '.join(r['run'] for r in rows if r['restarts']) or 'none'}."]
     if averaged:  # runs made without --average-checkpoints have nothing to compare
         lines.append(f"- Checkpoint averaging (mean of the last 3 selection points, scored on the same English held-out rows) "
                      f"against the best single checkpoint: {paired(averaged)} points held-out (paired mean ± standard "
