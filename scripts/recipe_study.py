@@ -11,8 +11,10 @@ target language.
 
     python scripts/recipe_study.py --bundle xnli=docs/seeds_xnli.json --bundle pawsx=docs/seeds_pawsx.json \\
         --bundle xnli=docs/seeds_augment_xnli.json@epyc --bundle xnli=docs/dtype_bf16_xnli.json@epyc \\
-        --fp32 xnli=docs/dtype_fp32_xnli.json@epyc --runs-dir runs/augment --runs-dir runs/dtype-bf16 \\
-        --runs-dir runs/dtype-fp32 --runs-dir runs/diag --trajectory xnli-augment-s21 \\
+        --fp32 xnli=docs/dtype_fp32_xnli.json@epyc --bundle pawsx=docs/dtype_bf16_pawsx.json@epyc \\
+        --fp32 pawsx=docs/dtype_fp32_pawsx.json@epyc --runs-dir runs/augment --runs-dir runs/dtype-bf16 \\
+        --runs-dir runs/dtype-fp32 --runs-dir runs/diag --runs-dir runs/tu --runs-dir runs/dtype-pawsx \\
+        --trajectory xnli-augment-s21 \\
         --trajectory xnli-augment-s21-clip1 --trajectory xnli-lr0.1-s42 --out docs/recipe.md
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+IDENTITY = ("dtype", "train_seconds")  # what tells two runs of one name apart
 NOTES = "## What the figures say"  # the hand-written reading: kept when the page is rendered again
 CHANCE_MARGIN = 0.05  # "at chance": English held-out within 5 points of the majority class (issue 31)
 TRACE = ("step", "loss", "select_accuracy", "grad_norm", "grad_norm_max", "prompt_norm", "label_norm", "center_norm",
@@ -60,13 +63,21 @@ def read_log(folder: Path) -> dict | None:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     attempts = [records(p) for p in sorted(folder.glob("log.restart-*.jsonl"))] + [records(log)]
+    metrics = folder / "metrics.json"  # which run wrote the log: its train summary's dtype and seconds
+    train = json.loads(metrics.read_text()).get("train", {}) if metrics.is_file() else {}
     return {"attempts": [[{k: r[k] for k in TRACE if k in r} for r in attempt
-                          if "loss" in r or "select_accuracy" in r] for attempt in attempts]}
+                          if "loss" in r or "select_accuracy" in r] for attempt in attempts],
+            "run": {k: train.get(k) for k in IDENTITY}}
 
 
 def log_matches(log: dict | None, train: dict) -> bool:
     """Whether ``log`` is the training log of the run ``train`` describes: its kept attempt's best English
-    held-out accuracy and a step that reached it are the record's (best step, select accuracy)."""
+    held-out accuracy and a step that reached it are the record's (best step, select accuracy), and where the log
+    knows its run (the run folder's metrics), that run's dtype and training seconds are the record's too: two runs
+    of one name (a seed on two machines, in two dtypes) can reach the same best point."""
+    known = (log or {}).get("run") or {}
+    if known.get("train_seconds") is not None and any(known.get(k) != train.get(k) for k in IDENTITY):
+        return False
     points = [r for r in (log or {}).get("attempts", [[]])[-1] if r.get("select_accuracy") is not None]
     if not points or train.get("select_accuracy") is None:
         return False
@@ -86,7 +97,9 @@ def run_rows(task_name: str, lever: str, records: list[dict], runs_dirs: list[Pa
         previous = cached.get(name, [])
         # one name stands for several runs (two machines, two dtypes, a run now training in another runs dir):
         # a log belongs to this record only if its best selection point is the record's
-        logs = [read_log(d / name) for d in runs_dirs if (d / name / "log.jsonl").is_file()] + [p.get("log") for p in previous]
+        stored = [p.get("log") for p in previous  # a stored row of another run of this name keeps its own log
+                  if (p.get("dtype"), p.get("train_seconds")) == (train.get("dtype"), train.get("train_seconds"))]
+        logs = [read_log(d / name) for d in runs_dirs if (d / name / "log.jsonl").is_file()] + stored
         log = next((lg for lg in logs if log_matches(lg, train)), None)
         majority = next((p["majority"] for p in previous if p.get("majority")), None) or majority_share(task_name, record["seed"], None)
         average = train.get("checkpoint_average") or {}

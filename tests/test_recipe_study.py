@@ -47,3 +47,23 @@ def test_the_log_of_a_name_shared_by_two_runs_survives_its_folder(tmp_path):
     folder.rmdir()
     second = render(tmp_path)
     assert second == first  # the stored log of the bf16 run is still found, though the fp32 row has the same name
+
+
+def test_a_log_of_another_run_with_the_same_best_point_is_not_taken(tmp_path):
+    """Two runs of one name can reach the same best point (a seed on two machines): the run folder's metrics say
+    which run wrote the log, by its dtype and training seconds."""
+    bf16 = record("bf16", 0.8)
+    bf16["train"]["train_seconds"] = 100.0
+    (tmp_path / "bf16.json").write_text(json.dumps({"pawsx": {"baseline": [bf16]}}))
+    (tmp_path / "fp32.json").write_text(json.dumps({"pawsx": {"baseline": [record("fp32", 0.7)]}}))
+    folder = tmp_path / "runs" / "pawsx-baseline-s42"
+    folder.mkdir(parents=True)
+    steps = [{"select_accuracy": 0.512, "step": 0}, {"select_accuracy": 0.8, "step": 200}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    bf16_row = "| pawsx-baseline-s42 | 42 | bf16 |"
+    for seconds, step0 in ((200.0, "-"), (100.0, "51.2")):  # another run's folder, then this run's
+        (folder / "metrics.json").write_text(json.dumps({"train": {"dtype": "bf16", "train_seconds": seconds}}))
+        (tmp_path / "recipe.json").unlink(missing_ok=True)
+        page = render(tmp_path, str(tmp_path / "runs"))
+        row = next(line for line in page.splitlines() if line.startswith(bf16_row))
+        assert f"| {step0} | 200 | 80.0 |" in row
