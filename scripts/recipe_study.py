@@ -98,7 +98,7 @@ def run_rows(task_name: str, lever: str, records: list[dict], runs_dirs: list[Pa
         # one name stands for several runs (two machines, two dtypes, a run now training in another runs dir):
         # a log belongs to this record only if its best selection point is the record's
         stored = [p.get("log") for p in previous  # a stored row of another run of this name keeps its own log
-                  if (p.get("dtype"), p.get("train_seconds")) == (train.get("dtype"), train.get("train_seconds"))]
+                  if all(p.get(k) == train.get(k) for k in IDENTITY)]
         logs = [read_log(d / name) for d in runs_dirs if (d / name / "log.jsonl").is_file()] + stored
         log = next((lg for lg in logs if log_matches(lg, train)), None)
         majority = next((p["majority"] for p in previous if p.get("majority")), None) or majority_share(task_name, record["seed"], None)
