@@ -356,6 +356,12 @@ def test_checkpoint_average_scored_beside_an_unchanged_run(backbone, xnli, unint
     steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps and all(r["grad_norm"] > 0 and r["grad_norm_max"] >= r["grad_norm"] for r in steps)
     assert all(r["prompt_norm"] > 0 and r["label_norm"] > 0 for r in steps)
+    # every selection pass records its per-row correctness (for cross-fitted comparisons of selection rules)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    passes = [(r["select_accuracy"], r["select_rows"]) for r in log if "select_accuracy" in r]
+    passes.append(next((r["select_accuracy_average"], r["select_rows_average"]) for r in log if "average_of_steps" in r))
+    assert len(passes) >= 3 and all(len(rows) == summary["select_rows"] and set(rows) <= {"0", "1"} for _, rows in passes)
+    assert all(acc == pytest.approx(rows.count("1") / len(rows)) for acc, rows in passes)
 
 
 def test_gradient_clipping_acts_only_above_its_norm(backbone, xnli, uninterrupted, tmp_path):

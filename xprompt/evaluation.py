@@ -242,3 +242,11 @@ def rows_key(ids) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def selection_rows(scorer, key: str = "select_rows") -> dict:
+    """The per-row correctness of a selection scorer's last pass, as a string of 0s and 1s in row order
+    under ``key``, where the scorer keeps one (its ``rows``; a single process's classification task):
+    the log then allows cross-fitted comparisons of selection rules (scripts/selection_crossfit.py)."""
+    rows = getattr(scorer, "rows", None)
+    return {key: rows} if rows else {}

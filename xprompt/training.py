@@ -19,6 +19,7 @@ from . import distributed
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import batches, slice_batch
+from .evaluation import selection_rows
 from .errors import XPromptError
 from .fileio import append_jsonl, truncate_log, write_text
 from .hardware import autocast, frozen_weights_in_bf16
@@ -28,8 +29,7 @@ from .start import restore, snapshot
 
 @dataclass
 class Fit:
-    """What a finished loop hands back: the best tensors (by selection accuracy), where they came
-    from, and how long the loop ran."""
+    """What a finished loop hands back: the best tensors (by selection accuracy), where from, how long it ran."""
 
     best: dict  # {"step", "accuracy", "tensors"}
     steps: int
@@ -194,7 +194,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
         clock = time.perf_counter()
         best = {"step": 0, "accuracy": select_accuracy(), "tensors": snapshot(model)}
         progress.update(select_seconds=time.perf_counter() - clock, select_passes=1, loop_select_seconds=0.0)
-        log({"step": 0, "select_accuracy": best["accuracy"]})
+        log({"step": 0, "select_accuracy": best["accuracy"], **selection_rows(select_accuracy)})
     step, epoch, seen = progress["step"], progress["epoch"], progress["seen"]
     started = time.perf_counter() - progress["seconds"]
     # selection time, kept apart so that examples/s counts training steps only (older checkpoints: none)
@@ -224,7 +224,7 @@ def _loop(model, train_rows, select_accuracy, cfg, run_dir, device, pad_id, on_s
         took = time.perf_counter() - clock
         timing.update(select_seconds=timing["select_seconds"] + took, select_passes=timing["select_passes"] + 1,
                       loop_select_seconds=timing["loop_select_seconds"] + took)
-        log({"step": step, "select_accuracy": acc})
+        log({"step": step, "select_accuracy": acc, **selection_rows(select_accuracy)})
         collapsed = check is not None and step >= check[0] and acc <= check[1]
         learned = best["step"] > 0 and best["accuracy"] > check[1] if check is not None else False
         if collapsed and learned and sum(ROLLBACK in r for r in restarts) < MAX_RESTARTS:
@@ -335,7 +335,8 @@ def averaged(model: PromptModel, recent: list, best: dict, select_accuracy, log,
             for name, tensor in recent[-1][1].items()}
     restore(model, mean)
     accuracy = select_accuracy()
-    log({"step": step, "average_of_steps": [s for s, _ in recent], "select_accuracy_average": accuracy})
+    log({"step": step, "average_of_steps": [s for s, _ in recent], "select_accuracy_average": accuracy,
+         **selection_rows(select_accuracy, "select_rows_average")})
     note = {"steps": [s for s, _ in recent], "select_accuracy": round(accuracy, 4), "kept": keep,
             "best_single": {"step": best["step"], "select_accuracy": round(best["accuracy"], 4)}}
     if keep == "best":

@@ -123,8 +123,10 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
                                                                       dtype=cfg.dtype)) for t in part]
             references = [t for part in distributed.gather(list(select_part["target"])) for t in part]
             return text_scores(texts, references, cfg.lang, (task.metric,))[task.metric]
-        preds = predict(model, select_part, eval_batch_size(where), pad, cfg.dtype, on_rows)
-        correct, n = distributed.sum_ints(int((preds == np.asarray(select_part["label"])).sum()), len(select_part))
+        hits = predict(model, select_part, eval_batch_size(where), pad, cfg.dtype, on_rows) == np.asarray(select_part["label"])
+        if world == 1:  # the per-row record (evaluation.selection_rows): one process sees every row
+            select_accuracy.rows = "".join("01"[int(h)] for h in hits)
+        correct, n = distributed.sum_ints(int(hits.sum()), len(select_part))
         return correct / n
 
     init_note = None
