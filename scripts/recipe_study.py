@@ -171,8 +171,27 @@ def summary(rows: list[dict]) -> list[str]:
     if averaged:  # runs made without --average-checkpoints have nothing to compare
         lines.append(f"- Checkpoint averaging (mean of the last 3 selection points, scored on the same English held-out rows) "
                      f"against the best single checkpoint: {paired(averaged)} points held-out (paired mean ± standard "
-                     f"error over {len(averaged)} seeds).")
+                     f"error over {len(averaged)} seeds; the best checkpoint was chosen on these rows, so its figure is "
+                     f"optimistic: docs/selection_crossfit.md scores both on rows the choice did not see).")
+    if len(rows) >= 5:
+        lines.append(spread_line(rows))
     return lines
+
+
+def spread_line(rows: list[dict]) -> str:
+    """How far English can tell a seed's transfer: the target average's correlation over seeds with the
+    best English held-out accuracy and with English dev, and the 95% interval of its standard deviation
+    (chi-square, n - 1 degrees of freedom) that n seeds allow."""
+    from scipy.stats import chi2
+
+    targets, n = [r["targets"] for r in rows], len(rows)
+    s = statistics.stdev(targets)
+    low, high = (s * math.sqrt((n - 1) / chi2.ppf(q, n - 1)) for q in (0.975, 0.025))
+    r_held = statistics.correlation([r["held_out"] for r in rows], targets)
+    r_dev = statistics.correlation([r["en"] for r in rows], targets)
+    return (f"- Over these seeds the target average correlates with the best English held-out accuracy at r = "
+            f"{r_held:+.2f} and with English dev at r = {r_dev:+.2f} (Pearson); its standard deviation of "
+            f"{100 * s:.2f} has a 95% interval of {100 * low:.2f} to {100 * high:.2f} over {n} seeds (chi-square).")
 
 
 def dtype_table(bf16: list[dict], fp32: list[dict], names: tuple[str, str] = ("bf16", "fp32")) -> list[str]:

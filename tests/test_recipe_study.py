@@ -67,3 +67,18 @@ def test_a_log_of_another_run_with_the_same_best_point_is_not_taken(tmp_path):
         page = render(tmp_path, str(tmp_path / "runs"))
         row = next(line for line in page.splitlines() if line.startswith(bf16_row))
         assert f"| {step0} | 200 | 80.0 |" in row
+
+
+def test_the_spread_line_says_what_english_tells_of_transfer():
+    """Over seeds: the target average's Pearson r with English held-out and English dev, and the 95%
+    chi-square interval of its standard deviation (6 seeds: 5 degrees of freedom)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "scripts" / "recipe_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    targets = [0.60, 0.61, 0.62, 0.63, 0.64, 0.65]
+    rows = [{"targets": t, "held_out": t, "en": 1 - t} for t in targets]
+    line = study.spread_line(rows)
+    assert "held-out accuracy at r = +1.00" in line and "English dev at r = -1.00" in line
+    assert "deviation of 1.87 has a 95% interval of 1.17 to 4.59 over 6 seeds" in line
