@@ -194,8 +194,33 @@ def spread_line(rows: list[dict]) -> str:
             f"{100 * s:.2f} has a 95% interval of {100 * low:.2f} to {100 * high:.2f} over {n} seeds (chi-square).")
 
 
-def dtype_table(bf16: list[dict], fp32: list[dict], names: tuple[str, str] = ("bf16", "fp32")) -> list[str]:
-    """The same seeds side by side: two dtypes on one machine, or one dtype on two machines (``names``)."""
+def flipped(x: dict, y: dict) -> float | None:
+    """The share of target rows two runs decide differently (one right, the other wrong), mean over languages."""
+    flips = [sum(p != q for p, q in zip(x["correct"][lang], y["correct"][lang])) / len(x["correct"][lang])
+             for lang in x["correct"] if x["correct"][lang] and y["correct"].get(lang)]
+    return statistics.fmean(flips) if flips else None
+
+
+def seed_reference(sweep: list[dict]) -> list[str]:
+    """What two *different* seeds of one sweep (one machine, one dtype) do: the share of target rows they decide
+    differently, and how often two independent runs with the sweep's spread differ by more than 1.0 point."""
+    from statistics import NormalDist
+
+    pairs = [f for i, x in enumerate(sweep) for y in sweep[i + 1:] if (f := flipped(x, y)) is not None]
+    if len(sweep) < 5 or not pairs:
+        return []
+    s = statistics.stdev(r["targets"] for r in sweep)
+    over = 2 * (1 - NormalDist().cdf(0.01 / (s * math.sqrt(2))))
+    return [f"For reference, two different seeds of the {len(sweep)}-seed sweep (one machine, one dtype) decide "
+            f"{_pct(statistics.fmean(pairs))}% of target rows differently (range {_pct(min(pairs))}–{_pct(max(pairs))} "
+            f"over {len(pairs)} pairs), and two independent runs with its spread of the target average ({100 * s:.2f}) "
+            f"differ by more than 1.0 point with probability {over:.2f} (normal, difference std {100 * s * math.sqrt(2):.2f})."]
+
+
+def dtype_table(bf16: list[dict], fp32: list[dict], names: tuple[str, str] = ("bf16", "fp32"),
+                reference: list[dict] | None = None) -> list[str]:
+    """The same seeds side by side: two dtypes on one machine, or one dtype on two machines (``names``);
+    ``reference``, the sweep of many seeds, says how far two different seeds are from each other."""
     a, b = names
     by_seed = {r["seed"]: r for r in bf16}
     pairs = [(by_seed[r["seed"]], r) for r in fp32 if r["seed"] in by_seed]
@@ -204,15 +229,15 @@ def dtype_table(bf16: list[dict], fp32: list[dict], names: tuple[str, str] = ("b
     lines = [f"| seed | {a}: best step, held-out | {b}: best step, held-out | {a} target average | {b} target average "
              f"| difference ({a} - {b}) | target rows decided differently |", "|---|---|---|---|---|---|---|"]
     for x, y in pairs:
-        flips = [sum(p != q for p, q in zip(x["correct"][lang], y["correct"][lang])) / len(x["correct"][lang])
-                 for lang in x["correct"] if x["correct"][lang] and y["correct"].get(lang)]
+        flips = flipped(x, y)
         lines.append(f"| {x['seed']} | {x['best_step']}, {_pct(x['held_out'])} | {y['best_step']}, {_pct(y['held_out'])} | "
                      f"{_pct(x['targets'])} | {_pct(y['targets'])} | {100 * (x['targets'] - y['targets']):+.1f} | "
-                     f"{_pct(statistics.fmean(flips)) + '% (of correct/incorrect outcomes)' if flips else '-'} |")
+                     f"{_pct(flips) + '% (of correct/incorrect outcomes)' if flips is not None else '-'} |")
     diffs = [abs(x["targets"] - y["targets"]) for x, y in pairs]
     lines += ["", f"Largest per-seed difference of the target average: {100 * max(diffs):.1f} points "
               f"(goal ≤ 1.0); mean absolute difference {100 * statistics.fmean(diffs):.1f}."]
-    return lines
+    reference = seed_reference(reference or [])
+    return lines + (["", *reference] if reference else [])
 
 
 def trajectory(row: dict, every: int = 100) -> list[str]:
@@ -271,13 +296,14 @@ def main() -> None:
         text += ["", f"## {task_name}, {lever}, {kind}", "", *summary(rows), "", *seed_table(rows)]
     for (task_name, lever, kind), rows in groups.items():
         if kind.startswith("fp32"):
-            lines = dtype_table(groups.get((task_name, lever, kind.replace("fp32", "bf16", 1)), []), rows)
+            lines = dtype_table(groups.get((task_name, lever, kind.replace("fp32", "bf16", 1)), []), rows,
+                                reference=groups.get((task_name, lever, "bf16"), []))
             if lines:
                 text += ["", f"## {task_name}, {lever}: bf16 against fp32, the same seeds ({kind})", "", *lines]
         elif kind.startswith("bf16, "):  # a labelled bf16 bundle against the unlabelled one: two machines, one dtype
             machine = lambda rows: (rows[0].get("cpu") or "?") if rows else "?"  # noqa: E731
             plain = groups.get((task_name, lever, "bf16"), [])
-            lines = dtype_table(rows, plain, (kind.split(", ", 1)[1], "sweep"))
+            lines = dtype_table(rows, plain, (kind.split(", ", 1)[1], "sweep"), reference=plain)
             if lines:
                 text += ["", f"## {task_name}, {lever}: the same seeds in bf16 on two machines", "",
                          f"{kind.split(', ', 1)[1]}: {machine(rows)}; sweep: {machine(plain)}.", "", *lines]

@@ -82,3 +82,18 @@ def test_the_spread_line_says_what_english_tells_of_transfer():
     line = study.spread_line(rows)
     assert "held-out accuracy at r = +1.00" in line and "English dev at r = -1.00" in line
     assert "deviation of 1.87 has a 95% interval of 1.17 to 4.59 over 6 seeds" in line
+
+
+def test_the_seed_reference_says_how_far_two_different_seeds_are():
+    """Pairs of different seeds: the share of target rows decided differently (mean, range over pairs) and
+    the chance that two independent runs with the sweep's spread differ by more than 1.0 point."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_study", ROOT / "scripts" / "recipe_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    sweep = [{"targets": 0.60 + i / 100, "correct": {"de": "1" * (4 - i) + "0" * i}} for i in range(5)]
+    (line,) = study.seed_reference(sweep)
+    assert "decide 50.0% of target rows differently (range 25.0–100.0 over 10 pairs)" in line
+    assert "target average (1.58) differ by more than 1.0 point with probability 0.65" in line
+    assert study.seed_reference(sweep[:4]) == []  # fewer than 5 seeds: no reference
