@@ -95,7 +95,7 @@ def figures(run: dict, splits: int) -> dict:
 
 def paired(values: list[float]) -> str:
     if len(values) < 2:
-        return f"{values[0] * 100:+.2f} (one run)" if values else "-"
+        return f"{values[0] * 100:+.2f}" if values else "-"
     return f"{statistics.fmean(values) * 100:+.2f} ± {statistics.stdev(values) / math.sqrt(len(values)) * 100:.2f}"
 
 
@@ -110,7 +110,7 @@ def render(runs: list[dict], splits: int, notes: str) -> str:
         table = [figures(r, splits) for r in mine]
         rules = list(dict.fromkeys(k for t in table for k in t))
         cpus = sorted({r["cpu"] or "unknown" for r in mine})
-        lines += [f"## {task}", "", f"{len(mine)} runs (seeds {', '.join(str(r['seed']) for r in mine)}; "
+        lines += [f"## {task}", "", f"{len(mine)} run{'s' if len(mine) != 1 else ''} (seeds {', '.join(str(r['seed']) for r in mine)}; "
                   f"{', '.join(sorted({r['dtype'] or '?' for r in mine}))}; CPU: {'; '.join(cpus)}).", "",
                   "| run | seed | best step | " + " | ".join(rules) + " |", "|---|---|---|" + "---|" * len(rules)]
         for run, fig in zip(mine, table):
@@ -121,7 +121,7 @@ def render(runs: list[dict], splits: int, notes: str) -> str:
         for rule in rules:
             if rule != "cross-fitted best":
                 diffs = [fig[rule] - fig["cross-fitted best"] for fig in table if rule in fig]
-                lines.append(f"- {rule}: {paired(diffs)} ({len(diffs)} runs)")
+                lines.append(f"- {rule}: {paired(diffs)} ({len(diffs)} run{'s' if len(diffs) != 1 else ''})")
         lines.append("")
     return "\n".join(lines) + "\n" + (notes or NOTES + "\n\n(to be written)\n")
 

@@ -364,6 +364,36 @@ def test_checkpoint_average_scored_beside_an_unchanged_run(backbone, xnli, unint
     assert all(acc == pytest.approx(rows.count("1") / len(rows)) for acc, rows in passes)
 
 
+def test_the_average_of_a_finished_run_is_what_average_keep_would_have_kept(backbone, xnli, tmp_path):
+    """scripts/average_of_run.py on a run trained with --average-keep best writes a run folder whose prompt
+    equals, bit for bit, the prompt of the same run trained with --average-keep average; a run without kept
+    points, or an existing output folder, is a one-line error."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "average_of_run.py"
+    spec = importlib.util.spec_from_file_location("average_of_run", script)
+    average_of_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(average_of_run)
+    best, kept = tmp_path / "best", tmp_path / "average"
+    train(_cfg(average_checkpoints=2, average_keep="best"), copy.deepcopy(backbone), xnli, best, [TEST_DATA])
+    train(_cfg(average_checkpoints=2), copy.deepcopy(backbone), xnli, kept, [TEST_DATA])
+    out = tmp_path / "copies" / "best"
+    average_of_run.main([str(best), str(out)])
+    made, wanted = _prompt(out), _prompt(kept)
+    assert sorted(made) == sorted(wanted) and all(torch.equal(made[k], wanted[k]) for k in wanted)
+    assert any(not torch.equal(made[k], _prompt(best)[k]) for k in wanted)  # not the best checkpoint
+    card = json.loads((out / "prompt" / "xprompt.json").read_text())
+    assert card["checkpoint_average"]["steps"] == [6, 8] and not (out / "checkpoint").exists()
+    again = subprocess.run([sys.executable, str(script), str(best), str(out)], capture_output=True, text=True)
+    assert again.returncode != 0 and "exists; choose a new folder" in again.stderr and "Traceback" not in again.stderr
+    plain = tmp_path / "plain"
+    train(_cfg(average_checkpoints=0, max_steps=2, eval_every=2), copy.deepcopy(backbone), xnli, plain, [TEST_DATA])
+    bare = subprocess.run([sys.executable, str(script), str(plain), str(tmp_path / "x")], capture_output=True, text=True)
+    assert bare.returncode != 0 and "no selection points kept" in bare.stderr and "Traceback" not in bare.stderr
+
+
 def test_gradient_clipping_acts_only_above_its_norm(backbone, xnli, uninterrupted, tmp_path):
     """--max-grad-norm above every gradient's norm leaves the run bit-identical to no clipping; one below
     the norms changes the prompt, and the log still records the norms as they were before clipping."""
