@@ -15,7 +15,12 @@ so the cross-fitted best is, if anything, slightly pessimistic; the in-sample fi
 What it reads from the run folders is kept in ``--out``'s JSON (merged under a lock), so the page survives
 the folders. Every figure here reads English held-out rows; nothing chooses anything on a target language.
 
-    python scripts/selection_crossfit.py --runs-dir /work/runs_sel --out docs/selection_crossfit.md
+    python scripts/selection_crossfit.py --runs-dir /work/runs_sel --out docs/selection_crossfit.md \
+        --averages-dir /work/runs_avg --targets pawsx=docs/dtype_bf16_pawsx.json --targets xnli=docs/dtype_bf16_xnli.json
+
+The second part is a report on the dev sets: with ``--averages-dir`` (checkpoint averages written by
+scripts/average_of_run.py and scored by ``xprompt eval --langs all``) and ``--targets`` (the stored records of
+the best checkpoints' runs of the same seeds), it sets the two side by side on every official target.
 """
 
 from __future__ import annotations
@@ -59,6 +64,22 @@ def read_run(folder: Path) -> dict | None:
             "points": {str(step): rows for step, rows in sorted(points.items())}, "average": average}
 
 
+def read_average(folder: Path, runs_dirs: list[Path]) -> dict | None:
+    """An evaluated checkpoint average (scripts/average_of_run.py, then ``xprompt eval --langs all``): its dev
+    records; and, where the run it came from was re-scored on one language, that record, to show the run
+    is the one a stored bundle describes (the same per-row outcomes)."""
+    metrics = folder / "metrics.json"
+    evaluated = json.loads(metrics.read_text()).get("eval", {}) if metrics.is_file() else {}
+    if not evaluated:
+        return None
+    task = next(iter(evaluated))
+    config = json.loads((folder / "config.json").read_text())
+    source = next((d / folder.name / "metrics.json" for d in runs_dirs if (d / folder.name / "metrics.json").is_file()), None)
+    rescored = json.loads(source.read_text()).get("eval", {}).get(task, {}).get("dev", {}) if source else {}
+    return {"run": folder.name, "task": task, "seed": config.get("train", {}).get("seed"),
+            "dev": evaluated[task].get("dev", {}), "best_rescored": rescored}
+
+
 def accuracy(rows: str, keep=None) -> float:
     picked = rows if keep is None else [rows[i] for i in keep]
     return sum(c == "1" for c in picked) / len(picked)
@@ -99,7 +120,45 @@ def paired(values: list[float]) -> str:
     return f"{statistics.fmean(values) * 100:+.2f} ± {statistics.stdev(values) / math.sqrt(len(values)) * 100:.2f}"
 
 
-def render(runs: list[dict], splits: int, notes: str) -> str:
+def target_lines(averages: list[dict], bundles: dict[str, list[dict]]) -> list[str]:
+    """The checkpoint average against the best checkpoint on the dev sets of every official target, paired
+    by seed with the stored record of the best checkpoint's run (a report: nothing is chosen on it)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from close_gap import paired_z
+
+    from xprompt.tasks import load_task
+
+    lines = []
+    for task_name in sorted({a["task"] for a in averages}):
+        task = load_task(task_name)
+        targets = [lang for lang in task.official_languages if lang != task.source_language]
+        stored = {r["seed"]: r for r in bundles.get(task_name, [])}
+        pairs = [(stored[a["seed"]], a) for a in sorted(averages, key=lambda a: a["seed"])
+                 if a["task"] == task_name and a["seed"] in stored and all(lang in a["dev"] for lang in targets)]
+        if not pairs:
+            continue
+        mean = lambda dev: statistics.fmean(dev[lang]["accuracy"] for lang in targets)  # noqa: E731
+        lines += [f"## {task_name}: the checkpoint average on the dev sets (a report; nothing is chosen on it)", "",
+                  f"Dev split, full, {len(targets)} official targets. The best checkpoint's figures are the stored "
+                  "record of the same seed's run on this CPU kind; the last column re-scores this session's best "
+                  "checkpoint on one language and compares its per-row outcomes with that record.", "",
+                  "| seed | best checkpoint, target average | mean of the last 3, target average | difference | paired z "
+                  "| best checkpoint re-scored: same rows decided alike |", "|---|---|---|---|---|---|"]
+        diffs = []
+        for best, average in pairs:
+            diffs.append(mean(average["dev"]) - mean(best["dev"]))
+            same = [lang for lang in average.get("best_rescored", {}) if "correct" in best["dev"].get(lang, {})]
+            check = ", ".join(f"{lang}: {'yes' if average['best_rescored'][lang].get('correct') == best['dev'][lang]['correct'] else 'no'}"
+                              for lang in same) or "-"
+            z = paired_z(average["dev"], best["dev"], targets)
+            lines.append(f"| {best['seed']} | {100 * mean(best['dev']):.1f} | {100 * mean(average['dev']):.1f} | "
+                         f"{100 * diffs[-1]:+.1f} | {'-' if z is None else f'{z:+.1f}'} | {check} |")
+        lines += ["", f"Paired difference (average − best): {paired(diffs)} points over {len(diffs)} seeds "
+                  "(mean ± standard error).", ""]
+    return lines
+
+
+def render(runs: list[dict], splits: int, notes: str, targets: list[str] | None = None) -> str:
     lines = ["# Which checkpoint should a run keep? Selection rules on English held-out rows, cross-fitted", "",
              "Rendered by `python scripts/selection_crossfit.py` (its docstring has the command and the method) from "
              "the per-row correctness that every selection pass logs. English held-out rows only (the run's own "
@@ -123,7 +182,7 @@ def render(runs: list[dict], splits: int, notes: str) -> str:
                 diffs = [fig[rule] - fig["cross-fitted best"] for fig in table if rule in fig]
                 lines.append(f"- {rule}: {paired(diffs)} ({len(diffs)} run{'s' if len(diffs) != 1 else ''})")
         lines.append("")
-    return "\n".join(lines) + "\n" + (notes or NOTES + "\n\n(to be written)\n")
+    return "\n".join(lines + (targets or [])) + "\n" + (notes or NOTES + "\n\n(to be written)\n")
 
 
 def main(argv=None) -> None:
@@ -133,18 +192,29 @@ def main(argv=None) -> None:
     parser.add_argument("--runs-dir", type=Path, action="append", default=[], help="folders of run folders to read")
     parser.add_argument("--out", type=Path, required=True, help="the page; its JSON store lies beside it")
     parser.add_argument("--splits", type=int, default=200, help="random halvings for the cross-fitted best")
+    parser.add_argument("--averages-dir", type=Path, action="append", default=[],
+                        help="folders of evaluated checkpoint averages (scripts/average_of_run.py)")
+    parser.add_argument("--targets", action="append", default=[],
+                        help="task=path of a close_gap.py JSON: the best checkpoints' dev records, paired by seed")
     args = parser.parse_args(argv)
     found = [run for d in args.runs_dir for f in sorted(d.iterdir()) if f.is_dir() and (run := read_run(f))]
+    averages = [a for d in args.averages_dir for f in sorted(d.iterdir()) if f.is_dir() and (a := read_average(f, args.runs_dir))]
 
     def merge(data: dict) -> dict:
-        runs = data.get("runs", {})
+        runs, scored = data.get("runs", {}), data.get("averages", {})
         runs.update({f"{r['run']}@{r['train_seconds']}": r for r in found})  # one name may stand for two runs
-        return {"runs": dict(sorted(runs.items()))}
+        scored.update({a["run"]: a for a in averages})
+        return {"runs": dict(sorted(runs.items())), **({"averages": dict(sorted(scored.items()))} if scored else {})}
 
     stored = update_json(args.out.with_suffix(".json"), merge)
+    bundles = {}
+    for spec in args.targets:
+        task_name, path = spec.split("=", 1)
+        bundles.setdefault(task_name, []).extend(json.loads(Path(path).read_text())[task_name].get("baseline", []))
+    targets = target_lines(list(stored.get("averages", {}).values()), bundles) if bundles else []
     old = args.out.read_text() if args.out.is_file() else ""
     notes = old[old.index(NOTES):] if NOTES in old else ""
-    write_text(args.out, render(list(stored["runs"].values()), args.splits, notes))
+    write_text(args.out, render(list(stored["runs"].values()), args.splits, notes, targets))
     print(f"{len(found)} runs read, {len(stored['runs'])} stored; wrote {args.out}")
 
 

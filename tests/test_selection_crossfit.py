@@ -75,3 +75,18 @@ def test_the_page_pairs_rules_by_run_and_keeps_what_it_read(tmp_path):
     empty.mkdir()
     crossfit.main(["--runs-dir", str(empty), "--out", str(out), "--splits", "20"])
     assert out.read_text() == text  # the stored runs render the same page; the reading is kept
+
+
+def test_the_average_on_targets_is_paired_by_seed_with_the_stored_best():
+    """The dev report: target averages over the 6 official PAWS-X targets, their difference, the paired z
+    from per-row outcomes, and whether the re-scored best checkpoint decides the stored rows alike."""
+    targets = ("de", "es", "fr", "ja", "ko", "zh")
+    best = {"seed": 42, "dev": {lang: {"accuracy": 0.5, "correct": "1100"} for lang in ("en", *targets)}}
+    average = {"run": "pawsx-sel-s42", "task": "pawsx", "seed": 42,
+               "dev": {lang: {"accuracy": 0.75, "correct": "1110"} for lang in ("en", *targets)},
+               "best_rescored": {"de": {"correct": "1100"}}}
+    lines = crossfit.target_lines([average], {"pawsx": [best]})
+    assert "| 42 | 50.0 | 75.0 | +25.0 | +2.4 | de: yes |" in lines
+    average["best_rescored"] = {"de": {"correct": "0110"}}  # another run: its outcomes differ
+    assert "| 42 | 50.0 | 75.0 | +25.0 | +2.4 | de: no |" in crossfit.target_lines([average], {"pawsx": [best]})
+    assert crossfit.target_lines([average], {"pawsx": []}) == []  # no stored run of that seed: no row
