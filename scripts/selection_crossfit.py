@@ -131,30 +131,38 @@ def target_lines(averages: list[dict], bundles: dict[str, list[dict]]) -> list[s
     lines = []
     for task_name in sorted({a["task"] for a in averages}):
         task = load_task(task_name)
-        targets = [lang for lang in task.official_languages if lang != task.source_language]
+        source = task.source_language
+        targets = [lang for lang in task.official_languages if lang != source]
         stored = {r["seed"]: r for r in bundles.get(task_name, [])}
         pairs = [(stored[a["seed"]], a) for a in sorted(averages, key=lambda a: a["seed"])
-                 if a["task"] == task_name and a["seed"] in stored and all(lang in a["dev"] for lang in targets)]
+                 if a["task"] == task_name and a["seed"] in stored and all(lang in a["dev"] for lang in [source, *targets])]
         if not pairs:
             continue
         mean = lambda dev: statistics.fmean(dev[lang]["accuracy"] for lang in targets)  # noqa: E731
-        lines += [f"## {task_name}: the checkpoint average on the dev sets (a report; nothing is chosen on it)", "",
-                  f"Dev split, full, {len(targets)} official targets. The best checkpoint's figures are the stored "
+        lines += [f"## {task_name}: the checkpoint average on the dev sets", "",
+                  f"Dev split, full: English (source-language rows no run chose anything on) and the {len(targets)} "
+                  "official targets (a report: nothing is chosen on them). The best checkpoint's figures are the stored "
                   "record of the same seed's run on this CPU kind; the last column re-scores this session's best "
-                  "checkpoint on one language and compares its per-row outcomes with that record.", "",
-                  "| seed | best checkpoint, target average | mean of the last 3, target average | difference | paired z "
-                  "| best checkpoint re-scored: same rows decided alike |", "|---|---|---|---|---|---|"]
-        diffs = []
+                  "checkpoint on one language and compares its per-row outcomes with that record. Paired z: (wins − "
+                  "losses) / √(wins + losses) of the average against the best over the same rows.", "",
+                  "| seed | en dev: best | en dev: mean of the last 3 | en paired z | target average: best "
+                  "| target average: mean of the last 3 | difference | target paired z "
+                  "| best checkpoint re-scored: same rows decided alike |", "|---|---|---|---|---|---|---|---|---|"]
+        diffs, english = [], []
         for best, average in pairs:
             diffs.append(mean(average["dev"]) - mean(best["dev"]))
+            english.append(average["dev"][source]["accuracy"] - best["dev"][source]["accuracy"])
             same = [lang for lang in average.get("best_rescored", {}) if "correct" in best["dev"].get(lang, {})]
             check = ", ".join(f"{lang}: {'yes' if average['best_rescored'][lang].get('correct') == best['dev'][lang]['correct'] else 'no'}"
                               for lang in same) or "-"
-            z = paired_z(average["dev"], best["dev"], targets)
-            lines.append(f"| {best['seed']} | {100 * mean(best['dev']):.1f} | {100 * mean(average['dev']):.1f} | "
+            z, z_en = paired_z(average["dev"], best["dev"], targets), paired_z(average["dev"], best["dev"], [source])
+            lines.append(f"| {best['seed']} | {100 * best['dev'][source]['accuracy']:.1f} | "
+                         f"{100 * average['dev'][source]['accuracy']:.1f} | {'-' if z_en is None else f'{z_en:+.1f}'} | "
+                         f"{100 * mean(best['dev']):.1f} | {100 * mean(average['dev']):.1f} | "
                          f"{100 * diffs[-1]:+.1f} | {'-' if z is None else f'{z:+.1f}'} | {check} |")
-        lines += ["", f"Paired difference (average − best): {paired(diffs)} points over {len(diffs)} seeds "
-                  "(mean ± standard error).", ""]
+        seeds = f"{len(diffs)} seed{'s' if len(diffs) != 1 else ''}"
+        lines += ["", f"Paired difference (average − best), mean ± standard error over {seeds}: English dev "
+                  f"{paired(english)} points; target average {paired(diffs)} points.", ""]
     return lines
 
 

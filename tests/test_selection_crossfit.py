@@ -81,12 +81,14 @@ def test_the_average_on_targets_is_paired_by_seed_with_the_stored_best():
     """The dev report: target averages over the 6 official PAWS-X targets, their difference, the paired z
     from per-row outcomes, and whether the re-scored best checkpoint decides the stored rows alike."""
     targets = ("de", "es", "fr", "ja", "ko", "zh")
-    best = {"seed": 42, "dev": {lang: {"accuracy": 0.5, "correct": "1100"} for lang in ("en", *targets)}}
+    best = {"seed": 42, "dev": {lang: {"accuracy": 0.5, "correct": "1100"} for lang in targets}}
+    best["dev"]["en"] = {"accuracy": 0.75, "correct": "1110"}
     average = {"run": "pawsx-sel-s42", "task": "pawsx", "seed": 42,
                "dev": {lang: {"accuracy": 0.75, "correct": "1110"} for lang in ("en", *targets)},
                "best_rescored": {"de": {"correct": "1100"}}}
     lines = crossfit.target_lines([average], {"pawsx": [best]})
-    assert "| 42 | 50.0 | 75.0 | +25.0 | +2.4 | de: yes |" in lines
+    assert "| 42 | 75.0 | 75.0 | +0.0 | 50.0 | 75.0 | +25.0 | +2.4 | de: yes |" in lines
+    assert any("English dev +0.00 points; target average +25.00 points" in line for line in lines)
     average["best_rescored"] = {"de": {"correct": "0110"}}  # another run: its outcomes differ
-    assert "| 42 | 50.0 | 75.0 | +25.0 | +2.4 | de: no |" in crossfit.target_lines([average], {"pawsx": [best]})
+    assert "| 42 | 75.0 | 75.0 | +0.0 | 50.0 | 75.0 | +25.0 | +2.4 | de: no |" in crossfit.target_lines([average], {"pawsx": [best]})
     assert crossfit.target_lines([average], {"pawsx": []}) == []  # no stored run of that seed: no row
