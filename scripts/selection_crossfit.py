@@ -61,7 +61,8 @@ def read_run(folder: Path) -> dict | None:
             "cpu": compute.get("cpu_bf16_reason") or compute.get("cpu_capability"), "commit": config.get("git_commit"),
             "train_seconds": train.get("train_seconds"), "best_step": train["best_step"],
             "select_accuracy": train.get("select_accuracy"), "restarts": len(train.get("restarts") or []),
-            "points": {str(step): rows for step, rows in sorted(points.items())}, "average": average}
+            "points": {str(step): rows for step, rows in sorted(points.items())}, "average": average,
+            "en_dev": json.loads(metrics.read_text()).get("eval", {}).get(cfg.get("task"), {}).get("dev", {}).get(cfg.get("lang"))}
 
 
 def read_average(folder: Path, runs_dirs: list[Path]) -> dict | None:
@@ -166,7 +167,25 @@ def target_lines(averages: list[dict], bundles: dict[str, list[dict]]) -> list[s
     return lines
 
 
-def render(runs: list[dict], splits: int, notes: str, targets: list[str] | None = None) -> str:
+def english_dev_lines(mine: list[dict], averages: dict) -> list[str]:
+    """The best checkpoint against the checkpoint average on English dev, rows no run chose anything on
+    (the best checkpoint re-scored there, the average from scripts/average_of_run.py), paired by run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from close_gap import paired_z
+
+    pairs = [(r, averages[r["run"]]) for r in mine if (r.get("en_dev") or {}).get("correct") and r["run"] in averages
+             and "correct" in averages[r["run"]]["dev"].get("en", {})]
+    if not pairs:
+        return []
+    diffs = [a["dev"]["en"]["accuracy"] - r["en_dev"]["accuracy"] for r, a in pairs]
+    each = "; ".join(f"seed {r['seed']}: {100 * r['en_dev']['accuracy']:.1f} → {100 * a['dev']['en']['accuracy']:.1f} "
+                     f"(z {paired_z({'en': a['dev']['en']}, {'en': r['en_dev']}, ['en']):+.1f})" for r, a in pairs)
+    return [f"- On English dev ({len(pairs[0][0]['en_dev']['correct']):,} rows no run chose anything on), the mean of the "
+            f"last 3 against the best checkpoint: {paired(diffs)} ({len(pairs)} run{'s' if len(pairs) != 1 else ''}; "
+            f"best → average: {each})."]
+
+
+def render(runs: list[dict], splits: int, notes: str, targets: list[str] | None = None, averages: dict | None = None) -> str:
     lines = ["# Which checkpoint should a run keep? Selection rules on English held-out rows, cross-fitted", "",
              "Rendered by `python scripts/selection_crossfit.py` (its docstring has the command and the method) from "
              "the per-row correctness that every selection pass logs. English held-out rows only (the run's own "
@@ -189,6 +208,7 @@ def render(runs: list[dict], splits: int, notes: str, targets: list[str] | None 
             if rule != "cross-fitted best":
                 diffs = [fig[rule] - fig["cross-fitted best"] for fig in table if rule in fig]
                 lines.append(f"- {rule}: {paired(diffs)} ({len(diffs)} run{'s' if len(diffs) != 1 else ''})")
+        lines += english_dev_lines(mine, averages or {})
         lines.append("")
     return "\n".join(lines + (targets or [])) + "\n" + (notes or NOTES + "\n\n(to be written)\n")
 
@@ -222,7 +242,7 @@ def main(argv=None) -> None:
     targets = target_lines(list(stored.get("averages", {}).values()), bundles) if bundles else []
     old = args.out.read_text() if args.out.is_file() else ""
     notes = old[old.index(NOTES):] if NOTES in old else ""
-    write_text(args.out, render(list(stored["runs"].values()), args.splits, notes, targets))
+    write_text(args.out, render(list(stored["runs"].values()), args.splits, notes, targets, stored.get("averages", {})))
     print(f"{len(found)} runs read, {len(stored['runs'])} stored; wrote {args.out}")
 
 

@@ -92,3 +92,13 @@ def test_the_average_on_targets_is_paired_by_seed_with_the_stored_best():
     average["best_rescored"] = {"de": {"correct": "0110"}}  # another run: its outcomes differ
     assert "| 42 | 75.0 | 75.0 | +0.0 | 50.0 | 75.0 | +25.0 | +2.4 | de: no |" in crossfit.target_lines([average], {"pawsx": [best]})
     assert crossfit.target_lines([average], {"pawsx": []}) == []  # no stored run of that seed: no row
+
+
+def test_english_dev_pairs_the_best_checkpoint_with_its_average():
+    mine = [{"run": "x", "seed": 1, "en_dev": {"accuracy": 0.5, "correct": "1100"}},
+            {"run": "y", "seed": 2, "en_dev": {"accuracy": 0.5, "correct": "1100"}}]  # no average scored: left out
+    averages = {"x": {"dev": {"en": {"accuracy": 0.75, "correct": "1110"}}}}
+    (line,) = crossfit.english_dev_lines(mine, averages)
+    assert line == ("- On English dev (4 rows no run chose anything on), the mean of the last 3 against the best "
+                    "checkpoint: +25.00 (1 run; best → average: seed 1: 50.0 → 75.0 (z +1.0)).")
+    assert crossfit.english_dev_lines(mine[1:], averages) == []

@@ -15,7 +15,7 @@ from ..checks import refuse_tuned
 from ..config import DType, TrainConfig
 from ..errors import XPromptError
 from ..evaluation import evaluate_languages
-from ..fileio import read_json, write_json, write_text
+from ..fileio import json_text, read_json, update_json, write_json, write_text
 from ..model import PromptModel, load_run_model
 from ..lineage import (excluded_ids, load_lineage, make_lineage, new_run_id, run_id, score_protocol,
                        write_lineage)
@@ -60,13 +60,16 @@ def evaluate_run(run_dir: Path, model: PromptModel, card: dict, backbone: Backbo
     for lang, result in results.items():
         lines = ["id\tprediction"] + [f"{i}\t{p}" for i, p in zip(result.pop("ids"), result.pop("predictions"))]
         write_text(Path(run_dir) / "predictions" / f"{task.name}.{split}.{lang}.tsv", "\n".join(lines) + "\n")
-    metrics_path = Path(run_dir) / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
-    entry = metrics.setdefault("eval", {}).setdefault(task.name, {}).setdefault(split, {})
     for lang, result in results.items():
         result["protocol"] = score_protocol(lineage, task.name, split, lang)
-        entry[lang] = {**result, "limit": limit, "dtype": "int8" if int8 else DType(dtype).value}
-    write_json(metrics_path, metrics)
+
+    def merge(metrics: dict) -> dict:  # under the file's lock: two evals of one run (other languages) both land
+        entry = metrics.setdefault("eval", {}).setdefault(task.name, {}).setdefault(split, {})
+        entry.update({lang: {**result, "limit": limit, "dtype": "int8" if int8 else DType(dtype).value}
+                      for lang, result in results.items()})
+        return metrics
+
+    update_json(Path(run_dir) / "metrics.json", merge, dump=json_text)
     index_run(Path(run_dir).parent, run_dir)
     return Evaluation(run_dir, card, source, results, summarize(results, source, task.metric, task.official_languages))
 
