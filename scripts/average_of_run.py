@@ -62,10 +62,12 @@ def main(argv=None) -> None:
             raise XPromptError(f"{args.run}: the checkpoint's kept points lack {', '.join(missing[:3])}")
         if args.out.exists():
             raise XPromptError(f"{args.out} exists; choose a new folder")
-        shutil.copytree(args.run, args.out, ignore=shutil.ignore_patterns("checkpoint", "prompt"))
+        # the run's own scores (metrics' eval, predictions) are the best checkpoint's: they stay behind
+        shutil.copytree(args.run, args.out, ignore=shutil.ignore_patterns("checkpoint", "prompt", "predictions"))
         card = {**card, "checkpoint_average": {"steps": steps, "from": str(args.run)}}
         save_prompt(args.out, {name: mean[name] for name in saved}, card)
         metrics = read_json(args.out / "metrics.json")
+        metrics.pop("eval", None)
         metrics["train"]["kept"] = f"mean of steps {steps} (scripts/average_of_run.py)"
         write_json(args.out / "metrics.json", metrics)
     except XPromptError as e:

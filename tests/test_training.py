@@ -379,8 +379,12 @@ def test_the_average_of_a_finished_run_is_what_average_keep_would_have_kept(back
     best, kept = tmp_path / "best", tmp_path / "average"
     train(_cfg(average_checkpoints=2, average_keep="best"), copy.deepcopy(backbone), xnli, best, [TEST_DATA])
     train(_cfg(average_checkpoints=2), copy.deepcopy(backbone), xnli, kept, [TEST_DATA])
+    metrics = json.loads((best / "metrics.json").read_text())  # the best checkpoint scored: not the average's score
+    (best / "metrics.json").write_text(json.dumps({**metrics, "eval": {"xnli": {"dev": {"en": {"accuracy": 0.5}}}}}))
+    (best / "predictions").mkdir()
     out = tmp_path / "copies" / "best"
     average_of_run.main([str(best), str(out)])
+    assert "eval" not in json.loads((out / "metrics.json").read_text()) and not (out / "predictions").exists()
     made, wanted = _prompt(out), _prompt(kept)
     assert sorted(made) == sorted(wanted) and all(torch.equal(made[k], wanted[k]) for k in wanted)
     assert any(not torch.equal(made[k], _prompt(best)[k]) for k in wanted)  # not the best checkpoint
