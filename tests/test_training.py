@@ -567,3 +567,21 @@ def test_a_run_whose_best_is_its_start_restarts_rather_than_rolls_back(backbone,
     _scripted_selection(monkeypatch, {0: 0.45, 2: 0.33, 4: 0.50, 6: 0.50, 8: 0.50})
     summary = train(_cfg(eval_every=2, lr=0.09, max_steps=4), copy.deepcopy(backbone), xnli, tmp_path / "r", [TEST_DATA])
     assert [("rolled_back_to" in r, r["step"]) for r in summary["restarts"]] == [(False, 2)]
+
+
+def test_a_finished_run_leaves_no_model_for_the_cycle_collector(backbone, xnli, tmp_path):
+    """train() frees its model by reference counting alone: nothing (the selection scorer's per-row record
+    included) ties the model into a reference cycle, so a process that trains many runs (a test worker, a
+    sweep in one process) does not keep every run's model until the cycle collector happens to run."""
+    import gc
+
+    from xprompt.model import PromptModel
+
+    gc.collect()
+    gc.disable()
+    try:
+        train(_cfg(), copy.deepcopy(backbone), xnli, tmp_path / "run", [TEST_DATA])
+        alive = [o for o in gc.get_objects() if isinstance(o, PromptModel)]
+    finally:
+        gc.enable()
+    assert alive == []

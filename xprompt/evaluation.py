@@ -246,7 +246,7 @@ def rows_key(ids) -> str:
 
 def selection_rows(scorer, key: str = "select_rows") -> dict:
     """The per-row correctness of a selection scorer's last pass, as a string of 0s and 1s in row order
-    under ``key``, where the scorer keeps one (its ``rows``; a single process's classification task):
-    the log then allows cross-fitted comparisons of selection rules (scripts/selection_crossfit.py)."""
-    rows = getattr(scorer, "rows", None)
+    under ``key``, where the scorer keeps one (its ``last_rows["rows"]``; a single process's classification
+    task): the log then allows cross-fitted comparisons of selection rules (scripts/selection_crossfit.py)."""
+    rows = (getattr(scorer, "last_rows", None) or {}).get("rows")
     return {key: rows} if rows else {}

@@ -108,6 +108,7 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
     select_part = data.select.shard(world, rank, contiguous=True) if world > 1 else data.select
 
     passes = []
+    last_rows: dict = {}  # a plain dict, not the scorer itself: no reference cycle keeps the model alive
 
     def select_accuracy() -> float:
         """The selection accuracy; its first pass (step 0, before any step) is a phase of its own."""
@@ -125,10 +126,11 @@ def train(cfg: TrainConfig, backbone: Backbone, task: TaskSpec, run_dir: Path, d
             return text_scores(texts, references, cfg.lang, (task.metric,))[task.metric]
         hits = predict(model, select_part, eval_batch_size(where), pad, cfg.dtype, on_rows) == np.asarray(select_part["label"])
         if world == 1:  # the per-row record (evaluation.selection_rows): one process sees every row
-            select_accuracy.rows = "".join("01"[int(h)] for h in hits)
+            last_rows["rows"] = "".join("01"[int(h)] for h in hits)
         correct, n = distributed.sum_ints(int(hits.sum()), len(select_part))
         return correct / n
 
+    select_accuracy.last_rows = last_rows
     init_note = None
     if cfg.init_from == LIBRARY:
         init_note = init_from_library(model, cfg, backbone, task, Path(run_dir), select_accuracy, data.train, where,
