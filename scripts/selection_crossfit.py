@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import sys
@@ -35,6 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from recipe_study import paired  # noqa: E402  (mean of paired differences ± its standard error, in points)
 
 NOTES = "## What the figures say"  # the hand-written reading: kept when the page is rendered again
 
@@ -45,7 +47,8 @@ def read_run(folder: Path) -> dict | None:
     metrics, log = folder / "metrics.json", folder / "log.jsonl"
     if not (metrics.is_file() and log.is_file()):
         return None
-    train = json.loads(metrics.read_text()).get("train", {})
+    recorded = json.loads(metrics.read_text())
+    train = recorded.get("train", {})
     points, average = {}, None
     for line in log.read_text().splitlines():
         record = json.loads(line) if line.strip() else {}
@@ -62,7 +65,7 @@ def read_run(folder: Path) -> dict | None:
             "train_seconds": train.get("train_seconds"), "best_step": train["best_step"],
             "select_accuracy": train.get("select_accuracy"), "restarts": len(train.get("restarts") or []),
             "points": {str(step): rows for step, rows in sorted(points.items())}, "average": average,
-            "en_dev": json.loads(metrics.read_text()).get("eval", {}).get(cfg.get("task"), {}).get("dev", {}).get(cfg.get("lang"))}
+            "en_dev": recorded.get("eval", {}).get(cfg.get("task"), {}).get("dev", {}).get(cfg.get("lang"))}
 
 
 def read_average(folder: Path, runs_dirs: list[Path]) -> dict | None:
@@ -115,16 +118,9 @@ def figures(run: dict, splits: int) -> dict:
     return out
 
 
-def paired(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0] * 100:+.2f}" if values else "-"
-    return f"{statistics.fmean(values) * 100:+.2f} ± {statistics.stdev(values) / math.sqrt(len(values)) * 100:.2f}"
-
-
 def target_lines(averages: list[dict], bundles: dict[str, list[dict]]) -> list[str]:
     """The checkpoint average against the best checkpoint on the dev sets of every official target, paired
     by seed with the stored record of the best checkpoint's run (a report: nothing is chosen on it)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from close_gap import paired_z
 
     from xprompt.tasks import load_task
@@ -170,7 +166,6 @@ def target_lines(averages: list[dict], bundles: dict[str, list[dict]]) -> list[s
 def english_dev_lines(mine: list[dict], averages: dict) -> list[str]:
     """The best checkpoint against the checkpoint average on English dev, rows no run chose anything on
     (the best checkpoint re-scored there, the average from scripts/average_of_run.py), paired by run."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from close_gap import paired_z
 
     pairs = [(r, averages[r["run"]]) for r in mine if (r.get("en_dev") or {}).get("correct") and r["run"] in averages
